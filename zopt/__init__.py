@@ -1,0 +1,45 @@
+"""zopt: convert, run and benchmark Z-Image / Z-Image-Turbo transformers.
+
+Public verbs (heavy packages are imported only when a verb is called)::
+
+    src = zopt.open("model.safetensors")           # lazy tensor source
+    zopt.convert("tiny", "gguf:Q4_K_M", "exports/tiny-q4km.gguf")
+    model = zopt.load("exports/tiny-q4km.gguf")     # a ZImageTransformer2DModel-like module
+    hw = zopt.detect()
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "open", "convert", "load", "detect", "ZoptError"]
+
+from .errors import ZoptError
+
+
+def open(source, *, allow_pickle: bool = False):  # noqa: A001
+    """Open a checkpoint lazily (see :func:`zopt.checkpoint.open`)."""
+    from .checkpoint import open as _open
+
+    return _open(source, allow_pickle=allow_pickle)
+
+
+def convert(source, to: str, out, *, options: dict | None = None, progress: bool = True, allow_pickle: bool = False):
+    """Convert ``source`` to format spec ``to`` (e.g. ``"gguf:Q4_K_M"``, ``"fp8"``) at ``out``."""
+    from .formats import convert as _convert
+
+    return _convert(source, to, out, options=options, progress=progress, allow_pickle=allow_pickle)
+
+
+def load(path, device: str = "cpu", backend: str | None = None, dtype=None):
+    """Load an artifact or checkpoint as a ready transformer module."""
+    from .formats import load as _load
+
+    return _load(path, device=device, backend=backend, dtype=dtype)
+
+
+def detect():
+    """Detect the hardware (see :func:`zopt.runtime.hardware.detect`)."""
+    from .runtime.hardware import detect as _detect
+
+    return _detect()

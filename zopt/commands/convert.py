@@ -1,0 +1,103 @@
+"""zopt convert SOURCE --to FORMAT[:TYPE] -o OUT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_arguments(p) -> None:
+    p.add_argument("source", nargs="?", help="checkpoint: .safetensors, .gguf, diffusers folder, 'tiny' or owner/name[@rev]")
+    p.add_argument("--to", dest="to", help="target, e.g. gguf:Q4_K_M, gguf:Q8_0, fp8, int8, int8_w8a8, int4, nf4, onnx:fp32")
+    p.add_argument("-o", "--out", help="output file (.gguf) or folder (default: exports/<name>-<format>)")
+    p.add_argument("--keep", action="append", default=[], metavar="PATTERN",
+                   help="regex of tensor names to keep unquantized (overrides the Z-Image policy)")
+    p.add_argument("--quantize", action="append", default=[], metavar="PATTERN",
+                   help="regex of tensor names to quantize even if the policy keeps them")
+    p.add_argument("--layout", choices=["diffusers", "comfy"], default=None,
+                   help="artifact layout where a format offers several (fp8: comfy = ComfyUI scaled-FP8 single file)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="format option, e.g. group_size=64, double_quant=true, fp8=e5m2")
+    p.add_argument("--list-types", action="store_true", help="list formats and types with bits per weight")
+    p.add_argument("--allow-pickle", action="store_true", help="accept .ckpt/.pt/.bin (loaded with weights_only=True)")
+    p.add_argument("--no-hash", action="store_true", help="skip hashing the source for provenance")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _value(v: str):
+    low = v.lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def list_types() -> list[tuple[str, str, str]]:
+    """(spec, bits per weight, summary) for every format and subtype."""
+    import importlib
+
+    from ..formats import FORMATS
+
+    rows = []
+    for f in FORMATS.values():
+        try:
+            mod = importlib.import_module(f.module)
+        except ImportError:
+            mod = None
+        if mod is not None and hasattr(mod, "list_types"):
+            for sub, bits, summary in mod.list_types():
+                rows.append((f"{f.name}:{sub}", f"{bits:.2f}" if bits else "-", summary))
+        else:
+            rows.append((f.name, f"{f.bits:.0f}" if f.bits else "-", f.summary))
+    return rows
+
+
+def default_out(source: str, to: str) -> Path:
+    from ..formats import parse_spec
+
+    info, sub = parse_spec(to)
+    stem = "tiny" if source == "tiny" else Path(source.rstrip("/")).name.split(".")[0]
+    tag = f"{info.name}-{sub}".lower() if sub else info.name
+    return Path("exports") / (f"{stem}-{tag}.gguf" if info.artifact == "file" and info.name == "gguf" else f"{stem}-{tag}")
+
+
+def run(args) -> int:
+    from ..errors import ZoptError
+    from ..formats import convert
+
+    if args.list_types:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table("--to", "bits/weight", "what")
+        for row in list_types():
+            t.add_row(*row)
+        Console().print(t)
+        return 0
+    if not args.source or not args.to:
+        raise ZoptError("convert needs SOURCE and --to FORMAT (see --list-types)")
+    options = {}
+    for kv in args.option:
+        if "=" not in kv:
+            raise ZoptError(f"--option {kv!r} is not KEY=VALUE")
+        k, v = kv.split("=", 1)
+        options[k.strip()] = _value(v.strip())
+    if args.keep:
+        options["keep"] = args.keep
+    if args.quantize:
+        options["quantize"] = args.quantize
+    if args.layout:
+        options["layout"] = args.layout
+    if args.no_hash:
+        options["hash_source"] = False
+    out = Path(args.out) if args.out else default_out(args.source, args.to)
+    result = convert(args.source, args.to, out, options=options, progress=not args.no_progress,
+                     allow_pickle=args.allow_pickle)
+    size = sum(f.stat().st_size for f in result.rglob("*") if f.is_file()) if result.is_dir() else result.stat().st_size
+    print(f"wrote {result} ({size / 1e6:.1f} MB)")
+    return 0

@@ -1,0 +1,97 @@
+"""Unquantized diffusers folders (bf16 / fp16 / fp32): the reference format.
+
+``convert`` streams any Z-Image source (original or diffusers layout, safetensors or GGUF) into a
+diffusers ``transformer`` folder; ``load_source`` loads any source straight into the model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .._io import atomic_path
+from ..checkpoint import TensorSource
+from ..families import zimage
+from ..progress import progress_bar
+from ..safetensors_io import StreamingSafetensorsWriter
+from .artifact import source_provenance, write_config, write_manifest
+from .common import check_no_meta, empty_model, set_tensor
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+
+def convert(src: TensorSource, out: Path, subtype: str | None, options: dict[str, Any], progress: bool) -> Path:
+    import torch
+
+    fmt = options.get("format", "bf16")
+    dtype = getattr(torch, DTYPES[fmt])
+    d = zimage.as_diffusers(src)
+    config = zimage.check_shapes(src)
+    st_name = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}[fmt]
+    names = d.names()
+    # sensitive tensors never drop below their source precision class (F32 stays F32)
+    entries, kinds = [], {}
+    for n in names:
+        info = d.info(n)
+        keep = info.dtype == "F32" and zimage.sensitive_reason(n) is not None and fmt != "fp32"
+        kinds[n] = "F32" if keep else st_name
+        entries.append((n, kinds[n], info.shape))
+    with atomic_path(out, is_dir=True) as tmp:
+        write_config(tmp, config)
+        with StreamingSafetensorsWriter(tmp / WEIGHTS_NAME, entries, {"format": "pt"}) as w, progress_bar(
+            len(names), f"convert -> {fmt}", enabled=progress
+        ) as bar:
+            for n in names:
+                t = d.get(n).to(torch.float32 if kinds[n] == "F32" else dtype)
+                w.write(n, t)
+                bar.advance()
+        write_manifest(
+            tmp,
+            format=fmt,
+            subtype=None,
+            options={},
+            source=source_provenance(src, options.get("hash_source", True)),
+            config=config,
+            tensors={n: {"storage": kinds[n]} for n in names},
+        )
+    return out
+
+
+def load_source(path: str | os.PathLike | TensorSource, device: str = "cpu", dtype: Any = None):
+    """Load any Z-Image source (``tiny``, folder, single file, GGUF) as a plain eager model.
+
+    Tensors keep their stored dtype unless ``dtype`` is given (then everything is cast to it).
+    """
+    from .. import checkpoint
+
+    src = path if isinstance(path, TensorSource) else checkpoint.open(path)
+    config = zimage.check_shapes(src)
+    d = zimage.as_diffusers(src)
+    model = empty_model(config)
+    for n in d.names():
+        t = d.get(n)
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        set_tensor(model, n, t.to(device))
+    check_no_meta(model, src.path)
+    return model
+
+
+def load(path: Path, device: str = "cpu", backend: str | None = None, dtype: Any = None):
+    from .artifact import verify_manifest
+
+    folder = path / "transformer" if (path / "transformer").is_dir() else path
+    verify_manifest(folder)
+    return load_source(folder, device=device, dtype=dtype)
+
+
+def _register_backends() -> None:
+    from ..runtime.backends import register
+
+    for fmt in ("bf16", "fp16", "fp32"):
+        register(fmt, "torch", 10, (), "eager PyTorch on any device")
+
+
+_register_backends()

@@ -1,0 +1,137 @@
+"""What machine is this? ``detect()`` returns a plain, serializable record; tests build fakes."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Hardware:
+    device: str  # "cuda" | "rocm" | "mps" | "xpu" | "cpu"
+    device_name: str
+    compute_capability: tuple[int, int] | None = None  # CUDA (major, minor)
+    arch: str | None = None  # e.g. "gfx942" on ROCm, "x86_64" on CPU
+    total_memory: int = 0  # bytes, device memory (system RAM on CPU/MPS)
+    free_memory: int = 0
+    bf16: bool = True
+    fp16: bool = True
+    fp8_matmul: bool = False
+    int8_matmul: bool = False
+    cpu_flags: tuple[str, ...] = ()
+    cores: int = 1
+    packages: dict[str, str] = field(default_factory=dict)  # importable optional packages -> version
+    ort_providers: tuple[str, ...] = ()
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.device in ("cuda", "rocm", "mps", "xpu")
+
+    @property
+    def torch_device(self) -> str:
+        return {"rocm": "cuda"}.get(self.device, self.device)
+
+    def has(self, package: str) -> bool:
+        return package in self.packages
+
+    def fingerprint(self) -> str:
+        """A short stable id of the hardware class (for comparing benchmark records like with like)."""
+        cc = ".".join(map(str, self.compute_capability)) if self.compute_capability else ""
+        return f"{self.device}:{self.device_name}:{cc or self.arch or ''}:{self.cores}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+OPTIONAL_PACKAGES = ("bitsandbytes", "optimum.quanto", "torchao", "onnxruntime", "tensorrt", "flash_attn",
+                     "flash_attn_interface", "sageattention", "xformers", "kernels")
+
+
+def _cpu_flags() -> tuple[str, ...]:
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8",
+              "fma", "f16c", "neon", "asimd", "sve")
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    have = set(line.split(":", 1)[1].split())
+                    return tuple(w for w in wanted if w in have)
+    except OSError:
+        pass
+    return ("neon",) if platform.machine() in ("arm64", "aarch64") else ()
+
+
+def _packages() -> dict[str, str]:
+    import importlib.metadata as md
+    import importlib.util
+
+    out = {}
+    for name in OPTIONAL_PACKAGES:
+        try:
+            if importlib.util.find_spec(name) is None:
+                continue
+        except (ImportError, ValueError):
+            continue
+        dist = {"optimum.quanto": "optimum-quanto", "flash_attn": "flash-attn", "flash_attn_interface": "flash-attn-3"}
+        try:
+            out[name] = md.version(dist.get(name, name))
+        except md.PackageNotFoundError:
+            out[name] = "?"
+    return out
+
+
+def _ort_providers() -> tuple[str, ...]:
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        return ()
+    try:
+        import onnxruntime
+
+        return tuple(onnxruntime.get_available_providers())
+    except Exception:
+        return ()
+
+
+def detect() -> Hardware:
+    """Detect the best device torch can use here, with memory, dtype support and optional packages."""
+    import psutil
+    import torch
+
+    flags = _cpu_flags()
+    cores = os.cpu_count() or 1
+    pk, prov = _packages(), _ort_providers()
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        free, total = torch.cuda.mem_get_info(0)
+        if getattr(torch.version, "hip", None):
+            arch = getattr(props, "gcnArchName", "").split(":")[0] or None
+            return Hardware("rocm", props.name, None, arch, total, free, True, True,
+                            fp8_matmul=bool(arch and arch.startswith(("gfx94", "gfx95", "gfx12"))),
+                            int8_matmul=True, cpu_flags=flags, cores=cores, packages=pk, ort_providers=prov)
+        cc = (props.major, props.minor)
+        return Hardware("cuda", props.name, cc, f"sm_{cc[0]}{cc[1]}", total, free,
+                        bf16=cc >= (8, 0), fp16=True, fp8_matmul=cc >= (8, 9), int8_matmul=cc >= (7, 5),
+                        cpu_flags=flags, cores=cores, packages=pk, ort_providers=prov)
+    vm = psutil.virtual_memory()
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return Hardware("mps", "Apple MPS", None, platform.machine(), vm.total, vm.available, True, True,
+                        cpu_flags=flags, cores=cores, packages=pk, ort_providers=prov)
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        props = torch.xpu.get_device_properties(0)
+        return Hardware("xpu", props.name, None, None, props.total_memory, props.total_memory, True, True,
+                        cpu_flags=flags, cores=cores, packages=pk, ort_providers=prov)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return Hardware("cpu", name, None, platform.machine(), vm.total, vm.available,
+                    bf16=True, fp16=True, fp8_matmul=False, int8_matmul=True,
+                    cpu_flags=flags, cores=cores, packages=pk, ort_providers=prov)
