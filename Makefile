@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check zopt tests benchmarks
 	$(PY) -m pytest -n 2 -q
 
 demo: $(STAMP)

@@ -13,8 +13,8 @@ import mmap
 import os
 import re
 import struct
-from collections.abc import Iterator
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -379,8 +379,8 @@ def _resolve_hub(spec: str) -> Path:
 
     if constants.HF_HUB_OFFLINE or not _endpoint_reachable(constants.ENDPOINT):
         raise OfflineError(
-            f"not in the local Hugging Face cache and the Hub is unreachable (offline); "
-            f"download it elsewhere or pass a local folder",
+            "not in the local Hugging Face cache and the Hub is unreachable (offline); "
+            "download it elsewhere or pass a local folder",
             spec,
         )
     try:

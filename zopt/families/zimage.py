@@ -379,14 +379,63 @@ def infer_config(src: TensorSource) -> dict[str, Any]:
 
 
 def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Diffusers tensor names and shapes for a config (built on the meta device: no memory)."""
-    import torch
-    from diffusers import ZImageTransformer2DModel
+    """Diffusers tensor names and shapes for a config, computed without building a model.
 
-    kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
-    with torch.device("meta"):
-        model = ZImageTransformer2DModel(**kwargs)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    Mirrors ``ZImageTransformer2DModel.__init__`` (a test checks it against the real class).
+    """
+    dim = int(config["dim"])
+    head = dim // int(config["n_heads"])
+    hidden = int(dim / 3 * 8)
+    adaln = min(dim, 256)
+    out: dict[str, tuple[int, ...]] = {"x_pad_token": (1, dim), "cap_pad_token": (1, dim)}
+    cin = int(config["in_channels"])
+    for p, f in zip(config["all_patch_size"], config["all_f_patch_size"]):
+        out[f"all_x_embedder.{p}-{f}.weight"] = (dim, f * p * p * cin)
+        out[f"all_x_embedder.{p}-{f}.bias"] = (dim,)
+        out[f"all_final_layer.{p}-{f}.linear.weight"] = (p * p * f * cin, dim)
+        out[f"all_final_layer.{p}-{f}.linear.bias"] = (p * p * f * cin,)
+        out[f"all_final_layer.{p}-{f}.adaLN_modulation.1.weight"] = (dim, adaln)
+        out[f"all_final_layer.{p}-{f}.adaLN_modulation.1.bias"] = (dim,)
+
+    def block(prefix: str, modulation: bool) -> None:
+        if config.get("qk_norm", True):
+            out[f"{prefix}.attention.norm_q.weight"] = (head,)
+            out[f"{prefix}.attention.norm_k.weight"] = (head,)
+        for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+            out[f"{prefix}.attention.{proj}.weight"] = (dim, dim)
+        out[f"{prefix}.feed_forward.w1.weight"] = (hidden, dim)
+        out[f"{prefix}.feed_forward.w2.weight"] = (dim, hidden)
+        out[f"{prefix}.feed_forward.w3.weight"] = (hidden, dim)
+        for norm in ("attention_norm1", "ffn_norm1", "attention_norm2", "ffn_norm2"):
+            out[f"{prefix}.{norm}.weight"] = (dim,)
+        if modulation:
+            out[f"{prefix}.adaLN_modulation.0.weight"] = (4 * dim, adaln)
+            out[f"{prefix}.adaLN_modulation.0.bias"] = (4 * dim,)
+
+    n_ref = int(config["n_refiner_layers"])
+    for i in range(n_ref):
+        block(f"noise_refiner.{i}", True)
+    for i in range(n_ref):
+        block(f"context_refiner.{i}", False)
+    out["t_embedder.mlp.0.weight"] = (1024, 256)
+    out["t_embedder.mlp.0.bias"] = (1024,)
+    out["t_embedder.mlp.2.weight"] = (adaln, 1024)
+    out["t_embedder.mlp.2.bias"] = (adaln,)
+    cap = int(config["cap_feat_dim"])
+    out["cap_embedder.0.weight"] = (cap,)
+    out["cap_embedder.1.weight"] = (dim, cap)
+    out["cap_embedder.1.bias"] = (dim,)
+    sig = config.get("siglip_feat_dim")
+    if sig:
+        out["siglip_embedder.0.weight"] = (int(sig),)
+        out["siglip_embedder.1.weight"] = (dim, int(sig))
+        out["siglip_embedder.1.bias"] = (dim,)
+        for i in range(n_ref):
+            block(f"siglip_refiner.{i}", False)
+        out["siglip_pad_token"] = (1, dim)
+    for i in range(int(config["n_layers"])):
+        block(f"layers.{i}", True)
+    return out
 
 
 def check_shapes(src: TensorSource, config: dict[str, Any] | None = None) -> dict[str, Any]:
