@@ -26,6 +26,9 @@ def atomic_path(final: str | os.PathLike, *, is_dir: bool = False) -> Iterator[P
         fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
         os.close(fd)
         tmp = Path(name)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
+    if is_dir:
+        os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if is_dir and final.exists():
@@ -38,6 +41,12 @@ def atomic_path(final: str | os.PathLike, *, is_dir: bool = False) -> Iterator[P
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 16 << 20) -> str:
