@@ -1,0 +1,133 @@
+"""zopt publish / verify: folder layout, measured card, checksums, links, upload boundary."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from zopt.cli import main
+from zopt.errors import ChecksumMismatch, ZoptError
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory, tiny_original_file):
+    import zopt
+
+    d = tmp_path_factory.mktemp("variants")
+    out = []
+    for spec in ("bf16", "fp16"):
+        out.append(zopt.convert(tiny_original_file, spec, d / f"tiny-{spec}", progress=False))
+    return out
+
+
+def _record(spec, sha, psnr, step_ms, peak):
+    return {"status": "ok", "role": "variant", "run_id": f"run-{spec}", "format": {"spec": spec},
+            "source": {"sha256": sha}, "hardware_fingerprint": "cpu:test:x86_64:2",
+            "settings": {"steps": 4, "width": 256, "height": 256, "prompts": ["a", "b"], "seeds": [0]},
+            "metrics": {"quality": {"psnr_db": psnr, "ssim": 0.987654, "rel_l2_mean": 0.01234},
+                        "latency": {"step_ms": {"median": step_ms}}, "memory": {"peak_bytes": peak}}}
+
+
+def test_publish_card_matches_records_and_verify(tmp_path, variants):
+    from zopt.publish import CARD_METRICS, _get, assemble, describe_variant, verify
+
+    sha = describe_variant(variants[0]).source_sha256
+    records = [_record("bf16", sha, 48.25, 12.5, 300 << 20), _record("fp16", sha, 39.5, 11.0, 200 << 20),
+               _record("fp16", "someothersource", 1.0, 1.0, 1)]
+    repo = assemble(variants, tmp_path / "repo", repo_id="me/tiny-zimage-quants", records=records)
+    card = (repo / "README.md").read_text()
+    assert card.startswith("---\n") and "base_model_relation: quantized" in card
+    assert "pipeline_tag: text-to-image" in card and "license: apache-2.0" in card
+    for rec in records[:2]:
+        spec = rec["format"]["spec"]
+        row = next(ln for ln in card.splitlines() if ln.startswith(f"| `tiny-{spec}`"))
+        for _, path, fmt in CARD_METRICS:
+            assert f"| {fmt(_get(rec, path))} |" in row, (spec, path, row)
+    assert "zopt convert tiny-original.safetensors --to bf16" in card
+    # layout: artifact folders as subfolders with their config and manifest; everything checksummed
+    assert (repo / "tiny-bf16" / "config.json").exists() and (repo / "tiny-fp16" / "zopt-manifest.json").exists()
+    manifest = json.loads((repo / "zopt-publish.json").read_text())
+    assert set(manifest["files"]) >= {"README.md", "tiny-bf16/diffusion_pytorch_model.safetensors"}
+    verify(repo)
+    assert main(["verify", str(repo)]) == 0
+    # hard links, not copies, on the same filesystem
+    src_w = variants[0] / "diffusion_pytorch_model.safetensors"
+    assert os.stat(src_w).st_ino == os.stat(repo / "tiny-bf16" / "diffusion_pytorch_model.safetensors").st_ino
+
+
+def test_verify_rejects_one_changed_byte(tmp_path, variants):
+    from zopt.publish import assemble
+
+    repo = assemble(variants, tmp_path / "repo", mode="copy")
+    w = repo / "tiny-fp16" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    w.write_bytes(bytes(data))
+    with pytest.raises(ChecksumMismatch, match="tiny-fp16"):
+        from zopt.publish import verify
+
+        verify(repo, load=False)
+    assert main(["verify", str(repo), "--no-load"]) == 2
+    # the source variant was copied, so it is untouched
+    assert (variants[1] / "diffusion_pytorch_model.safetensors").read_bytes() != bytes(data)
+
+
+def test_publish_refuses_nonempty_output_and_leaves_it(tmp_path, variants):
+    out = tmp_path / "repo"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["publish", str(variants[0]), "-o", str(out)]) == 2
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_push_without_token_fails_fast_and_keeps_folder(tmp_path, variants, monkeypatch):
+    from zopt.publish import assemble, push
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hfhome"))
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    repo = assemble(variants[:1], tmp_path / "repo")
+    before = sorted(p.name for p in repo.rglob("*"))
+    with pytest.raises(ZoptError, match="no Hugging Face token"):
+        push(repo, "me/x")
+    assert sorted(p.name for p in repo.rglob("*")) == before
+
+
+class _RecordingHub:
+    """Stands in for huggingface_hub.HfApi at the network boundary: records the calls zopt makes."""
+
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, repo_id, **kw):
+        self.calls.append(("create_repo", repo_id, kw))
+
+    def create_branch(self, repo_id, **kw):
+        self.calls.append(("create_branch", repo_id, kw))
+
+    def upload_folder(self, **kw):
+        self.calls.append(("upload_folder", kw["repo_id"], kw))
+
+    def upload_large_folder(self, **kw):
+        self.calls.append(("upload_large_folder", kw["repo_id"], kw))
+
+
+def test_push_calls_up_to_the_upload(tmp_path, variants):
+    from zopt.publish import assemble, push
+
+    repo = assemble(variants, tmp_path / "repo")
+    hub = _RecordingHub()
+    assert push(repo, "me/x", private=True, revision="v1", token="t", api=hub) == "me/x@v1"
+    names = [c[0] for c in hub.calls]
+    assert names == ["create_repo", "create_branch", "upload_folder"]
+    assert hub.calls[0][2]["private"] is True
+    up = hub.calls[2][2]
+    assert up["folder_path"] == str(repo) and up["revision"] == "v1"
+    # a tampered folder is never uploaded
+    (repo / "README.md").write_text("changed")
+    hub2 = _RecordingHub()
+    with pytest.raises(ChecksumMismatch):
+        push(repo, "me/x", token="t", api=hub2)
+    assert hub2.calls == []

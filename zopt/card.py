@@ -1,0 +1,144 @@
+"""The model card (README.md) of a published folder: front matter, measured table, usage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def _yaml_list(items: list[str]) -> str:
+    return "\n".join(f"- {i}" for i in items)
+
+
+def front_matter(variants, repo_id: str | None, license: str | None, base_model: str) -> str:
+    tags = ["z-image", "text-to-image", "quantized", "zopt"]
+    for v in variants:
+        tag = {"gguf": "gguf", "fp8": "fp8", "int8": "int8", "int8_w8a8": "int8", "int4": "int4", "nf4": "nf4",
+               "onnx": "onnx", "tensorrt": "tensorrt"}.get(v.format)
+        if tag and tag not in tags:
+            tags.append(tag)
+    library = "gguf" if all(v.format == "gguf" for v in variants) else "diffusers"
+    return (
+        "---\n"
+        f"base_model: {base_model}\n"
+        "base_model_relation: quantized\n"
+        f"library_name: {library}\n"
+        "pipeline_tag: text-to-image\n"
+        f"license: {license or 'apache-2.0'}\n"
+        f"tags:\n{_yaml_list(tags)}\n"
+        "---\n"
+    )
+
+
+def variant_rows(variants, matched: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """One table row per variant: identity columns, then CARD_METRICS from its benchmark record."""
+    from .publish import CARD_METRICS, _get
+
+    rows = []
+    for v in variants:
+        rec = matched.get(v.name)
+        bpw = f"{v.bits_per_weight:.2f}" if v.bits_per_weight else "n/a"
+        row = [f"`{v.name}`", v.spec, _size(v.bytes), bpw]
+        row += [fmt(_get(rec, path)) if rec else "not measured" for _, path, fmt in CARD_METRICS]
+        row.append(rec.get("hardware_fingerprint", "?") if rec else "")
+        rows.append(row)
+    return rows
+
+
+def _usage(v, repo: str) -> str:
+    if v.format == "gguf":
+        return f"""### `{v.name}` ({v.spec})
+
+diffusers (GGUF weights dequantized on the fly):
+
+```python
+import torch
+from diffusers import GGUFQuantizationConfig, ZImagePipeline, ZImageTransformer2DModel
+
+transformer = ZImageTransformer2DModel.from_single_file(
+    "https://huggingface.co/{repo}/blob/main/{v.name}",
+    quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16),
+    config="{repo}", torch_dtype=torch.bfloat16,
+)
+pipe = ZImagePipeline.from_pretrained("Tongyi-MAI/Z-Image-Turbo", transformer=transformer, torch_dtype=torch.bfloat16)
+image = pipe("a lighthouse at dawn", num_inference_steps=8, guidance_scale=0.0).images[0]
+```
+
+ComfyUI: copy `{v.name}` to `ComfyUI/models/diffusion_models/` and load it with the
+*Unet Loader (GGUF)* node of ComfyUI-GGUF (the file declares the `lumina2` architecture it expects).
+
+stable-diffusion.cpp:
+
+```bash
+sd-cli --diffusion-model {v.name} --vae ae.safetensors --llm Qwen3-4B-Instruct-2507-Q4_K_M.gguf \\
+  -p "a lighthouse at dawn" --cfg-scale 1.0 --steps 8 -H 1024 -W 1024
+```
+
+zopt: `zopt generate --model {v.name} --base PATH_TO_Z_IMAGE_PIPELINE --prompt "a lighthouse at dawn"`
+"""
+    comfy = v.options.get("layout") == "comfy"
+    extra = ("\nComfyUI: the folder holds a scaled-FP8 single file in ComfyUI's layout; copy it to "
+             "`ComfyUI/models/diffusion_models/` and load it with *Load Diffusion Model*.\n") if comfy else ""
+    return f"""### `{v.name}/` ({v.spec})
+
+zopt rebuilds the transformer from the artifact alone and picks the kernel for your hardware:
+
+```python
+import zopt
+transformer = zopt.load("{v.name}", device="cuda")  # checks every file's sha256 first
+```
+
+or `zopt generate --model {v.name} --base PATH_TO_Z_IMAGE_PIPELINE --prompt "a lighthouse at dawn"`.
+{extra}"""
+
+
+def render_card(variants, matched, reference, *, repo_id, license, base_model, zopt_version) -> str:
+    from .publish import CARD_METRICS
+
+    repo = repo_id or "USER/REPO"
+    head = ["file", "format", "size", "bits/weight"] + [h for h, _, _ in CARD_METRICS] + ["measured on"]
+    lines = [front_matter(variants, repo_id, license, base_model)]
+    lines.append(f"# {repo.split('/')[-1]}: quantized Z-Image transformer\n")
+    lines.append(
+        f"Quantized variants of the [{base_model}](https://huggingface.co/{base_model}) transformer "
+        f"(`ZImageTransformer2DModel`), converted and measured with zopt {zopt_version}. Text encoder, "
+        "VAE and scheduler are the base model's.\n"
+    )
+    lines.append("## Variants\n")
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for row in variant_rows(variants, matched):
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    if matched:
+        any_rec = next(iter(matched.values()))
+        s = any_rec.get("settings", {})
+        ref_spec = (reference or {}).get("format", {}).get("spec", "the unquantized reference")
+        lines.append(
+            f"Quality is measured against {ref_spec} with the same prompts, seeds and initial noise "
+            f"({s.get('steps', '?')} steps at {s.get('width', '?')}×{s.get('height', '?')}, "
+            f"{len(s.get('prompts', []))} prompts × {len(s.get('seeds', []))} seeds): PSNR and SSIM of the decoded "
+            "images, mean per-step relative L2 of the transformer output. Latency is the median per denoising "
+            "step; memory is the peak (GPU allocator, or process RSS above baseline on CPU). "
+            "`measured on` is the hardware fingerprint of the run.\n"
+        )
+    else:
+        lines.append("No benchmark records were supplied: run `zopt bench` and publish with `--bench`.\n")
+    lines.append("## How each file was made\n")
+    lines.append("| file | command | zopt | source sha256 |")
+    lines.append("|---|---|---|---|")
+    for v in variants:
+        lines.append(f"| `{v.name}` | `{v.command}` | {v.zopt_version or '?'} | `{(v.source_sha256 or 'n/a')[:16]}` |")
+    lines.append("")
+    lines.append("## Usage\n")
+    for v in variants:
+        lines.append(_usage(v, repo))
+    lines.append("## Integrity\n")
+    lines.append(
+        "`zopt-publish.json` lists the sha256 of every file and the provenance of each variant; "
+        "`zopt verify .` re-checks all of them and loads every variant.\n"
+    )
+    return "\n".join(lines)
