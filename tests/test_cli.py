@@ -139,3 +139,9 @@ def test_generate_is_deterministic(tmp_path):
 @pytest.mark.parametrize("argv", [["inspect", "tiny"], ["convert", "--list-types"]])
 def test_commands_run(argv):
     assert main(argv) == 0
+
+
+def test_import_zopt_stays_light():
+    code = "import sys, zopt, zopt.cli; print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'onnxruntime') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.stdout.strip() == "[]", r.stdout + r.stderr
