@@ -174,3 +174,23 @@ def test_sparse_full_size_header_counts_params(tmp_path):
     src = checkpoint.open(path)
     assert src.num_params() == zimage.FULL_NUM_PARAMS == 6_154_908_736
     assert zimage.infer_config(src)["dim"] == 3840 and zimage.infer_config(src)["n_layers"] == 30
+
+
+def test_hub_id_resolves_from_local_cache(monkeypatch, tmp_path, tiny_dir):
+    """owner/name@revision is read from huggingface_hub's cache layout without any network."""
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snap = tmp_path / "models--acme--zimage-tiny" / "snapshots" / commit
+    shutil.copytree(tiny_dir / "transformer", snap / "transformer")
+    shutil.copy(tiny_dir / "model_index.json", snap / "model_index.json")
+    refs = tmp_path / "models--acme--zimage-tiny" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    for spec in ("acme/zimage-tiny", f"acme/zimage-tiny@{commit}", "acme/zimage-tiny@main"):
+        src = checkpoint.open(spec)
+        assert src.kind == "diffusers" and zimage.detect(src).layout == "diffusers", spec
+    with pytest.raises(OfflineError):
+        checkpoint.open("acme/zimage-tiny@v2")
