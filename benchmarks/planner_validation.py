@@ -37,8 +37,7 @@ def status(key):
 
 size, width, height, text = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 cfg = zimage.CONFIGS[size]
-_warm = build_tiny_transformer(0, zimage.TINY_CONFIG)  # import every module the build touches first
-del _warm
+zimage.expected_shapes(cfg)  # imports every module the build touches, allocating nothing (meta device)
 gc.collect()
 rss_before = status("VmRSS")
 model = build_tiny_transformer(0, cfg).float().eval()

@@ -127,15 +127,26 @@ def apply(pipe, mode: str, device: str, disk_dir: str | os.PathLike | None = Non
     elif mode == "sequential":
         pipe.enable_sequential_cpu_offload(device=dev)
     elif mode in ("group", "group-stream", "disk"):
-        kwargs = {}
-        if mode == "disk":
-            if disk_dir is None:
-                raise ZoptError("--offload disk needs a folder for the offloaded weights")
-            os.makedirs(disk_dir, exist_ok=True)
-            kwargs["offload_to_disk_path"] = os.fspath(disk_dir)
+        if mode == "disk" and disk_dir is None:
+            raise ZoptError("--offload disk needs a folder for the offloaded weights")
         stream = mode == "group-stream"
-        pipe.enable_group_offload(onload_device=dev, offload_device=torch.device("cpu"), offload_type="block_level",
-                                  num_blocks_per_group=1, use_stream=stream, non_blocking=stream, **kwargs)
+        kwargs = dict(onload_device=dev, offload_device=torch.device("cpu"), offload_type="block_level",
+                      num_blocks_per_group=1, use_stream=stream, non_blocking=stream)
+        # Per component, each with its own disk folder: group ids such as "layers_0_0" repeat across the
+        # text encoder and the transformer, and one shared folder would let their files overwrite each other.
+        from diffusers.hooks import apply_group_offloading
+
+        for name, comp in pipe.components.items():
+            if not isinstance(comp, torch.nn.Module):
+                continue
+            extra = {}
+            if mode == "disk":
+                extra["offload_to_disk_path"] = os.fspath(os.path.join(disk_dir, name))
+                os.makedirs(extra["offload_to_disk_path"], exist_ok=True)
+            if hasattr(comp, "enable_group_offload"):
+                comp.enable_group_offload(**kwargs, **extra)
+            else:
+                apply_group_offloading(module=comp, **kwargs, **extra)
     else:
         raise ZoptError(f"unknown offload mode {mode!r}; choose auto or one of {', '.join(MODES)}")
 

@@ -34,7 +34,7 @@ from .offload import GIB, Footprint, choose, device_bytes
 
 TEXT_ENCODER_PARAMS = 4_022_468_096  # Qwen3-4B, the Z-Image text encoder
 VAE_PARAMS = 83_819_683  # the 16-channel autoencoder shared with FLUX
-ACT_PER_DIM = 12.0
+ACT_PER_DIM = 15.5
 ACT_PER_FFN = 3.0
 VAE_ACT = 6.0
 DEFAULT_TEXT_TOKENS = 512  # the pipeline's max_sequence_length: the worst case for a prompt
