@@ -70,10 +70,9 @@ def test_real_check_refuses_missing_package_here():
 
 def test_switching_kernels_keeps_the_output(tiny_transformer_dir, tiny_reference_inputs):
     import torch
+    from conftest import rel_err
 
     from zopt.formats.plain import load_source
-
-    from conftest import rel_err
 
     model = load_source(tiny_transformer_dir, dtype=torch.float32).eval()
     x, t, cap = tiny_reference_inputs
