@@ -217,7 +217,7 @@ def prepare(model: str | os.PathLike = "tiny", *, device: str = "auto", offload:
     from . import attention as A
     from . import backends as B
     from . import offload as O
-    from .planner import activation_bytes, shape_for
+    from .planner import _key, _param_split, activation_bytes, shape_for
 
     t0 = time.perf_counter()
     hw = runtime_hardware(device, hardware)
@@ -243,14 +243,16 @@ def prepare(model: str | os.PathLike = "tiny", *, device: str = "auto", offload:
             parts[name].to(dtype=dtype)
     t_bytes = _transformer_estimate(model, fmt, elem, config)
     act_cfg = config or zimage.FULL_CONFIG
+    quant, other, block, nonblock, largest = _param_split(_key(act_cfg))
+    total = quant + other  # block / non-block / largest-matrix shares of the parameters, applied to bytes
     fp = O.Footprint(
         transformer=t_bytes,
         text_encoder=_module_bytes(parts and parts["text_encoder"]),
         vae=_module_bytes(parts and parts["vae"]),
         activations=activation_bytes(act_cfg, shape_for(width, height, batch), elem, att.name if att else "native"),
-        largest_block=t_bytes // max(1, act_cfg["n_layers"] + 2 * act_cfg["n_refiner_layers"]),
-        non_block=t_bytes // 50,
-        largest_leaf=t_bytes // max(1, 7 * (act_cfg["n_layers"] + 2 * act_cfg["n_refiner_layers"])),
+        largest_block=t_bytes * block // total,
+        non_block=t_bytes * nonblock // total,
+        largest_leaf=t_bytes * largest // total,
     )
     off = O.choose(offload, hw, fp)
     transformer = load_transformer(model, dev if off.mode == "none" else "cpu", dtype=dtype, backend=sel.name)

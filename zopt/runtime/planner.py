@@ -9,11 +9,13 @@ fp32):
   other tensor at 16 bits. Dequantizing backends add one transient BF16 copy of the largest matrix.
 * **tokens**: image tokens ``ceil32(H/16 * W/16)`` (VAE /8, patch 2), text tokens
   ``ceil32(text_tokens)``; Z-Image pads both to multiples of 32 and attends over their sum ``L``.
-* **transformer activations**: ``batch * L * (ACT_PER_DIM * dim + ACT_PER_FFN * ffn) * b``: the peak
-  sits in a block's feed-forward (SiLU(w1 x), w3 x and their product, 3 ffn-wide rows per token)
-  on top of the residual stream, its normed copy, the joined caption/image sequence and the RoPE
-  tables (about 5 dim-wide rows per token). Attention kernels that materialize the score matrix
-  (``_native_math``) add ``batch * heads * L^2 * b * 2``.
+* **transformer activations**: ``batch * L * (ACT_PER_DIM * dim + ACT_PER_FFN * ffn) * b + ACT_FIXED``:
+  the peak sits in a block's feed-forward (SiLU(w1 x), w3 x and their product: 3 ffn-wide rows per
+  token) on top of dim-wide rows held around it (residual stream, normed input, the joined
+  caption/image sequence, refiner outputs, RoPE tables). The dim-wide count (8) and the fixed
+  term were read off measured CPU peaks of the tiny config; the medium config checks them.
+  Attention kernels that materialize the score matrix (``_native_math``) add
+  ``batch * heads * L^2 * b * 2``.
 * **text encoder / VAE**: Qwen3-4B (4.02B parameters) and the 16-channel VAE (83.8M) at the compute
   dtype (bf16 on GPUs, fp32 on CPU, as is the unquantized part of every format); VAE
   decode peak ``VAE_ACT * 128 * H * W * b`` (an estimate, not validated here).
@@ -34,8 +36,9 @@ from .offload import GIB, Footprint, choose, device_bytes
 
 TEXT_ENCODER_PARAMS = 4_022_468_096  # Qwen3-4B, the Z-Image text encoder
 VAE_PARAMS = 83_819_683  # the 16-channel autoencoder shared with FLUX
-ACT_PER_DIM = 15.5
+ACT_PER_DIM = 8.0
 ACT_PER_FFN = 3.0
+ACT_FIXED = 8 * 1024**2  # kernel workspaces and small buffers, independent of the token count
 VAE_ACT = 6.0
 DEFAULT_TEXT_TOKENS = 512  # the pipeline's max_sequence_length: the worst case for a prompt
 
@@ -126,7 +129,7 @@ def activation_bytes(config: dict[str, Any], shape: Shape, elem_bytes: int = 2, 
 
     dim = int(config["dim"])
     ffn = int(dim / 3 * 8)
-    act = shape.batch * shape.tokens * (ACT_PER_DIM * dim + ACT_PER_FFN * ffn) * elem_bytes
+    act = shape.batch * shape.tokens * (ACT_PER_DIM * dim + ACT_PER_FFN * ffn) * elem_bytes + ACT_FIXED
     if ATTENTION.get(attention) is not None and ATTENTION[attention].memory == "quadratic":
         act += shape.batch * int(config["n_heads"]) * shape.tokens**2 * elem_bytes * 2
     return int(act)
