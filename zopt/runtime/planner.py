@@ -49,6 +49,7 @@ class Candidate:
     bits: float  # effective bits per quantized weight, scales included
     dequant: bool  # backend dequantizes per layer (adds a transient BF16 copy of the largest matrix)
     note: str
+    fallback: bool = False  # below 4 bits: recommended only when no 4-bit-or-better format fits at all
 
 
 # Quality order, best first. Effective bits = nominal + scale overhead of the storage layout.
@@ -62,8 +63,8 @@ CANDIDATES: tuple[Candidate, ...] = (
     Candidate("gguf:Q4_K_M", 4.85, True, "Q4_K body, Q6_K on sensitive rows (mix)"),
     Candidate("nf4", 4.5, True, "64-weight blocks, fp32 absmax"),
     Candidate("int4", 4.25, True, "128-weight groups, bf16 scale + zero"),
-    Candidate("gguf:Q3_K_M", 3.9, True, "Q3_K body (mix)"),
-    Candidate("gguf:Q2_K", 2.625, True, "lowest quality"),
+    Candidate("gguf:Q3_K_M", 3.9, True, "Q3_K body (mix)", fallback=True),
+    Candidate("gguf:Q2_K", 2.625, True, "lowest quality", fallback=True),
 )
 
 
@@ -211,8 +212,9 @@ def plan(hw: Hardware, width: int = 1024, height: int = 1024, batch: int = 1,
     """Recommend format + offload + attention for ``hw`` (its free memory is the budget).
 
     Rule: the fastest offload tier (none, model, group-stream/group, sequential) in which any format
-    fits; within it, the highest-quality format that runs on ``hw`` (formats whose module is not in
-    this build are still planned, and flagged).
+    of 4 bits or more fits; within it, the highest-quality format that runs on ``hw``. Formats below
+    4 bits are recommended only when nothing else fits. Formats whose module is not in this build
+    are still planned, and flagged.
     """
     from ..families import zimage
     from .attention import choose as choose_attention
@@ -225,7 +227,7 @@ def plan(hw: Hardware, width: int = 1024, height: int = 1024, batch: int = 1,
     shape = shape_for(width, height, batch, text_tokens)
     rows: list[PlanRow] = []
     tiers = ["none", "model", "group-stream", "group", "sequential", "disk"]
-    best: tuple[int, int, PlanRow] | None = None
+    best: tuple[tuple[int, int, int], PlanRow] | None = None
     for qi, cand in enumerate(CANDIDATES):
         fp = footprint(config, cand, shape, width, height, elem, att.name)
         backend, problem = _backend_note(cand.spec, hw)
@@ -238,11 +240,11 @@ def plan(hw: Hardware, width: int = 1024, height: int = 1024, batch: int = 1,
         rows.append(row)
         runnable = problem is None or problem == "format not in this build"
         if row.offload and runnable:
-            key = (tiers.index(row.offload), qi)
-            if best is None or key < best[:2]:
-                best = (*key, row)
+            key = (int(cand.fallback), tiers.index(row.offload), qi)
+            if best is None or key < best[0]:
+                best = (key, row)
     budget = hw.free_memory - reserve(hw)
-    return Plan(hw, budget, shape, width, height, att.name, att.reason, best[2] if best else None, rows)
+    return Plan(hw, budget, shape, width, height, att.name, att.reason, best[1] if best else None, rows)
 
 
 def budget_hardware(vram: int, base: Hardware | None = None) -> Hardware:
