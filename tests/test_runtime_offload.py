@@ -113,3 +113,20 @@ def test_group_and_disk_offload_run_on_cpu_and_change_nothing(tmp_path):
     disk, pipe = _image("disk", tmp_path)
     assert abs(disk - ref).max() <= 1
     assert list((tmp_path / "offload" / "transformer").glob("*.safetensors")), "group offload to disk wrote no weight files"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["model", "group-stream", "group", "sequential"])
+def test_offload_modes_on_cuda_match_resident(mode, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from zopt.runtime import pipeline as P
+
+    def image(offload):
+        pipe, choice = P.prepare("tiny", device="cuda", offload=offload, attention="auto", width=64, height=64)
+        assert choice.offload == offload
+        res = P.run(pipe, P.GenerateRequest(["a red cube"], [5], steps=2, height=64, width=64), tmp_path / offload)
+        return np.asarray(Image.open(res[0].path)).astype(int)
+
+    assert abs(image(mode) - image("none")).max() <= 2
