@@ -96,3 +96,15 @@ def test_single_png_output(tmp_path):
     meta = json.loads(target.with_suffix(".json").read_text())
     assert meta["seed"] == 3 and meta["offload"] == "disk" and target.stat().st_size > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.json", "cat.png"]  # no leftovers
+
+
+def test_generate_from_a_converted_variant(tmp_path, capsys):
+    from zopt import formats
+    from zopt.cli import main
+
+    art = formats.convert("tiny", "fp16", tmp_path / "tiny-fp16", progress=False)
+    out = tmp_path / "img"
+    assert main(["generate", "--model", str(art), "--prompt", "a boat", "--steps", "1", "--resolution", "64x64",
+                 "-o", str(out)]) == 0, capsys.readouterr().err
+    meta = json.loads((out / "000-seed0.json").read_text())
+    assert meta["format"] == "fp16" and meta["backend"] == "torch" and meta["model"] == str(art)
