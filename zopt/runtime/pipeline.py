@@ -164,8 +164,10 @@ def runtime_hardware(device: str, hw=None):
         return dataclasses.replace(hw, device="cpu", device_name="CPU", compute_capability=None, arch=None,
                                    total_memory=hw.system_memory or hw.total_memory,
                                    free_memory=hw.system_free or hw.free_memory, fp8_matmul=False)
+    if hw.device == "cpu":
+        raise ZoptError(f"--device {device}: no such device here (torch sees only the CPU); use --device auto or cpu")
     raise ZoptError(f"--device {device}: this machine's accelerator is {hw.device} ({hw.device_name}); "
-                    "use --device auto, cpu or that one")
+                    f"use --device auto, cpu or {hw.torch_device}")
 
 
 def _format_of(model: str | os.PathLike) -> str:
