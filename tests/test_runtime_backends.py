@@ -144,7 +144,7 @@ def test_format_missing_from_build_is_reported_not_crashed(monkeypatch):
 
 def test_plain_formats_run_everywhere():
     for hw in FAKES.values():
-        for fmt in ("bf16", "fp16", "fp32"):
+        for fmt in ("bf16", "fp16", "fp32", "tiny", "safetensors"):
             assert B.select(fmt, hw).name == "torch"
 
 

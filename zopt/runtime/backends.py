@@ -123,6 +123,8 @@ class Selection:
 
 _REGISTRY: dict[str, dict[str, Backend]] = {}
 _LOAD_PROBLEMS: dict[str, str] = {}  # format -> why its module could not be imported
+# what formats.artifact_format() reports for sources loaded as they are: they run like a plain folder
+ALIASES = {"tiny": "bf16", "safetensors": "bf16"}
 
 
 def register(format: str, name: str, priority: int, requires: tuple[Requirement, ...] = (), description: str = "") -> Backend:
@@ -185,6 +187,7 @@ def select(format: str, hardware: Hardware | None = None, prefer: str | None = N
     from .hardware import detect
 
     hw = hardware or detect()
+    format = ALIASES.get(format, format)
     cands = backends_for(format)
     if not cands:
         problem = format_status(format)
