@@ -88,10 +88,20 @@ def markdown() -> str:
         for b in backends_for(fmt):
             req = "; ".join(r.name for r in b.requires) or "-"
             lines.append(f"| {fmt} | {b.name} | {b.priority} | {req} | {b.description} |")
-    lines += ["", "## Attention (auto pick, bf16)", "", "| machine | auto | reason |", "|---|---|---|"]
+    lines += ["", "## Attention (auto pick; bf16 on GPUs, fp32 on CPU)", "", "| machine | auto | reason |",
+              "|---|---|---|"]
     for name, hw in FAKES.items():
         rep = attention_report(hw, "fp32" if hw.device == "cpu" else "bf16")
         lines.append(f"| {name} | {rep['auto']} | {rep['reason']} |")
+    from .planner import plan
+
+    lines += ["", "## Planner (`zopt plan --hardware NAME`: full model, 1024x1024, batch 1, free memory as budget)",
+              "", "| machine | budget | format | offload | predicted peak |", "|---|---|---|---|---|"]
+    for name, hw in FAKES.items():
+        p = plan(hw, 1024, 1024, 1)
+        r = p.recommended
+        cells = (f"{r.spec} | {r.offload} | {r.device_bytes / 1024**3:.1f} GiB" if r else "nothing fits | - | -")
+        lines.append(f"| {name} | {p.budget / 1024**3:.1f} GiB | {cells} |")
     return "\n".join(lines) + "\n"
 
 
