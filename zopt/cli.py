@@ -15,6 +15,8 @@ COMMANDS: dict[str, str] = {
     "inspect": "show family, layout, parameter count, dtypes and bytes of a checkpoint (headers only)",
     "convert": "convert a checkpoint to gguf:TYPE, fp8, int8, int8_w8a8, int4, nf4, onnx, tensorrt, bf16...",
     "generate": "generate images with any variant (the embedded tiny model by default)",
+    "doctor": "show this machine's hardware and which backend runs each format (or why not)",
+    "plan": "recommend format, offload and attention for a memory budget (--vram 8GB --resolution 1024x1024)",
     "synth": "write a seeded synthetic checkpoint (full size: 6.15B params, 12.3 GB bf16), streaming",
     "publish": "assemble a Hub-ready folder (files, measured model card, checksums) and optionally --push",
     "verify": "re-check a published folder: every sha256, every variant loads",

@@ -9,15 +9,21 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default="tiny", help="'tiny', a diffusers folder, a .gguf file or a zopt artifact folder")
     p.add_argument("--base", default=None, help="pipeline folder supplying text encoder, tokenizer and VAE")
     p.add_argument("--prompt", action="append", default=[], help="prompt (repeat for several)")
-    p.add_argument("--prompts-file", default=None, help="text file, one prompt per line")
-    p.add_argument("--seed", action="append", type=int, default=[], help="seed (repeat for several; default 0)")
+    p.add_argument("--prompts-file", default=None,
+                   help="one prompt per line, or JSON lines {\"prompt\": ..., \"seed\": ...} for per-prompt seeds")
+    p.add_argument("--seed", action="append", type=int, default=[],
+                   help="seed; repeat to give one per prompt (a single seed applies to all; default 0)")
+    p.add_argument("--images-per-prompt", type=int, default=1, help="N images per prompt, seeds s, s+1, ...")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--resolution", default="256x256", help="WxH")
     p.add_argument("--guidance", type=float, default=0.0, help="CFG scale (Turbo: 0)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--backend", default=None, help="kernel backend for the format (default: auto)")
+    p.add_argument("--backend", default=None, help="kernel backend for the format (default: auto; see zopt doctor)")
+    p.add_argument("--offload", default="auto",
+                   help="auto, none, model, group, group-stream, sequential or disk (see docs/runtime.md)")
+    p.add_argument("--attention", default="auto", help="auto or a diffusers attention backend (native, flash, ...)")
     p.add_argument("-o", "--out", default="exports/images", help="a .png file (one image) or a folder")
 
 
@@ -33,12 +39,30 @@ def parse_resolution(text: str) -> tuple[int, int]:
     return w, h
 
 
-def resolve_device(name: str) -> str:
-    if name != "auto":
-        return name
-    from ..runtime.hardware import detect
+def read_prompts_file(path: str) -> tuple[list[str], list[int | None]]:
+    """Prompts (and optional per-prompt seeds) from a text or JSON-lines file."""
+    import json
 
-    return detect().torch_device
+    from ..errors import ZoptError
+
+    try:
+        lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ZoptError(f"cannot read prompts file ({getattr(e, 'strerror', None) or e})", path) from None
+    prompts, seeds = [], []
+    for i, ln in enumerate(lines, 1):
+        if ln.startswith("{"):
+            try:
+                obj = json.loads(ln)
+                prompts.append(str(obj["prompt"]))
+                seeds.append(None if obj.get("seed") is None else int(obj["seed"]))
+            except (ValueError, KeyError, TypeError):
+                raise ZoptError(f"line {i} is not a JSON object with a \"prompt\" (and optional \"seed\")",
+                                path) from None
+        else:
+            prompts.append(ln)
+            seeds.append(None)
+    return prompts, seeds
 
 
 def run(args) -> int:
@@ -51,25 +75,33 @@ def run(args) -> int:
     from ..runtime import pipeline as P
 
     prompts = list(args.prompt)
+    file_seeds: list[int | None] = [None] * len(prompts)
     if args.prompts_file:
-        try:
-            prompts += [ln.strip() for ln in Path(args.prompts_file).read_text().splitlines() if ln.strip()]
-        except OSError as e:
-            raise ZoptError(f"cannot read prompts file ({e.strerror})", args.prompts_file) from None
-    prompts = prompts or ["a lighthouse on a cliff at dawn, photograph"]
+        more, seeds = read_prompts_file(args.prompts_file)
+        prompts += more
+        file_seeds += seeds
+    if not prompts:
+        prompts, file_seeds = ["a lighthouse on a cliff at dawn, photograph"], [None]
+    if args.batch_size < 1 or args.steps < 1:
+        raise ZoptError("--batch-size and --steps must be at least 1")
+    jobs = P.make_jobs(prompts, args.seed, args.images_per_prompt,
+                       file_seeds if any(s is not None for s in file_seeds) else None)
     w, h = parse_resolution(args.resolution)
-    device = resolve_device(args.device)
     dtype = None if args.dtype == "auto" else {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    pipe = P.build_pipeline(args.model, device=device, dtype=dtype, base=args.base, backend=args.backend)
-    req = P.GenerateRequest(prompts=prompts, seeds=args.seed or [0], steps=args.steps, height=h, width=w,
-                            guidance_scale=args.guidance, batch_size=args.batch_size)
     single = args.out.lower().endswith(".png")
+    if single and len(jobs) != 1:
+        raise ZoptError(f"-o {args.out} names one image but {len(jobs)} were requested; give a folder")
     out_dir = Path(args.out).parent / (".zopt-gen-" + Path(args.out).stem) if single else Path(args.out)
-    meta = {"model": str(args.model), "device": device}
-    results = P.run(pipe, req, out_dir, extra_meta=meta)
+    pipe, choice = P.prepare(args.model, device=args.device, offload=args.offload, attention=args.attention,
+                             backend=args.backend, dtype=dtype, base=args.base, width=w, height=h,
+                             batch=min(args.batch_size, len(jobs)), disk_dir=out_dir / ".offload")
+    print(f"{choice.format} via {choice.backend} on {choice.device} ({choice.dtype}); offload {choice.offload}: "
+          f"{choice.offload_reason}; attention {choice.attention}")
+    req = P.GenerateRequest(prompts=prompts, seeds=sorted({s for _, s in jobs}), steps=args.steps, height=h,
+                            width=w, guidance_scale=args.guidance, batch_size=args.batch_size, jobs=jobs)
+    results = P.run(pipe, req, out_dir, extra_meta={"model": str(args.model)})
+    shutil.rmtree(out_dir / ".offload", ignore_errors=True)
     if single:
-        if len(results) != 1:
-            raise ZoptError(f"-o {args.out} names one image but {len(results)} were requested; give a folder")
         os.replace(results[0].path, args.out)
         os.replace(results[0].path.with_suffix(".json"), Path(args.out).with_suffix(".json"))
         shutil.rmtree(out_dir, ignore_errors=True)

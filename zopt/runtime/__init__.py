@@ -15,3 +15,19 @@ def select(format: str, hardware=None, prefer: str | None = None):
     from .backends import select as _select
 
     return _select(format, hardware, prefer)
+
+
+def prepare(model="tiny", **kwargs):
+    """A ready pipeline for ``model`` on this machine and the :class:`RuntimeChoice` behind it
+    (see :func:`zopt.runtime.pipeline.prepare`)."""
+    from .pipeline import prepare as _prepare
+
+    return _prepare(model, **kwargs)
+
+
+def plan(hardware=None, width: int = 1024, height: int = 1024, batch: int = 1):
+    """Format / offload / attention recommendation for ``hardware`` (see :func:`zopt.runtime.planner.plan`)."""
+    from .hardware import detect as _detect
+    from .planner import plan as _plan
+
+    return _plan(hardware or _detect(), width, height, batch)

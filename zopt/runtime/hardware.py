@@ -24,6 +24,9 @@ class Hardware:
     cores: int = 1
     packages: dict[str, str] = field(default_factory=dict)  # importable optional packages -> version
     ort_providers: tuple[str, ...] = ()
+    system_memory: int = 0  # bytes of system RAM (where offloaded weights live)
+    system_free: int = 0
+    torch_version: str = ""
 
     @property
     def is_gpu(self) -> bool:
@@ -41,8 +44,38 @@ class Hardware:
         cc = ".".join(map(str, self.compute_capability)) if self.compute_capability else ""
         return f"{self.device}:{self.device_name}:{cc or self.arch or ''}:{self.cores}"
 
+    @property
+    def has_streams(self) -> bool:
+        """Asynchronous copy streams (used by group offload to overlap transfers with compute)."""
+        return self.device in ("cuda", "rocm")
+
+    @property
+    def unified_memory(self) -> bool:
+        """Device and host share one memory pool (Apple silicon; CPU trivially)."""
+        return self.device in ("mps", "cpu")
+
+    def isa(self) -> list[str]:
+        """Readable CPU instruction-set summary: AVX2, AVX-512, VNNI, AMX, NEON..."""
+        f = set(self.cpu_flags)
+        out = [label for label, keys in (("AVX2", {"avx2"}), ("AVX-512", {"avx512f"}),
+                                          ("VNNI", {"avx512_vnni", "avx_vnni"}), ("AVX512-BF16", {"avx512_bf16"}),
+                                          ("AMX", {"amx_tile"}), ("NEON", {"neon", "asimd"}), ("SVE", {"sve"}))
+               if f & keys]
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Hardware:
+        """Inverse of :meth:`to_dict` (JSON turns tuples into lists; this turns them back)."""
+        d = dict(d)
+        if d.get("compute_capability") is not None:
+            d["compute_capability"] = tuple(d["compute_capability"])
+        for k in ("cpu_flags", "ort_providers"):
+            d[k] = tuple(d.get(k) or ())
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 OPTIONAL_PACKAGES = ("bitsandbytes", "optimum.quanto", "torchao", "onnxruntime", "tensorrt", "flash_attn",
@@ -96,9 +129,23 @@ def _ort_providers() -> tuple[str, ...]:
 
 
 def detect() -> Hardware:
-    """Detect the best device torch can use here, with memory, dtype support and optional packages."""
+    """Detect the best device torch can use here, with memory, dtype support and optional packages.
+
+    Returns a :class:`Hardware` record (plain data). Device memory is the first device's; on CPU and
+    MPS the "device" memory is system RAM.
+    """
+    import dataclasses
+
     import psutil
     import torch
+
+    vm = psutil.virtual_memory()
+    hw = _detect_device(torch, psutil)
+    return dataclasses.replace(hw, system_memory=vm.total, system_free=vm.available,
+                               torch_version=torch.__version__.split("+")[0])
+
+
+def _detect_device(torch, psutil) -> Hardware:
 
     flags = _cpu_flags()
     cores = os.cpu_count() or 1

@@ -1,5 +1,10 @@
 """Build a ``ZImagePipeline`` around any transformer variant and generate images.
 
+:func:`prepare` is the one path from "a variant on disk" to "a pipeline running on this machine":
+hardware detection, backend selection, offload and attention choice, each with a reason, recorded
+in a :class:`RuntimeChoice`. :func:`run` generates images and writes a JSON sidecar per image.
+``zopt generate`` and the benchmark harness both go through these two functions.
+
 The text encoder, tokenizer, VAE and scheduler come from a *base* pipeline folder: the embedded
 tiny pipeline when the transformer has tiny dimensions, the source pipeline recorded in an
 artifact's manifest when it is a diffusers pipeline folder, or ``base=`` given by the user.
@@ -19,6 +24,9 @@ from ..errors import ZoptError
 
 @dataclass
 class GenerateRequest:
+    """What to generate. Without ``jobs``: every prompt with every seed; ``jobs`` lists
+    (prompt, seed) pairs explicitly (see :func:`make_jobs` for per-prompt seeds)."""
+
     prompts: list[str]
     seeds: list[int]
     steps: int = 8
@@ -27,6 +35,54 @@ class GenerateRequest:
     guidance_scale: float = 0.0
     batch_size: int = 1
     max_sequence_length: int = 128
+    jobs: list[tuple[str, int]] | None = None
+
+    def pairs(self) -> list[tuple[str, int]]:
+        if self.jobs is not None:
+            return [(p, int(s)) for p, s in self.jobs]
+        return [(p, int(s)) for p in self.prompts for s in self.seeds]
+
+
+def make_jobs(prompts: list[str], seeds: list[int] | None = None, images_per_prompt: int = 1,
+              prompt_seeds: list[int | None] | None = None) -> list[tuple[str, int]]:
+    """(prompt, seed) pairs. Seeds broadcast against prompts: none -> 0 for all; one -> the same for
+    all; one per prompt -> paired in order; a single prompt takes every seed. ``prompt_seeds``
+    (from a prompts file) overrides per prompt. ``images_per_prompt`` N adds seeds s, s+1, ..., s+N-1.
+    """
+    seeds = list(seeds or [0])
+    if len(prompts) == 1 and len(seeds) > 1:
+        base = [(0, s) for s in seeds]
+    elif len(seeds) == 1:
+        base = [(i, seeds[0]) for i in range(len(prompts))]
+    elif len(seeds) == len(prompts):
+        base = list(enumerate(seeds))
+    else:
+        raise ZoptError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one seed, or one per prompt")
+    if prompt_seeds:
+        base = [(i, s if prompt_seeds[i] is None else prompt_seeds[i]) for i, s in base]
+    if images_per_prompt < 1:
+        raise ZoptError("--images-per-prompt must be at least 1")
+    return [(prompts[i], int(s) + k) for i, s in base for k in range(images_per_prompt)]
+
+
+@dataclass
+class RuntimeChoice:
+    """How a variant runs here, and why (goes into every image's sidecar and benchmark record)."""
+
+    device: str
+    dtype: str
+    format: str
+    backend: str
+    backend_reason: str
+    offload: str
+    offload_reason: str
+    attention: str
+    attention_reason: str
+    hardware: str  # Hardware.fingerprint()
+    load_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
@@ -85,21 +141,156 @@ def quiet_libraries() -> None:
     tlog.set_verbosity_error()
 
 
+DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
 def load_transformer(model: str | os.PathLike, device: str, dtype=None, backend: str | None = None):
     from .. import formats
 
     return formats.load(model, device=device, backend=backend, dtype=dtype)
 
 
-def build_pipeline(model: str | os.PathLike = "tiny", *, device: str = "cpu", dtype=None, base: str | None = None,
-                   backend: str | None = None, transformer=None):
-    """A ready ``ZImagePipeline`` whose transformer is ``model`` (any artifact or source)."""
+def runtime_hardware(device: str, hw=None):
+    """The hardware record decisions are made for: ``hw`` (default: detected), or its CPU side
+    when ``device`` asks for CPU on a machine with an accelerator."""
+    import dataclasses
+
+    from .hardware import detect
+
+    hw = hw or detect()
+    if device in ("auto", hw.torch_device, hw.device):
+        return hw
+    if device == "cpu":
+        return dataclasses.replace(hw, device="cpu", device_name="CPU", compute_capability=None, arch=None,
+                                   total_memory=hw.system_memory or hw.total_memory,
+                                   free_memory=hw.system_free or hw.free_memory, fp8_matmul=False)
+    if hw.device == "cpu":
+        raise ZoptError(f"--device {device}: no such device here (torch sees only the CPU); use --device auto or cpu")
+    raise ZoptError(f"--device {device}: this machine's accelerator is {hw.device} ({hw.device_name}); "
+                    f"use --device auto, cpu or {hw.torch_device}")
+
+
+def _format_of(model: str | os.PathLike) -> str:
+    from .. import formats
+
+    fmt = formats.artifact_format(model)
+    # sources loaded as they are (the tiny model, a single safetensors file) run like a plain folder
+    return "bf16" if fmt in ("tiny", "safetensors") else fmt
+
+
+def _module_bytes(module) -> int:
+    if module is None:
+        return 0
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def _transformer_estimate(model, fmt: str, elem: int, config: dict[str, Any] | None) -> int:
+    """Transformer bytes once loaded, before loading it: plain formats from the parameter count at
+    the compute dtype, quantized ones from their file sizes."""
+    from .. import checkpoint
+    from .planner import weight_bytes
+
+    if fmt in ("bf16", "fp16", "fp32") and config:
+        return weight_bytes(config, elem * 8, elem * 8)
+    p = Path(model)
+    files = [p] if p.is_file() else [f for f in p.rglob("*") if f.suffix in (".safetensors", ".gguf", ".onnx",
+                                                                             ".engine", ".plan", ".data")]
+    total = sum(f.stat().st_size for f in files)
+    if total == 0 and config:  # e.g. "tiny"
+        src = checkpoint.open(model)
+        total = sum(src.info(n).nbytes for n in src.names())
+    return total
+
+
+def prepare(model: str | os.PathLike = "tiny", *, device: str = "auto", offload: str = "auto",
+            attention: str | None = "auto", backend: str | None = None, dtype=None, base: str | None = None,
+            hardware=None, width: int = 1024, height: int = 1024, batch: int = 1,
+            disk_dir: str | os.PathLike | None = None):
+    """Load ``model`` (any variant) into a ready ``ZImagePipeline`` on this machine.
+
+    Decides device, backend (``backends.select``), offload mode (``offload.choose`` from free memory
+    and the loaded sizes) and attention kernel (``attention.choose``); ``attention=None`` leaves the
+    model's default. Returns ``(pipe, RuntimeChoice)``; the choice is also ``pipe.zopt_runtime``.
+    """
     import torch
     from diffusers import ZImagePipeline
 
-    dtype = dtype or default_dtype(device)
+    from ..families import zimage
+    from . import attention as A
+    from . import backends as B
+    from . import offload as O
+    from .planner import _key, _param_split, activation_bytes, shape_for
+
+    t0 = time.perf_counter()
+    hw = runtime_hardware(device, hardware)
+    dev = hw.torch_device
+    dtype = dtype or default_dtype(dev)
+    dname = DTYPE_NAMES[str(dtype).replace("torch.", "")]
+    elem = torch.tensor([], dtype=dtype).element_size()
+    fmt = _format_of(model)
+    sel = B.select(fmt, hw, prefer=backend)
+    att = A.choose(attention, hw, dname, batch) if attention else None
+    from .. import checkpoint
+
+    try:
+        config = zimage.infer_config(checkpoint.open(model)) if fmt in ("bf16", "fp16", "fp32") else None
+    except ZoptError:
+        config = None
+    base_dir = resolve_base(model, config or {}, base) if (config or base or os.fspath(model) == "tiny") else None
+    quiet_libraries()
+    parts = None
+    if base_dir is not None:
+        parts = ZImagePipeline.from_pretrained(base_dir, transformer=None).components
+        for name in ("vae", "text_encoder"):
+            parts[name].to(dtype=dtype)
+    t_bytes = _transformer_estimate(model, fmt, elem, config)
+    act_cfg = config or zimage.FULL_CONFIG
+    quant, other, block, nonblock, largest = _param_split(_key(act_cfg))
+    total = quant + other  # block / non-block / largest-matrix shares of the parameters, applied to bytes
+    fp = O.Footprint(
+        transformer=t_bytes,
+        text_encoder=_module_bytes(parts and parts["text_encoder"]),
+        vae=_module_bytes(parts and parts["vae"]),
+        activations=activation_bytes(act_cfg, shape_for(width, height, batch), elem, att.name if att else "native"),
+        largest_block=t_bytes * block // total,
+        non_block=t_bytes * nonblock // total,
+        largest_leaf=t_bytes * largest // total,
+    )
+    off = O.choose(offload, hw, fp)
+    transformer = load_transformer(model, dev if off.mode == "none" else "cpu", dtype=dtype, backend=sel.name)
+    if parts is None:
+        base_dir = resolve_base(model, dict(transformer.config), base)
+        parts = ZImagePipeline.from_pretrained(base_dir, transformer=None).components
+        for name in ("vae", "text_encoder"):
+            parts[name].to(dtype=dtype)
+    parts["transformer"] = transformer
+    pipe = ZImagePipeline(**parts)
+    if att is not None:
+        A.apply(pipe.transformer, att.name)
+    O.apply(pipe, off.mode, dev, disk_dir=disk_dir or (Path(os.fspath(base_dir)).parent / ".zopt-offload"))
+    pipe.set_progress_bar_config(disable=True)
+    torch.set_grad_enabled(False)
+    choice = RuntimeChoice(dev, dname, fmt, sel.name, sel.reason, off.mode, off.reason,
+                           att.name if att else "default", att.reason if att else "model default",
+                           hw.fingerprint(), round(time.perf_counter() - t0, 3))
+    pipe.zopt_runtime = choice
+    return pipe, choice
+
+
+def build_pipeline(model: str | os.PathLike = "tiny", *, device: str = "cpu", dtype=None, base: str | None = None,
+                   backend: str | None = None, transformer=None, offload: str = "none", attention: str | None = None):
+    """A ready ``ZImagePipeline`` whose transformer is ``model`` (any artifact or source).
+
+    With ``transformer`` given, that module is used as is (no selection, no offload).
+    """
+    import torch
+    from diffusers import ZImagePipeline
+
     if transformer is None:
-        transformer = load_transformer(model, device, dtype=dtype, backend=backend)
+        pipe, _ = prepare(model, device=device, offload=offload, attention=attention, backend=backend,
+                          dtype=dtype, base=base)
+        return pipe
+    dtype = dtype or default_dtype(device)
     base_dir = resolve_base(model, dict(transformer.config), base)
     quiet_libraries()
     pipe = ZImagePipeline.from_pretrained(base_dir, transformer=transformer)
@@ -122,19 +313,35 @@ def initial_latents(pipe, seed: int, height: int, width: int, dtype):
     return torch.randn((1, c, h, w), generator=g, dtype=torch.float32).to(dtype)
 
 
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def run(pipe, req: GenerateRequest, out_dir: str | os.PathLike, extra_meta: dict[str, Any] | None = None,
         callback=None) -> list[GeneratedImage]:
-    """Generate one image per (prompt, seed), batched by ``req.batch_size``; write PNG + JSON sidecar."""
+    """Generate one image per (prompt, seed) pair, batched by ``req.batch_size``; write PNG + JSON sidecar.
+
+    The sidecar holds the prompt, seed, steps, size, the :class:`RuntimeChoice` of ``pipe`` (format,
+    backend, offload, attention, device, with reasons) and timings.
+    """
     import torch
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = pipe._execution_device
+    choice = getattr(pipe, "zopt_runtime", None)
+    device = torch.device(choice.device) if choice else pipe._execution_device
     dtype = pipe.transformer.dtype if hasattr(pipe.transformer, "dtype") else torch.float32
-    jobs = [(p, s) for p in req.prompts for s in req.seeds]
+    jobs = req.pairs()
     results: list[GeneratedImage] = []
-    for start in range(0, len(jobs), max(1, req.batch_size)):
-        chunk = jobs[start : start + max(1, req.batch_size)]
+    bs = max(1, req.batch_size)
+    for start in range(0, len(jobs), bs):
+        chunk = jobs[start : start + bs]
         latents = torch.cat([initial_latents(pipe, s, req.height, req.width, dtype) for _, s in chunk]).to(device)
         t0 = time.perf_counter()
         images = pipe(
@@ -147,16 +354,22 @@ def run(pipe, req: GenerateRequest, out_dir: str | os.PathLike, extra_meta: dict
             max_sequence_length=req.max_sequence_length,
             callback_on_step_end=callback,
         ).images
-        dt = (time.perf_counter() - t0) / len(chunk)
-        for (prompt, seed), img in zip(chunk, images):
+        batch_s = time.perf_counter() - t0
+        dt = batch_s / len(chunk)
+        for (prompt, seed), img in zip(chunk, images, strict=True):
             idx = len(results)
             path = out_dir / f"{idx:03d}-seed{seed}.png"
-            tmp = path.with_suffix(".png.tmp")
-            img.save(tmp, format="PNG")
-            os.replace(tmp, path)
+            _write_atomic(path, lambda t, img=img: img.save(t, format="PNG"))
             meta = {"prompt": prompt, "seed": seed, "steps": req.steps, "height": req.height, "width": req.width,
-                    "guidance_scale": req.guidance_scale, "seconds": round(dt, 4), **(extra_meta or {})}
-            path.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+                    "guidance_scale": req.guidance_scale, "batch_size": len(chunk), "seconds": round(dt, 4),
+                    **(choice.to_dict() if choice else {}),
+                    "timings": {"load_seconds": choice.load_seconds if choice else None,
+                                "batch_seconds": round(batch_s, 4), "seconds_per_image": round(dt, 4),
+                                "steps_per_second": round(req.steps * len(chunk) / batch_s, 3) if batch_s else None},
+                    **(extra_meta or {})}
+            meta.pop("load_seconds", None)
+            text = json.dumps(meta, indent=1) + "\n"
+            _write_atomic(path.with_suffix(".json"), lambda t, text=text: t.write_text(text))
             results.append(GeneratedImage(path, prompt, seed, dt, meta))
     return results
 
