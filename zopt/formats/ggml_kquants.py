@@ -364,6 +364,8 @@ class Q6_K(GGMLType, qtype=GGMLQuantizationType.Q6_K):
 class Q3_K(GGMLType, qtype=GGMLQuantizationType.Q3_K):
     """32 bytes high-bit mask, 64 bytes 2-bit low parts, 12 bytes 6-bit sub-scales, fp16 d: 3.4375 bits/weight."""
 
+    chunk_weights = 1 << 20  # the coordinate descent works on one value per sub-block: larger passes pay
+
     @classmethod
     def quantize_blocks(cls, blocks):
         B = blocks.shape[0]

@@ -31,10 +31,6 @@ SUPPORTED: tuple[str, ...] = (
     "F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K",
 )
 
-# Quantize this many weights per pass: the K-quant searches make ~250 passes over their temporaries,
-# which run several times faster while they fit in cache; ops stay large enough to use every core.
-_CHUNK_WEIGHTS = 1 << 18
-
 _TYPES: dict[GGMLQuantizationType, type[GGMLType]] = {}
 
 
@@ -48,6 +44,9 @@ class GGMLType:
     qtype: ClassVar[GGMLQuantizationType]
     block_size: ClassVar[int]
     type_size: ClassVar[int]
+    # Weights quantized per pass: the K-quant searches make ~250 passes over their temporaries, which
+    # run several times faster while those fit in cache; ops stay large enough to use every core.
+    chunk_weights: ClassVar[int] = 1 << 18
 
     def __init_subclass__(cls, qtype: GGMLQuantizationType, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -106,9 +105,17 @@ def unpack_bits_le(packed: torch.Tensor) -> torch.Tensor:
 def abs_max_signed(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """The value with the largest magnitude along ``dim`` (the first on ties, as ggml's loops).
 
-    Keeps ``dim`` for the last dim (per-block column vector), drops it otherwise (per-column row)."""
-    v = x.gather(dim, x.abs().argmax(dim, keepdim=True))
-    return v if dim == -1 else v.squeeze(dim)
+    ``dim=-1``: (n, k) -> (n, 1). ``dim=0``: (n, G) -> (G,), scanned row by row because argmax across
+    rows is slow in torch."""
+    if dim == -1:
+        return x.gather(-1, x.abs().argmax(-1, keepdim=True))
+    best, best_abs = x[0].clone(), x[0].abs()
+    for row in x[1:]:
+        a = row.abs()
+        take = a > best_abs
+        best = torch.where(take, row, best)
+        best_abs = torch.maximum(a, best_abs)
+    return best
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,13 +145,14 @@ class F16(GGMLType, qtype=GGMLQuantizationType.F16):
 class BF16(GGMLType, qtype=GGMLQuantizationType.BF16):
     @classmethod
     def quantize_blocks(cls, blocks):
-        # ggml_compute_fp32_to_bf16: NaN forced quiet (sign and top mantissa bits kept), else round
-        # to nearest even on the upper 16 bits. Done on int64 to avoid signed overflow.
-        n = blocks.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        # ggml_compute_fp32_to_bf16: NaN forced quiet (sign and top mantissa bits kept), else round to
+        # nearest even on the upper 16 bits. int32 cannot overflow here: non-NaN magnitudes stop at
+        # 0x7F800000 and at most 0x8000 is added; the low 16 bits of an arithmetic shift are exact.
+        n = blocks.float().contiguous().view(torch.int32)
         nan = (n & 0x7FFFFFFF) > 0x7F800000
-        n = torch.where(nan, (n & 0xFFFF0000) | (64 << 16), n)
+        n = torch.where(nan, (n & -65536) | (64 << 16), n)
         n = (n + (0x7FFF + ((n >> 16) & 1))) >> 16
-        return (n & 0xFFFF).to(torch.int32).to(torch.int16).view(torch.uint8).reshape(-1, 2)
+        return n.to(torch.int16).view(torch.uint8).reshape(-1, 2)
 
     @classmethod
     def dequantize_blocks(cls, blocks):
@@ -298,7 +306,7 @@ def quantize(x: torch.Tensor, qtype: str | GGMLQuantizationType) -> torch.Tensor
     blocks = x.detach().reshape(-1, t.block_size)
     n = blocks.shape[0]
     out = torch.empty((n, t.type_size), dtype=torch.uint8, device=x.device)
-    step = max(1, _CHUNK_WEIGHTS // t.block_size)
+    step = max(1, t.chunk_weights // t.block_size)
     with torch.no_grad():
         for s in range(0, n, step):
             out[s:s + step] = t.quantize_blocks(blocks[s:s + step].float())
