@@ -104,16 +104,16 @@ def make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
     return scale, -mn, L
 
 
-def make_qx(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+def make_qx(x: torch.Tensor, nmax: int, w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """ggml ``make_qx_quants(rmse_type=1)``: symmetric ``x ~ scale * L``, L in -nmax..nmax-1 per column.
 
-    Tries inverse scales ``-(nmax + 0.1 i)/max`` for i in -9..9 and keeps the x^2-weighted
-    least-squares scale that fits best. Returns (scale (G,), L + nmax (n, G)).
+    Tries inverse scales ``-(nmax + 0.1 i)/max`` for i in -9..9 and keeps the weighted least-squares
+    scale that fits best (weights ``w``, default x^2). Returns (scale (G,), L + nmax (n, G)).
     """
     mx = abs_max_signed(x, dim=0)
     zero = mx.abs() < _EPS
     mx = torch.where(zero, torch.ones_like(mx), mx)
-    w = x * x
+    w = x * x if w is None else w
     wx = w * x
     lv, tmp = torch.empty_like(x), torch.empty_like(x)
 
@@ -173,6 +173,53 @@ def make_q3(x: torch.Tensor, nmax: int, max_passes: int = 5) -> tuple[torch.Tens
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
     L.add_(nmax).masked_fill_(zero, 0)
     return scale.masked_fill(zero, 0), L
+
+
+def make_qp(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml ``make_qp_quants`` per column: non-negative ``x ~ scale * L``, L in 0..nmax (used for the
+    sub-block scales and mins of the importance-weighted K quantizers). Tries 8 inverse scales around
+    nmax/max, then up to 5 coordinate-descent passes on the w-weighted fit. Returns (scale (G,), L)."""
+    mx = x.amax(0).clamp(min=0)
+    zero = mx < _EPS
+    mx = torch.where(zero, torch.ones_like(mx), mx)
+    iscale = nmax / mx
+
+    def mse(isc, clamp_hi):
+        lv = torch.round(isc * x)
+        lv = lv.clamp(0, nmax) if clamp_hi else lv.clamp(min=0)
+        return lv, (x - (1 / isc) * lv).square_().mul_(w).sum(0)
+
+    _, best = mse(iscale, False)
+    for i in range(-4, 5):
+        if i == 0:
+            continue
+        cand = _f32(_f32(_f32(0.1) * i) + nmax) / mx
+        _, err = mse(cand, True)
+        better = err < best
+        best = torch.where(better, err, best)
+        iscale = torch.where(better, cand, iscale)
+    L = rne_(iscale * x, 0, nmax)
+    wx = w * x
+    sumlx = (wx * L).sum(0)
+    suml2 = (w * L * L).sum(0)
+    for _ in range(5):
+        changed = torch.zeros_like(zero)
+        for i in range(x.shape[0]):
+            xi, wi, wxi, li = x[i], w[i], wx[i], L[i]
+            slx = sumlx - wxi * li
+            sl2 = suml2 - wi * li * li
+            new_l = rne_(xi * sl2 / slx, 0, nmax)
+            slx_new = slx + wxi * new_l
+            sl2_new = sl2 + wi * new_l * new_l
+            ok = (slx > 0) & (sl2 > 0) & (new_l != li) & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new)
+            L[i] = torch.where(ok, new_l, li)
+            sumlx = torch.where(ok, slx_new, sumlx)
+            suml2 = torch.where(ok, sl2_new, suml2)
+            changed |= ok
+        if not bool(changed.any()):
+            break
+    scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
+    return scale.masked_fill(zero, 0), L.masked_fill_(zero, 0)
 
 
 def _columns(blocks: torch.Tensor, sub: int) -> torch.Tensor:
@@ -242,24 +289,45 @@ def _requantize(x, d_sub, L_search, lo, hi, offset=None):
 # Types with a scale and a min per sub-block: Q4_K, Q5_K, Q2_K
 
 
-def _scale_min_superblock(blocks, sub, nmax, rmin, rdelta, nstep, use_mad, weights, scale_bits):
-    """Shared Q4_K/Q5_K/Q2_K path. Returns d bytes, dmin bytes, scale codes, min codes, L (B, 256)."""
+def _scale_min_superblock(blocks, sub, nmax, scale_bits, params, weights, qw=None, sigma_factor=2):
+    """Shared Q4_K/Q5_K/Q2_K path. Returns d bytes, dmin bytes, scale codes, min codes, L (B, 256).
+
+    Without importance ``qw`` this is ggml's reference quantizer: ``make_qkx2_quants`` with ``params``
+    (rmin, rdelta, nstep, use_mad) and ``weights(x)``; sub-scales/mins rounded against their maxima.
+    With ``qw`` (B, 256) it is ggml's importance-matrix quantizer: weights ``qw*sqrt(sigma2 + x^2)``,
+    ``make_qkx3_quants`` (-0.9, 0.05, 36 steps, squared error) and ``make_qp_quants`` for the 6-/4-bit
+    sub-scales and mins."""
     B = blocks.shape[0]
     xc = _columns(blocks, sub)
-    scales, mins, L = make_qkx2(xc, weights(xc), nmax, rmin, rdelta, nstep, use_mad)
-    scales, mins = scales.reshape(B, -1), mins.reshape(B, -1)
     qmax = (1 << scale_bits) - 1
-    max_scale = scales.amax(-1, keepdim=True).clamp(min=0)
-    max_min = mins.amax(-1, keepdim=True).clamp(min=0)
-    inv_s = torch.where(max_scale > 0, qmax / max_scale, torch.zeros_like(max_scale))
-    inv_m = torch.where(max_min > 0, qmax / max_min, torch.zeros_like(max_min))
-    ls = rne_(inv_s * scales, 0, qmax)
-    lm = rne_(inv_m * mins, 0, qmax)
-    d_b, dmin_b = f16_bytes(max_scale / qmax), f16_bytes(max_min / qmax)
+    if qw is None:
+        scales, mins, L = make_qkx2(xc, weights(xc), nmax, *params)
+        scales, mins = scales.reshape(B, -1), mins.reshape(B, -1)
+        max_scale = scales.amax(-1, keepdim=True).clamp(min=0)
+        max_min = mins.amax(-1, keepdim=True).clamp(min=0)
+        inv_s = torch.where(max_scale > 0, qmax / max_scale, torch.zeros_like(max_scale))
+        inv_m = torch.where(max_min > 0, qmax / max_min, torch.zeros_like(max_min))
+        ls = rne_(inv_s * scales, 0, qmax)
+        lm = rne_(inv_m * mins, 0, qmax)
+        d_b, dmin_b = f16_bytes(max_scale / qmax), f16_bytes(max_min / qmax)
+    else:
+        wc = _columns(_sigma_weights(blocks, qw, sigma_factor), sub)
+        scales, mins, L = make_qkx2(xc, wc, nmax, -0.9, 0.05, 36, False)
+        sw = wc.sum(0).reshape(B, -1).t()
+        d_block, ls = make_qp(scales.reshape(B, -1).t().contiguous(), sw, qmax)
+        m_block, lm = make_qp(mins.reshape(B, -1).t().contiguous(), sw, qmax)
+        ls, lm = ls.t(), lm.t()
+        d_b, dmin_b = f16_bytes(d_block), f16_bytes(m_block)
     d_sub = (f16_value(d_b) * ls).reshape(-1)
     m_sub = (f16_value(dmin_b) * lm).reshape(-1)
     L = _rows(_requantize(xc, d_sub, L, 0, nmax, offset=m_sub))
     return d_b, dmin_b, ls.to(torch.uint8), lm.to(torch.uint8), L
+
+
+def _sigma_weights(blocks, qw, factor):
+    # ggml's importance weighting: qw * sqrt(sigma2 + x^2), sigma2 = factor * mean(x^2) of the super-block
+    sigma2 = factor * (blocks * blocks).sum(-1, keepdim=True) / blocks.shape[1]
+    return qw * torch.sqrt(sigma2 + blocks * blocks)
 
 
 def _weights_rms_plus_abs(xc):
@@ -271,8 +339,8 @@ class Q4_K(GGMLType, qtype=GGMLQuantizationType.Q4_K):
     """d, dmin (fp16), 12 bytes of 6-bit sub-scales/mins, 128 bytes of 4-bit weights: 4.5 bits/weight."""
 
     @classmethod
-    def quantize_blocks(cls, blocks):
-        d, dmin, ls, lm, L = _scale_min_superblock(blocks, 32, 15, -1.0, 0.1, 20, False, _weights_rms_plus_abs, 6)
+    def quantize_blocks(cls, blocks, qw=None, row_ms=None):
+        d, dmin, ls, lm, L = _scale_min_superblock(blocks, 32, 15, 6, (-1.0, 0.1, 20, False), _weights_rms_plus_abs, qw)
         q = L.reshape(-1, 4, 2, 32)
         return torch.cat([d, dmin, _pack_scales_k4(ls, lm), pack_nibbles(q[:, :, 0], q[:, :, 1]).reshape(-1, 128)], 1)
 
@@ -290,8 +358,8 @@ class Q5_K(GGMLType, qtype=GGMLQuantizationType.Q5_K):
     """As Q4_K with a fifth bit per weight in 32 bytes of bit planes (bit s = sub-block s): 5.5 bits/weight."""
 
     @classmethod
-    def quantize_blocks(cls, blocks):
-        d, dmin, ls, lm, L = _scale_min_superblock(blocks, 32, 31, -0.5, 0.1, 15, False, _weights_rms_plus_abs, 6)
+    def quantize_blocks(cls, blocks, qw=None, row_ms=None):
+        d, dmin, ls, lm, L = _scale_min_superblock(blocks, 32, 31, 6, (-0.5, 0.1, 15, False), _weights_rms_plus_abs, qw)
         qh = _bits_over_32(L >> 4, 8)
         q = (L & 0x0F).reshape(-1, 4, 2, 32)
         ql = pack_nibbles(q[:, :, 0], q[:, :, 1]).reshape(-1, 128)
@@ -311,8 +379,8 @@ class Q2_K(GGMLType, qtype=GGMLQuantizationType.Q2_K):
     """16 bytes of 4-bit scale|min codes, 64 bytes of 2-bit weights, d, dmin (fp16): 2.625 bits/weight."""
 
     @classmethod
-    def quantize_blocks(cls, blocks):
-        d, dmin, ls, lm, L = _scale_min_superblock(blocks, 16, 3, -0.5, 0.1, 15, True, torch.abs, 4)
+    def quantize_blocks(cls, blocks, qw=None, row_ms=None):
+        d, dmin, ls, lm, L = _scale_min_superblock(blocks, 16, 3, 4, (-0.5, 0.1, 15, True), torch.abs, qw, 1)
         return torch.cat([ls | (lm << 4), _pack_2bit(L), d, dmin], 1)
 
     @classmethod
@@ -332,10 +400,11 @@ class Q6_K(GGMLType, qtype=GGMLQuantizationType.Q6_K):
     """128 bytes low nibbles, 64 bytes high 2-bit pairs, 16 int8 sub-scales, fp16 d: 6.5625 bits/weight."""
 
     @classmethod
-    def quantize_blocks(cls, blocks):
+    def quantize_blocks(cls, blocks, qw=None, row_ms=None):
+        # With importance, ggml fits each sub-block with qw itself as the weights (instead of x^2).
         B = blocks.shape[0]
         xc = _columns(blocks, 16)
-        scales, L = make_qx(xc, 32)
+        scales, L = make_qx(xc, 32, None if qw is None else _columns(qw, 16))
         scales = scales.reshape(B, 16)
         max_scale = abs_max_signed(scales)
         zero = max_scale.abs() < _EPS
@@ -367,16 +436,25 @@ class Q3_K(GGMLType, qtype=GGMLQuantizationType.Q3_K):
     chunk_weights = 1 << 20  # the coordinate descent works on one value per sub-block: larger passes pay
 
     @classmethod
-    def quantize_blocks(cls, blocks):
+    def quantize_blocks(cls, blocks, qw=None, row_ms=None):
         B = blocks.shape[0]
         xc = _columns(blocks, 16)
-        scales, L = make_q3(xc, 4)
-        scales = scales.reshape(B, 16)
-        max_scale = abs_max_signed(scales)
-        nonzero = max_scale != 0
-        iscale = -32 / torch.where(nonzero, max_scale, torch.ones_like(max_scale))
-        codes = (rne_(iscale * scales, -32, 31) + 32).masked_fill_(~nonzero, 0)
-        d_b = f16_bytes(torch.where(nonzero, 1 / iscale, torch.zeros_like(iscale)))
+        if qw is None:
+            scales, L = make_q3(xc, 4)
+            scales = scales.reshape(B, 16)
+            max_scale = abs_max_signed(scales)
+            nonzero = max_scale != 0
+            iscale = -32 / torch.where(nonzero, max_scale, torch.ones_like(max_scale))
+            codes = (rne_(iscale * scales, -32, 31) + 32).masked_fill_(~nonzero, 0)
+            d_b = f16_bytes(torch.where(nonzero, 1 / iscale, torch.zeros_like(iscale)))
+        else:
+            # ggml's importance path: weighted make_qx_quants for the weights and for the 16 sub-scales
+            wc = _columns(_sigma_weights(blocks, qw, 2), 16)
+            scales, L = make_qx(xc, 4, wc)
+            sw = wc.sum(0).reshape(B, 16).t()
+            d_block, codes = make_qx(scales.reshape(B, 16).t().contiguous(), 32, sw)
+            codes = codes.t()
+            d_b = f16_bytes(d_block)
         d_sub = (f16_value(d_b) * (codes - 32)).reshape(-1)
         L = _rows(_requantize(xc, d_sub, L.sub_(4), -4, 3).add_(4))
         high = L >> 2  # L in 0..7: bit 2 goes to the mask, the low two bits to qs

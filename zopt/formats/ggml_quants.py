@@ -38,7 +38,10 @@ class GGMLType:
     """One GGML tensor type: ``block_size`` weights are stored in ``type_size`` bytes.
 
     Subclasses implement ``quantize_blocks`` (float32 ``(n, block_size)`` -> uint8 ``(n, type_size)``)
-    and ``dequantize_blocks`` (the inverse, returning float32).
+    and ``dequantize_blocks`` (the inverse, returning float32). ``quantize_blocks`` also takes the
+    optional importance of each weight ``qw`` (n, block_size) and the mean square of each block's row
+    ``row_ms`` (n, 1): types ggml quantizes differently under an importance matrix use them, the
+    others (floats, Q8_0) ignore them as ggml does.
     """
 
     qtype: ClassVar[GGMLQuantizationType]
@@ -55,7 +58,8 @@ class GGMLType:
         _TYPES[qtype] = cls
 
     @classmethod
-    def quantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    def quantize_blocks(cls, blocks: torch.Tensor, qw: torch.Tensor | None = None,
+                        row_ms: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover - abstract
         raise TypeError(f"{cls.__name__} does not define quantize_blocks")
 
     @classmethod
@@ -124,7 +128,7 @@ def abs_max_signed(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 class F32(GGMLType, qtype=GGMLQuantizationType.F32):
     @classmethod
-    def quantize_blocks(cls, blocks):
+    def quantize_blocks(cls, blocks, qw=None, row_ms=None):
         return blocks.float().contiguous().view(torch.uint8).reshape(-1, 4)
 
     @classmethod
@@ -134,7 +138,7 @@ class F32(GGMLType, qtype=GGMLQuantizationType.F32):
 
 class F16(GGMLType, qtype=GGMLQuantizationType.F16):
     @classmethod
-    def quantize_blocks(cls, blocks):
+    def quantize_blocks(cls, blocks, qw=None, row_ms=None):
         return f16_bytes(blocks)
 
     @classmethod
@@ -144,7 +148,7 @@ class F16(GGMLType, qtype=GGMLQuantizationType.F16):
 
 class BF16(GGMLType, qtype=GGMLQuantizationType.BF16):
     @classmethod
-    def quantize_blocks(cls, blocks):
+    def quantize_blocks(cls, blocks, qw=None, row_ms=None):
         # ggml_compute_fp32_to_bf16: NaN forced quiet (sign and top mantissa bits kept), else round to
         # nearest even on the upper 16 bits. int32 cannot overflow here: non-NaN magnitudes stop at
         # 0x7F800000 and at most 0x8000 is added; the low 16 bits of an arithmetic shift are exact.
@@ -161,13 +165,33 @@ class BF16(GGMLType, qtype=GGMLQuantizationType.BF16):
 
 # ---------------------------------------------------------------------------------------------
 # Legacy round-to-nearest types (32 weights per block)
+#
+# Under an importance matrix ggml replaces rounding by weighted searches (weights
+# qw * sqrt(mean square of the row + x^2)): make_qx_quants for Q4_0/Q5_0, make_qkx3_quants for Q4_1/Q5_1.
+
+
+def _weighted_symmetric(blocks, qw, row_ms, nmax):
+    from .ggml_kquants import make_qx
+
+    w = qw * torch.sqrt(row_ms + blocks * blocks)
+    d, L = make_qx(blocks.t().contiguous(), nmax, w.t().contiguous())
+    return d.reshape(-1, 1), L.t().to(torch.uint8)
+
+
+def _weighted_min_max(blocks, qw, row_ms, nmax):
+    from .ggml_kquants import make_qkx2
+
+    w = qw * torch.sqrt(row_ms + blocks * blocks)
+    d, the_min, L = make_qkx2(blocks.t().contiguous(), w.t().contiguous(), nmax, -0.9, 0.05, 36, False)
+    return d.reshape(-1, 1), -the_min.reshape(-1, 1), L.t().to(torch.uint8)
+
 
 
 class Q8_0(GGMLType, qtype=GGMLQuantizationType.Q8_0):
     """fp16 scale d = amax/127, then 32 int8 values round(x/d) (half away from zero, like roundf)."""
 
     @classmethod
-    def quantize_blocks(cls, blocks):
+    def quantize_blocks(cls, blocks, qw=None, row_ms=None):
         d = blocks.abs().amax(-1, keepdim=True) / 127
         v = blocks * safe_inverse(d)
         a = v.abs()
@@ -185,9 +209,12 @@ class Q4_0(GGMLType, qtype=GGMLQuantizationType.Q4_0):
     """fp16 d = (value of largest magnitude)/-8; q = trunc(x/d + 8.5) in 0..15; first half in low nibbles."""
 
     @classmethod
-    def quantize_blocks(cls, blocks):
-        d = abs_max_signed(blocks) / -8
-        q = torch.trunc(blocks * safe_inverse(d) + 8.5).clamp_(0, 15).to(torch.uint8)
+    def quantize_blocks(cls, blocks, qw=None, row_ms=None):
+        if qw is None:
+            d = abs_max_signed(blocks) / -8
+            q = torch.trunc(blocks * safe_inverse(d) + 8.5).clamp_(0, 15).to(torch.uint8)
+        else:
+            d, q = _weighted_symmetric(blocks, qw, row_ms, 8)
         return torch.cat([f16_bytes(d), pack_nibbles(q[:, :16], q[:, 16:])], dim=1)
 
     @classmethod
@@ -201,10 +228,13 @@ class Q4_1(GGMLType, qtype=GGMLQuantizationType.Q4_1):
     """fp16 d = (max-min)/15 and m = min; q = trunc((x-min)/d + 0.5) in 0..15."""
 
     @classmethod
-    def quantize_blocks(cls, blocks):
-        mn = blocks.amin(-1, keepdim=True)
-        d = (blocks.amax(-1, keepdim=True) - mn) / 15
-        q = torch.trunc((blocks - mn) * safe_inverse(d) + 0.5).clamp_(0, 15).to(torch.uint8)
+    def quantize_blocks(cls, blocks, qw=None, row_ms=None):
+        if qw is None:
+            mn = blocks.amin(-1, keepdim=True)
+            d = (blocks.amax(-1, keepdim=True) - mn) / 15
+            q = torch.trunc((blocks - mn) * safe_inverse(d) + 0.5).clamp_(0, 15).to(torch.uint8)
+        else:
+            d, mn, q = _weighted_min_max(blocks, qw, row_ms, 15)
         return torch.cat([f16_bytes(d), f16_bytes(mn), pack_nibbles(q[:, :16], q[:, 16:])], dim=1)
 
     @classmethod
@@ -218,9 +248,12 @@ class Q5_0(GGMLType, qtype=GGMLQuantizationType.Q5_0):
     """Like Q4_0 with 5 bits: d = max/-16, q in 0..31; the 32 fifth bits form a little-endian uint32."""
 
     @classmethod
-    def quantize_blocks(cls, blocks):
-        d = abs_max_signed(blocks) / -16
-        q = torch.trunc(blocks * safe_inverse(d) + 16.5).clamp_(0, 31).to(torch.uint8)
+    def quantize_blocks(cls, blocks, qw=None, row_ms=None):
+        if qw is None:
+            d = abs_max_signed(blocks) / -16
+            q = torch.trunc(blocks * safe_inverse(d) + 16.5).clamp_(0, 31).to(torch.uint8)
+        else:
+            d, q = _weighted_symmetric(blocks, qw, row_ms, 16)
         qh = pack_bits_le(q >> 4)
         return torch.cat([f16_bytes(d), qh, pack_nibbles(q[:, :16], q[:, 16:])], dim=1)
 
@@ -235,10 +268,13 @@ class Q5_1(GGMLType, qtype=GGMLQuantizationType.Q5_1):
     """Like Q4_1 with 5 bits: d = (max-min)/31, m = min, fifth bits in a little-endian uint32."""
 
     @classmethod
-    def quantize_blocks(cls, blocks):
-        mn = blocks.amin(-1, keepdim=True)
-        d = (blocks.amax(-1, keepdim=True) - mn) / 31
-        q = torch.trunc((blocks - mn) * safe_inverse(d) + 0.5).clamp_(0, 31).to(torch.uint8)
+    def quantize_blocks(cls, blocks, qw=None, row_ms=None):
+        if qw is None:
+            mn = blocks.amin(-1, keepdim=True)
+            d = (blocks.amax(-1, keepdim=True) - mn) / 31
+            q = torch.trunc((blocks - mn) * safe_inverse(d) + 0.5).clamp_(0, 31).to(torch.uint8)
+        else:
+            d, mn, q = _weighted_min_max(blocks, qw, row_ms, 31)
         qh = pack_bits_le(q >> 4)
         return torch.cat([f16_bytes(d), f16_bytes(mn), qh, pack_nibbles(q[:, :16], q[:, 16:])], dim=1)
 
@@ -291,25 +327,41 @@ def row_bytes(qtype, n_cols: int) -> int:
     return n_cols // t.block_size * t.type_size
 
 
-def quantize(x: torch.Tensor, qtype: str | GGMLQuantizationType) -> torch.Tensor:
+def quantize(x: torch.Tensor, qtype: str | GGMLQuantizationType,
+             importance: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize a float tensor whose last dim is a multiple of the block size.
 
     Returns a uint8 tensor of shape ``(*x.shape[:-1], row_bytes)`` on x's device, laid out exactly
-    as a GGUF tensor payload.
+    as a GGUF tensor payload. Without ``importance`` this follows ggml's reference quantizers (what
+    llama.cpp writes without an imatrix). ``importance`` (one non-negative weight per column,
+    ``(x.shape[-1],)``, like llama.cpp's imatrix) switches to ggml's importance-weighted searches;
+    all ones reproduces what stable-diffusion.cpp's converter writes.
     """
     t = ggml_type(qtype)
     if x.ndim == 0:
         raise ShapeMismatch("cannot quantize a 0-d tensor")
     if not (x.is_floating_point()):
         raise ShapeMismatch(f"quantize expects a float tensor, got {x.dtype}")
-    nbytes = row_bytes(t.qtype, x.shape[-1])
+    n_cols = x.shape[-1]
+    nbytes = row_bytes(t.qtype, n_cols)
     blocks = x.detach().reshape(-1, t.block_size)
     n = blocks.shape[0]
+    per_row = n_cols // t.block_size
+    if importance is not None:
+        if importance.numel() != n_cols:
+            raise ShapeMismatch(f"importance has {importance.numel()} values for rows of {n_cols}")
+        imp = importance.detach().to(device=x.device, dtype=torch.float32).reshape(per_row, t.block_size)
+        row_ms = x.detach().reshape(-1, n_cols).float().square().mean(-1)
     out = torch.empty((n, t.type_size), dtype=torch.uint8, device=x.device)
     step = max(1, t.chunk_weights // t.block_size)
     with torch.no_grad():
         for s in range(0, n, step):
-            out[s:s + step] = t.quantize_blocks(blocks[s:s + step].float())
+            chunk = blocks[s:s + step].float()
+            if importance is None:
+                out[s:s + step] = t.quantize_blocks(chunk)
+            else:
+                idx = torch.arange(s, s + chunk.shape[0], device=x.device)
+                out[s:s + step] = t.quantize_blocks(chunk, imp[idx % per_row], row_ms[idx // per_row].unsqueeze(1))
     return out.reshape(*x.shape[:-1], nbytes)
 
 
