@@ -5,8 +5,8 @@ Usage: python benchmarks/ggml_quants_speed.py [--rows 4096 --cols 4096] [--types
 Prints, per type, millions of weights per second for quantize and dequantize (float32 and bfloat16
 output), next to gguf-py's ``gguf.quants.quantize``/``dequantize`` where gguf-py implements them, with
 the ratio zopt/gguf-py, and ggml's own C quantizer (``ggml_quantize_chunk``, one call, from
-stable-diffusion-cpp-python's library) when that package is installed. Wall-clock times; the best of
-``--repeat`` runs.
+stable-diffusion-cpp-python's library) when that package is installed. Wall-clock (or, with
+``--clock cpu``, process CPU) times; the best of ``--repeat`` runs.
 """
 
 from __future__ import annotations
@@ -25,13 +25,15 @@ from gguf.constants import GGMLQuantizationType
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's zopt, not an installed one
 from zopt.formats import ggml_quants as gq  # noqa: E402
 
+CLOCK = time.perf_counter
+
 
 def best_time(fn, repeat: int) -> float:
     best = float("inf")
     for _ in range(repeat):
-        t = time.perf_counter()
+        t = CLOCK()
         fn()
-        best = min(best, time.perf_counter() - t)
+        best = min(best, CLOCK() - t)
     return best
 
 
@@ -58,8 +60,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--no-gguf-py", action="store_true", help="skip the (slow) gguf-py numpy columns")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: this process's CPU time, steadier than wall time on a shared machine "
+                        "(comparable across columns with --threads 1, as numpy and ggml C use one thread)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
 
     x = torch.randn(args.rows, args.cols, generator=torch.Generator().manual_seed(0))
     xn = x.numpy()
@@ -67,7 +74,7 @@ def main() -> None:
     lib = ggml_c_library()
     mw = lambda s: n / s / 1e6  # noqa: E731
     print(f"{args.rows}x{args.cols} float32 weights, torch {torch.__version__}, {args.threads} threads; "
-          f"M weights/s (best of {args.repeat})")
+          f"M weights/s by {args.clock} time (best of {args.repeat})")
     head = (f"{'type':6} {'quant':>8} {'gguf-py':>8} {'ratio':>6} {'ggml C':>8} | "
             f"{'deq f32':>8} {'deq bf16':>8} {'gguf-py':>8} {'ratio':>6}")
     print(head)
