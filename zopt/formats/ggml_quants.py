@@ -26,6 +26,7 @@ import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import ShapeMismatch, UnsupportedFormat
+from .ggml_search import abs_max_signed, make_qkx2, make_qx
 
 SUPPORTED: tuple[str, ...] = (
     "F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K",
@@ -106,22 +107,6 @@ def unpack_bits_le(packed: torch.Tensor) -> torch.Tensor:
     return ((packed.unsqueeze(-1) >> shifts) & 1).reshape(packed.shape[0], -1)
 
 
-def abs_max_signed(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """The value with the largest magnitude along ``dim`` (the first on ties, as ggml's loops).
-
-    ``dim=-1``: (n, k) -> (n, 1). ``dim=0``: (n, G) -> (G,), scanned row by row because argmax across
-    rows is slow in torch."""
-    if dim == -1:
-        return x.gather(-1, x.abs().argmax(-1, keepdim=True))
-    best, best_abs = x[0].clone(), x[0].abs()
-    for row in x[1:]:
-        a = row.abs()
-        take = a > best_abs
-        best = torch.where(take, row, best)
-        best_abs = torch.maximum(a, best_abs)
-    return best
-
-
 # ---------------------------------------------------------------------------------------------
 # Float types
 
@@ -171,16 +156,12 @@ class BF16(GGMLType, qtype=GGMLQuantizationType.BF16):
 
 
 def _weighted_symmetric(blocks, qw, row_ms, nmax):
-    from .ggml_kquants import make_qx
-
     w = qw * torch.sqrt(row_ms + blocks * blocks)
     d, L = make_qx(blocks.t().contiguous(), nmax, w.t().contiguous())
     return d.reshape(-1, 1), L.t().to(torch.uint8)
 
 
 def _weighted_min_max(blocks, qw, row_ms, nmax):
-    from .ggml_kquants import make_qkx2
-
     w = qw * torch.sqrt(row_ms + blocks * blocks)
     d, the_min, L = make_qkx2(blocks.t().contiguous(), w.t().contiguous(), nmax, -0.9, 0.05, 36, False)
     return d.reshape(-1, 1), -the_min.reshape(-1, 1), L.t().to(torch.uint8)
