@@ -89,6 +89,22 @@ def test_gguf_py_decodes_to_our_values(name):
     np.testing.assert_array_equal(ours, theirs)
 
 
+@pytest.mark.parametrize("name", ("Q8_0", "Q5_1", "Q4_0", "Q6_K", "Q4_K", "Q3_K", "Q2_K"))
+def test_chunked_passes_give_the_same_bytes_and_values(name, monkeypatch):
+    """Quantize/dequantize work in chunks of blocks; chunk edges that cut rows change nothing."""
+    x = torch.from_numpy(edge_case_matrix(rows=12, cols=1024, seed=3))
+    imp = torch.rand(1024, generator=torch.Generator().manual_seed(0)) + 0.5
+    whole, whole_imp = gq.quantize(x, name), gq.quantize(x, name, importance=imp)
+    decoded = gq.dequantize(whole, name, x.shape)
+    cls = gq.ggml_type(name)
+    monkeypatch.setattr(cls, "chunk_weights", 3 * cls.block_size * (1 if cls.block_size == 256 else 5))
+    monkeypatch.setattr(gq, "_DEQUANT_CHUNK", 7 * cls.block_size)
+    assert torch.equal(gq.quantize(x, name), whole)
+    assert torch.equal(gq.quantize(x, name, importance=imp), whole_imp)
+    assert torch.equal(gq.dequantize(whole, name, x.shape, dtype=torch.bfloat16), decoded.to(torch.bfloat16))
+    assert torch.equal(gq.dequantize(whole, name, x.shape), decoded)
+
+
 def test_bf16_nan_inf_and_rounding_ties_match_gguf_py():
     bits = np.array([
         0x7FC00000, 0x7F800001, 0xFF812345, 0x7F800000, 0xFF800000,  # NaNs (quiet/signalling), +-inf

@@ -23,7 +23,7 @@ import torch
 from gguf.constants import GGMLQuantizationType
 
 from .ggml_quants import GGMLType, f16_bytes, f16_value, pack_nibbles
-from .ggml_search import EPS, abs_max_signed, make_q3, make_qkx2, make_qp, make_qx, rne_
+from .ggml_search import EPS, abs_max_signed, colsum, make_q3, make_qkx2, make_qp, make_qx, rne_
 
 
 def _columns(blocks: torch.Tensor, sub: int) -> torch.Tensor:
@@ -117,7 +117,7 @@ def _scale_min_superblock(blocks, sub, nmax, scale_bits, params, weights, qw=Non
     else:
         wc = _columns(_sigma_weights(blocks, qw, sigma_factor), sub)
         scales, mins, L = make_qkx2(xc, wc, nmax, -0.9, 0.05, 36, False)
-        sw = wc.sum(0).reshape(B, -1).t()
+        sw = colsum(wc).reshape(B, -1).t()
         d_block, ls = make_qp(scales.reshape(B, -1).t().contiguous(), sw, qmax)
         m_block, lm = make_qp(mins.reshape(B, -1).t().contiguous(), sw, qmax)
         ls, lm = ls.t(), lm.t()
@@ -136,7 +136,7 @@ def _sigma_weights(blocks, qw, factor):
 
 def _weights_rms_plus_abs(xc):
     # Q4_K/Q5_K reference: w = rms(sub-block) + |x|
-    return torch.sqrt((xc * xc).sum(0) / xc.shape[0]) + xc.abs()
+    return torch.sqrt(colsum(xc * xc) / xc.shape[0]) + xc.abs()
 
 
 class Q4_K(GGMLType, qtype=GGMLQuantizationType.Q4_K):
@@ -155,7 +155,7 @@ class Q4_K(GGMLType, qtype=GGMLQuantizationType.Q4_K):
         q = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(-1, 8, 32)
         d = (f16_value(blocks[:, 0:2]) * sc.float()).unsqueeze(-1)
         m = (f16_value(blocks[:, 2:4]) * mn.float()).unsqueeze(-1)
-        return (d * q.float() - m).reshape(-1, 256)
+        return (d * q.float()).sub_(m).reshape(-1, 256)
 
 
 class Q5_K(GGMLType, qtype=GGMLQuantizationType.Q5_K):
@@ -176,7 +176,7 @@ class Q5_K(GGMLType, qtype=GGMLQuantizationType.Q5_K):
         q = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(-1, 256) | (_unbits_over_32(blocks[:, 16:48], 8) << 4)
         d = (f16_value(blocks[:, 0:2]) * sc.float()).unsqueeze(-1)
         m = (f16_value(blocks[:, 2:4]) * mn.float()).unsqueeze(-1)
-        return (d * q.reshape(-1, 8, 32).float() - m).reshape(-1, 256)
+        return (d * q.reshape(-1, 8, 32).float()).sub_(m).reshape(-1, 256)
 
 
 class Q2_K(GGMLType, qtype=GGMLQuantizationType.Q2_K):
@@ -193,7 +193,7 @@ class Q2_K(GGMLType, qtype=GGMLQuantizationType.Q2_K):
         d = (f16_value(blocks[:, 80:82]) * (sc & 0x0F).float()).unsqueeze(-1)
         m = (f16_value(blocks[:, 82:84]) * (sc >> 4).float()).unsqueeze(-1)
         q = _unpack_2bit(blocks[:, 16:80]).reshape(-1, 16, 16).float()
-        return (d * q - m).reshape(-1, 256)
+        return (d * q).sub_(m).reshape(-1, 256)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +255,7 @@ class Q3_K(GGMLType, qtype=GGMLQuantizationType.Q3_K):
             # ggml's importance path: weighted make_qx_quants for the weights and for the 16 sub-scales
             wc = _columns(_sigma_weights(blocks, qw, 2), 16)
             scales, L = make_qx(xc, 4, wc)
-            sw = wc.sum(0).reshape(B, 16).t()
+            sw = colsum(wc).reshape(B, 16).t()
             d_block, codes = make_qx(scales.reshape(B, 16).t().contiguous(), 32, sw)
             codes = codes.t()
             d_b = f16_bytes(d_block)

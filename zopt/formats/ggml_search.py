@@ -20,6 +20,16 @@ def _f32(v: float) -> float:
     return float(np.float32(v))
 
 
+def colsum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over rows in order, one row at a time, like the C loops. torch's own reductions pick their
+    summation order by tensor width, which would make a group's result depend on how many groups are
+    quantized together."""
+    acc = t[0].clone()
+    for row in t[1:]:
+        acc += row
+    return acc
+
+
 def rne_(t: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     """In place: round half to even (what ggml's nearest_int does) and clamp to [lo, hi] (integers)."""
     return t.round_().clamp_(lo, hi)
@@ -36,7 +46,7 @@ def make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
     mn = x.amin(0).clamp_(max=0)
     mx = x.amax(0)
     wx = w * x
-    sum_w, sum_x = w.sum(0), wx.sum(0)
+    sum_w, sum_x = colsum(w), colsum(wx)
     flat = mx == mn
     rng = torch.where(flat, torch.ones_like(mx), mx - mn)  # flat groups are zeroed at the end
 
@@ -44,10 +54,11 @@ def make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
     scale = 1 / iscale
     L = rne_(iscale * (x - mn), 0, nmax)
     diff = (scale * L).add_(mn).sub_(x)
-    best_err = (diff.abs_() if use_mad else diff.square_()).mul_(w).sum(0)
+    best_err = colsum((diff.abs_() if use_mad else diff.square_()).mul_(w))
     if not use_mad:
-        # Squared error from the sums alone, in float64 so the expansion's cancellation stays harmless.
-        sum_wx2 = (wx * x).sum(0).double()
+        # Squared error of a candidate from its sums alone, in float64 so the expansion's cancellation
+        # stays harmless (C sums the squared differences; near-ties can resolve differently).
+        sum_wx2 = colsum(wx * x).double()
         sw64, sx64 = sum_w.double(), sum_x.double()
     won_mn, won_iscale = mn.clone(), iscale.clone()  # what the winning candidate rounded with
     laux, tmp = torch.empty_like(x), torch.empty_like(x)
@@ -56,9 +67,9 @@ def make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
         cand = _f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax) / rng
         rne_(torch.sub(x, mn, out=laux).mul_(cand), 0, nmax)
         wl = torch.mul(w, laux, out=tmp)
-        sum_l = wl.sum(0)
-        sum_xl = (wl * x).sum(0)
-        sum_l2 = wl.mul_(laux).sum(0)
+        sum_l = colsum(wl)
+        sum_xl = colsum(wl * x)
+        sum_l2 = colsum(wl.mul_(laux))
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
@@ -66,7 +77,7 @@ def make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
         this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
         this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
         if use_mad:
-            err = torch.mul(laux, this_scale, out=tmp).add_(this_min).sub_(x).abs_().mul_(w).sum(0)
+            err = colsum(torch.mul(laux, this_scale, out=tmp).add_(this_min).sub_(x).abs_().mul_(w))
         else:
             s, m = this_scale.double(), this_min.double()
             err = (s * s * sum_l2.double() + 2 * s * m * sum_l.double() - 2 * s * sum_xl.double()
@@ -102,8 +113,8 @@ def make_qx(x: torch.Tensor, nmax: int, w: torch.Tensor | None = None) -> tuple[
 
     def fit(iscale):
         rne_(torch.mul(x, iscale, out=lv), -nmax, nmax - 1)
-        sumlx = torch.mul(wx, lv, out=tmp).sum(0)
-        suml2 = torch.mul(w, lv, out=tmp).mul_(lv).sum(0)
+        sumlx = colsum(torch.mul(wx, lv, out=tmp))
+        suml2 = colsum(torch.mul(w, lv, out=tmp).mul_(lv))
         return sumlx, suml2
 
     L = torch.empty_like(x)
@@ -134,8 +145,8 @@ def make_q3(x: torch.Tensor, nmax: int, max_passes: int = 5) -> tuple[torch.Tens
     L = rne_(x * (-nmax / mx), -nmax, nmax - 1)
     w = x * x
     wx = w * x
-    sumlx = (wx * L).sum(0)
-    suml2 = (w * L * L).sum(0)
+    sumlx = colsum(wx * L)
+    suml2 = colsum(w * L * L)
     for _ in range(max_passes):
         changed = torch.zeros_like(zero)
         for i in range(x.shape[0]):
@@ -170,7 +181,7 @@ def make_qp(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, 
     def mse(isc, clamp_hi):
         lv = torch.round(isc * x)
         lv = lv.clamp(0, nmax) if clamp_hi else lv.clamp(min=0)
-        return lv, (x - (1 / isc) * lv).square_().mul_(w).sum(0)
+        return lv, colsum((x - (1 / isc) * lv).square_().mul_(w))
 
     _, best = mse(iscale, False)
     for i in range(-4, 5):
@@ -183,8 +194,8 @@ def make_qp(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, 
         iscale = torch.where(better, cand, iscale)
     L = rne_(iscale * x, 0, nmax)
     wx = w * x
-    sumlx = (wx * L).sum(0)
-    suml2 = (w * L * L).sum(0)
+    sumlx = colsum(wx * L)
+    suml2 = colsum(w * L * L)
     for _ in range(5):
         changed = torch.zeros_like(zero)
         for i in range(x.shape[0]):
