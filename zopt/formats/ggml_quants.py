@@ -2,17 +2,20 @@
 
 Every GGML type is one small class keyed by gguf's ``GGMLQuantizationType``; block and byte sizes
 come from the single table ``gguf.constants.GGML_QUANT_SIZES``. The legacy types (Q8_0, Q5_1, Q5_0,
-Q4_1, Q4_0) and the float types live here; the K types (Q6_K ... Q2_K) in ``ggml_kquants``.
+Q4_1, Q4_0) and the float types live here; the K types (Q6_K ... Q2_K) in ``ggml_kquants``; ggml's
+per-group searches in ``ggml_search``.
 
 Public API::
 
-    quantize(x, qtype) -> uint8 tensor (*x.shape[:-1], row_bytes(qtype, x.shape[-1]))
+    quantize(x, qtype, importance=None) -> uint8 tensor (*x.shape[:-1], row_bytes(qtype, x.shape[-1]))
     dequantize(data, qtype, shape, dtype=torch.float32) -> float tensor of ``shape``
     block_size(qtype), type_size(qtype), bits_per_weight(qtype), row_bytes(qtype, n_cols)
 
 Arithmetic is float32 in the same operation order as ggml's reference C code (and gguf-py, which
 mimics it), so the legacy types and BF16/F16 give the same bytes as ``gguf.quants.quantize``.
-Everything runs on the tensor's own device (CPU or CUDA).
+Everything runs on the tensor's own device (CPU or CUDA). Work proceeds in fixed-size chunks of
+blocks (bounded temporaries, cache-sized passes); results do not depend on the chunking.
+See docs/ggml-quants.md for layouts and what was verified against what.
 """
 
 from __future__ import annotations
