@@ -1,0 +1,232 @@
+"""ggml's per-group quantization searches, vectorized over groups (one group per column).
+
+``make_qkx2`` (also ggml's ``make_qkx3_quants``, which differs only in its parameters), ``make_qx``,
+``make_q3`` and ``make_qp`` follow the C functions of the same names in ggml-quants.c step by step, in
+float32 and in the C code's operation order, except where a docstring says otherwise. Inputs are
+``(n, G)``: G groups of n values each. Per-group sums become row additions, and per-group scalars
+broadcast along rows; both vectorize well in torch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+EPS = 1e-15  # GROUP_MAX_EPS: a group whose largest magnitude is below this is all zero
+
+
+def _f32(v: float) -> float:
+    """A Python float holding exactly the float32 value C would compute."""
+    return float(np.float32(v))
+
+
+def colsum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over rows in order, one row at a time, like the C loops. torch's own reductions pick their
+    summation order by tensor width, which would make a group's result depend on how many groups are
+    quantized together."""
+    acc = t[0].clone()
+    for row in t[1:]:
+        acc += row
+    return acc
+
+
+def rne_(t: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """In place: round half to even (what ggml's nearest_int does) and clamp to [lo, hi] (integers)."""
+    return t.round_().clamp_(lo, hi)
+
+
+def make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
+              use_mad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ggml ``make_qkx2_quants`` on every column: (scale (G,), min (G,) >= 0, L (n, G) in 0..nmax).
+
+    A group is approximated by ``scale * L - min``; candidate inverse scales
+    ``(nmax + rmin + rdelta*i) / (max - min)`` are tried and the weighted least-squares (scale, min)
+    kept when it lowers the weighted squared (or absolute, ``use_mad``) error.
+    """
+    mn = x.amin(0).clamp_(max=0)
+    mx = x.amax(0)
+    wx = w * x
+    sum_w, sum_x = colsum(w), colsum(wx)
+    flat = mx == mn
+    rng = torch.where(flat, torch.ones_like(mx), mx - mn)  # flat groups are zeroed at the end
+
+    iscale = nmax / rng
+    scale = 1 / iscale
+    L = rne_(iscale * (x - mn), 0, nmax)
+    diff = (scale * L).add_(mn).sub_(x)
+    best_err = colsum((diff.abs_() if use_mad else diff.square_()).mul_(w))
+    if not use_mad:
+        # Squared error of a candidate from its sums alone, in float64 so the expansion's cancellation
+        # stays harmless (C sums the squared differences; near-ties can resolve differently).
+        sum_wx2 = colsum(wx * x).double()
+        sw64, sx64 = sum_w.double(), sum_x.double()
+    won_mn, won_iscale = mn.clone(), iscale.clone()  # what the winning candidate rounded with
+    laux, tmp = torch.empty_like(x), torch.empty_like(x)
+
+    for step in range(nstep + 1):
+        cand = _f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax) / rng
+        rne_(torch.sub(x, mn, out=laux).mul_(cand), 0, nmax)
+        wl = torch.mul(w, laux, out=tmp)
+        sum_l = colsum(wl)
+        sum_xl = colsum(wl * x)
+        sum_l2 = colsum(wl.mul_(laux))
+        D = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+        pos = this_min > 0
+        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
+        this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
+        if use_mad:
+            err = colsum(torch.mul(laux, this_scale, out=tmp).add_(this_min).sub_(x).abs_().mul_(w))
+        else:
+            s, m = this_scale.double(), this_min.double()
+            err = (s * s * sum_l2.double() + 2 * s * m * sum_l.double() - 2 * s * sum_xl.double()
+                   + m * m * sw64 - 2 * m * sx64 + sum_wx2).float()
+        better = (D > 0) & (err < best_err) & ~flat
+        best_err = torch.where(better, err, best_err)
+        won_mn = torch.where(better, mn, won_mn)
+        won_iscale = torch.where(better, cand, won_iscale)
+        scale = torch.where(better, this_scale, scale)
+        # ggml moves the group's min as soon as a better fit is found; later candidates use it
+        mn = torch.where(better, this_min, mn)
+        rng = torch.where(better, mx - mn, rng)
+
+    # Re-derive the winner's rounding once instead of carrying L through every step.
+    L = rne_(torch.sub(x, won_mn, out=laux).mul_(won_iscale), 0, nmax)
+    L.masked_fill_(flat, 0)
+    scale = scale.masked_fill(flat, 0)
+    return scale, -mn, L
+
+
+def make_qx(x: torch.Tensor, nmax: int, w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml ``make_qx_quants(rmse_type=1)``: symmetric ``x ~ scale * L``, L in -nmax..nmax-1 per column.
+
+    Tries inverse scales ``-(nmax + 0.1 i)/max`` for i in -9..9 and keeps the weighted least-squares
+    scale that fits best (weights ``w``, default x^2). Returns (scale (G,), L + nmax (n, G)).
+    """
+    mx = abs_max_signed(x, dim=0)
+    zero = mx.abs() < EPS
+    mx = torch.where(zero, torch.ones_like(mx), mx)
+    w = x * x if w is None else w
+    wx = w * x
+    lv, tmp = torch.empty_like(x), torch.empty_like(x)
+
+    def fit(iscale):
+        rne_(torch.mul(x, iscale, out=lv), -nmax, nmax - 1)
+        sumlx = colsum(torch.mul(wx, lv, out=tmp))
+        suml2 = colsum(torch.mul(w, lv, out=tmp).mul_(lv))
+        return sumlx, suml2
+
+    L = torch.empty_like(x)
+    sumlx, suml2 = fit(-nmax / mx)
+    L.copy_(lv)
+    scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
+    best = scale * sumlx
+    for i in range(-9, 10):
+        if i == 0:
+            continue
+        slx, sl2 = fit(-_f32(nmax + _f32(_f32(0.1) * i)) / mx)
+        better = (sl2 > 0) & (slx * slx > best * sl2)
+        if bool(better.any()):
+            L = torch.where(better, lv, L)
+            scale = torch.where(better, slx / sl2, scale)
+            best = torch.where(better, scale * slx, best)
+    L.masked_fill_(zero, -nmax)
+    return scale.masked_fill(zero, 0), L.add_(nmax)
+
+
+def make_q3(x: torch.Tensor, nmax: int, max_passes: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml ``make_q3_quants(do_rmse=true)`` per column: round at -nmax/max, then up to 5 passes of
+    coordinate descent, each position in turn moving to its best level if that raises the x^2-weighted
+    fit ``sumlx^2/suml2``. Returns (scale (G,), L + nmax (n, G))."""
+    mx = abs_max_signed(x, dim=0)
+    zero = mx.abs() < EPS
+    mx = torch.where(zero, torch.ones_like(mx), mx)
+    L = rne_(x * (-nmax / mx), -nmax, nmax - 1)
+    w = x * x
+    wx = w * x
+    sumlx = colsum(wx * L)
+    suml2 = colsum(w * L * L)
+    for _ in range(max_passes):
+        changed = torch.zeros_like(zero)
+        for i in range(x.shape[0]):
+            xi, wi, wxi, li = x[i], w[i], wx[i], L[i]
+            slx = sumlx - wxi * li
+            sl2 = suml2 - wi * li * li
+            new_l = rne_(xi * sl2 / slx, -nmax, nmax - 1)
+            slx_new = slx + wxi * new_l
+            sl2_new = sl2 + wi * new_l * new_l
+            ok = (slx > 0) & (new_l != li) & (sl2_new > 0) & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new)
+            L[i] = torch.where(ok, new_l, li)
+            sumlx = torch.where(ok, slx_new, sumlx)
+            suml2 = torch.where(ok, sl2_new, suml2)
+            changed |= ok
+        # A pass without changes is a fixed point for that group; stop once every group reached one.
+        if not bool(changed.any()):
+            break
+    scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
+    L.add_(nmax).masked_fill_(zero, 0)
+    return scale.masked_fill(zero, 0), L
+
+
+def make_qp(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml ``make_qp_quants`` per column: non-negative ``x ~ scale * L``, L in 0..nmax (used for the
+    sub-block scales and mins of the importance-weighted K quantizers). Tries 8 inverse scales around
+    nmax/max, then up to 5 coordinate-descent passes on the w-weighted fit. Returns (scale (G,), L)."""
+    mx = x.amax(0).clamp(min=0)
+    zero = mx < EPS
+    mx = torch.where(zero, torch.ones_like(mx), mx)
+    iscale = nmax / mx
+
+    def mse(isc, clamp_hi):
+        lv = torch.round(isc * x)
+        lv = lv.clamp(0, nmax) if clamp_hi else lv.clamp(min=0)
+        return lv, colsum((x - (1 / isc) * lv).square_().mul_(w))
+
+    _, best = mse(iscale, False)
+    for i in range(-4, 5):
+        if i == 0:
+            continue
+        cand = _f32(_f32(_f32(0.1) * i) + nmax) / mx
+        _, err = mse(cand, True)
+        better = err < best
+        best = torch.where(better, err, best)
+        iscale = torch.where(better, cand, iscale)
+    L = rne_(iscale * x, 0, nmax)
+    wx = w * x
+    sumlx = colsum(wx * L)
+    suml2 = colsum(w * L * L)
+    for _ in range(5):
+        changed = torch.zeros_like(zero)
+        for i in range(x.shape[0]):
+            xi, wi, wxi, li = x[i], w[i], wx[i], L[i]
+            slx = sumlx - wxi * li
+            sl2 = suml2 - wi * li * li
+            new_l = rne_(xi * sl2 / slx, 0, nmax)
+            slx_new = slx + wxi * new_l
+            sl2_new = sl2 + wi * new_l * new_l
+            ok = (slx > 0) & (sl2 > 0) & (new_l != li) & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new)
+            L[i] = torch.where(ok, new_l, li)
+            sumlx = torch.where(ok, slx_new, sumlx)
+            suml2 = torch.where(ok, sl2_new, suml2)
+            changed |= ok
+        if not bool(changed.any()):
+            break
+    scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
+    return scale.masked_fill(zero, 0), L.masked_fill_(zero, 0)
+
+
+def abs_max_signed(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """The value with the largest magnitude along ``dim`` (the first on ties, as ggml's loops).
+
+    ``dim=-1``: (n, k) -> (n, 1). ``dim=0``: (n, G) -> (G,), scanned row by row because argmax across
+    rows is slow in torch."""
+    if dim == -1:
+        return x.gather(-1, x.abs().argmax(-1, keepdim=True))
+    best, best_abs = x[0].clone(), x[0].abs()
+    for row in x[1:]:
+        a = row.abs()
+        take = a > best_abs
+        best = torch.where(take, row, best)
+        best_abs = torch.maximum(a, best_abs)
+    return best
