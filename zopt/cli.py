@@ -15,6 +15,7 @@ COMMANDS: dict[str, str] = {
     "inspect": "show family, layout, parameter count, dtypes and bytes of a checkpoint (headers only)",
     "convert": "convert a checkpoint to gguf:TYPE, fp8, int8, int8_w8a8, int4, nf4, onnx, tensorrt, bf16...",
     "generate": "generate images with any variant (the embedded tiny model by default)",
+    "bench": "benchmark formats here: memory, latency, quality vs reference; table, JSON, HTML report, CI gate",
     "synth": "write a seeded synthetic checkpoint (full size: 6.15B params, 12.3 GB bf16), streaming",
 }
 

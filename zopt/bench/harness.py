@@ -202,9 +202,9 @@ def _signal_name(code: int) -> str:
 
 
 def run_worker(spec: dict[str, Any], workdir: Path, name: str, timeout: float, on_event=None,
-               log_path: Path | None = None) -> dict[str, Any]:
-    """Run ``python -m zopt.bench.worker`` on ``spec`` and return its result; a process that dies,
-    hangs past ``timeout`` seconds or writes no result yields a result with that status."""
+               log_path: Path | None = None, command: list[str] | None = None) -> dict[str, Any]:
+    """Run ``python -m zopt.bench.worker SPEC`` (or ``command + [SPEC]``) and return its result; a
+    process that dies, hangs past ``timeout`` seconds or writes no result yields that status."""
     workdir.mkdir(parents=True, exist_ok=True)
     spec = dict(spec, result=str(workdir / f"{name}.result.json"))
     spec_path = workdir / f"{name}.spec.json"
@@ -221,7 +221,8 @@ def run_worker(spec: dict[str, Any], workdir: Path, name: str, timeout: float, o
     t0 = time.monotonic()
     timed_out = False
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "zopt.bench.worker", str(spec_path)], stdout=subprocess.PIPE,
+        cmd = (command or [sys.executable, "-m", "zopt.bench.worker"]) + [str(spec_path)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
                                 stderr=log, stdin=subprocess.DEVNULL, text=True, env=env)
 
         def read() -> None:

@@ -13,6 +13,7 @@ import base64
 import html
 import io
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,7 @@ def _svg(fig) -> str:
     fig.savefig(buf, format="svg", bbox_inches="tight")
     plt.close(fig)
     text = buf.getvalue()
+    text = re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.S)  # creator/date RDF: noise here
     return text[text.index("<svg"):]  # drop the XML prolog and doctype: inline SVG in HTML
 
 
