@@ -117,7 +117,7 @@ def _mb(v: Any) -> str:
 def table_rows(records: list[dict[str, Any]]) -> list[list[str]]:
     """One row of display strings per record (reference first)."""
     rows = []
-    for r in sorted(records, key=lambda r: (r["role"] != "reference", r["label"])):
+    for r in sorted(records, key=lambda r: (r["role"] != "reference", r["status"] != "ok", r["label"])):
         m = r.get("metrics") or {}
         q = m.get("quality") or {}
         lp = q.get("lpips")
