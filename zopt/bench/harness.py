@@ -172,6 +172,16 @@ def cached_artifact_path(source_sha: str, spec: str, options: dict[str, Any]) ->
     return cache_dir() / CACHE_NAME / f"{safe_name(spec)}-{cache_key(source_sha, spec, options)[:20]}{suffix}"
 
 
+def pipeline_folder_of(source: str) -> str | None:
+    """The diffusers pipeline folder a source belongs to (its text encoder and VAE serve every
+    variant, whose artifacts may not say where they came from), or None."""
+    p = Path(source)
+    for cand in (p, p.parent):
+        if (cand / "model_index.json").is_file():
+            return str(cand)
+    return None
+
+
 def software_versions() -> dict[str, Any]:
     import importlib.metadata as md
     import platform
@@ -316,10 +326,11 @@ def sweep(cfg: BenchConfig, display=None) -> list[dict[str, Any]]:
                      "guidance_scale": cfg.guidance_scale, "device": device},
     }
     rows = plan(expand_formats(cfg.formats), cfg.backend, hw)
+    base = cfg.base or pipeline_folder_of(cfg.source)
     display = display or SweepDisplay(1 + sum(r.status is None for r in rows), enabled=cfg.progress)
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=out))
     ref_dir = work / "reference"
-    run_base = {"mode": "run", "device": device, "base": cfg.base, "prompts": list(cfg.prompts),
+    run_base = {"mode": "run", "device": device, "base": base, "prompts": list(cfg.prompts),
                 "seeds": list(cfg.seeds), "steps": cfg.steps, "width": cfg.width, "height": cfg.height,
                 "repeats": cfg.repeats, "warmup": cfg.warmup, "guidance_scale": cfg.guidance_scale,
                 "ref_dir": str(ref_dir)}

@@ -112,6 +112,7 @@ def plots(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
         ax.set_xlabel("effective bits per weight (artifact bytes x 8 / params)")
         ax.set_ylabel(f"PSNR vs reference, dB (capped at {PSNR_CAP_DB:g} = identical)")
         ax.set_title("Size vs quality")
+        ax.margins(0.15)
         ax.grid(True, alpha=0.3)
         out.append(("Size vs quality", _svg(fig)))
     lat = [(r["label"], get_path(r, "metrics.memory.peak_bytes"), get_path(r, "metrics.latency.step_ms.median"),
@@ -125,6 +126,7 @@ def plots(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
         ax.set_xlabel("peak memory above baseline, MB")
         ax.set_ylabel("latency per denoising step, ms (median, bar to p90)")
         ax.set_title("Latency vs memory")
+        ax.margins(0.15)
         ax.grid(True, alpha=0.3)
         out.append(("Latency vs memory", _svg(fig)))
     curves = [(r["label"], get_path(r, "metrics.quality.per_step") or []) for r in ok]
@@ -193,7 +195,7 @@ def render_html(records: list[dict[str, Any]], root: str | os.PathLike) -> str:
         f"run <b>{_esc(first.get('run_id', '?'))}</b> · {_esc(first.get('created', ''))}",
         f"hardware: {_esc(hw.get('device_name', '?'))} ({_esc(hw.get('device', '?'))}, {_esc(hw.get('cores', '?'))} cores, "
         f"{(hw.get('total_memory') or 0) / 2**30:.1f} GiB) · fingerprint <code>{_esc(first.get('hardware_fingerprint', ''))}</code>",
-        "software: " + ", ".join(f"{_esc(k)} {_esc(v)}" for k, v in sw.items() if k != "platform"),
+        "software: " + ", ".join(f"{_esc(k)} {_esc(v)}" for k, v in sw.items() if k != "platform" and v),
         f"source: <code>{_esc(src.get('spec', '?'))}</code> ({_esc(src.get('params', '?'))} params, sha256 "
         f"{_esc(str(src.get('sha256'))[:16])}…)",
         f"settings: {_esc(s.get('steps'))} steps at {_esc(s.get('width'))}x{_esc(s.get('height'))}, "

@@ -123,4 +123,8 @@ def run(args) -> int:
         res = G.compare(baseline, records, limits)
         G.print_gate(res)
         return res.exit_code
+    ref = next((r for r in records if r["role"] == "reference"), None)
+    if not args.results and (ref is None or ref["status"] != "ok"):
+        msg = ref.get("message") if ref else "no reference record"
+        raise ZoptError(f"the reference run did not succeed ({msg}); see {out / 'logs' / 'reference.log'}")
     return 0
