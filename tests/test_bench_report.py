@@ -88,3 +88,21 @@ def test_report_renders_in_headless_chromium(tmp_path):
     recs = make_run(tmp_path)
     report = write_html(recs, tmp_path, tmp_path / "report.html")
     check_renders(report, tmp_path, n_images=6, n_plots=3)
+
+
+def test_terminal_table(tmp_path):
+    from rich.console import Console
+
+    from zopt.bench.display import print_table
+
+    recs = make_run(tmp_path)
+    con = Console(record=True, width=220)
+    print_table(recs, con)
+    text = con.export_text()
+    lines = text.splitlines()
+    row = next(ln for ln in lines if "gguf:Q4_K_M@ggml" in ln)
+    for cell in ("ok", "4.80", "140.0", "31.0", "90.0", "3.00e-02"):  # bits/w, step ms, PSNR, peak MB, mean rel L2
+        assert cell in row, (cell, row)
+    assert text.index("reference") < text.index("bf16@torch") < text.index("tensorrt")  # ok runs first
+    assert "tensorrt: skipped — something went wrong" in text
+    assert "LPIPS not available: package lpips is not installed" in text
