@@ -71,7 +71,7 @@ def test_report_is_one_offline_file(tmp_path):
     assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', text)) == 6
     assert text.count('<div class="plot"') == 3 and text.count("<svg") == 3
     for label in ("reference", "bf16@torch", "gguf:Q4_K_M@ggml"):
-        assert f">{label}</th>" in text
+        assert f"<b>{label}</b>" in text
     assert "tensorrt" in text and "something went wrong" in text  # the skipped run is listed with its reason
     out = write_html(recs, tmp_path, tmp_path / "sub" / "report.html")
     assert out.read_text() == text

@@ -35,10 +35,12 @@ table.results td:nth-child(-n+3),table.results th:nth-child(-n+3){text-align:lef
 .ok{color:#18794e;font-weight:600} .bad{color:#c0392b;font-weight:600} .dim{color:#99a}
 .plots{display:flex;flex-wrap:wrap;gap:16px} .plot{flex:1 1 420px;max-width:660px}
 .plot svg{width:100%;height:auto}
-table.grid{border-collapse:collapse} table.grid td{padding:4px;vertical-align:top;text-align:center;font-size:12px}
-table.grid img{display:block;width:192px;height:auto;image-rendering:auto;border:1px solid #ccd}
-table.grid th{font-size:12px;padding:4px;max-width:192px;word-break:break-word}
-.caption{color:#556} .prompt{font-size:12px;text-align:left;max-width:200px;color:#334}
+
+.prompt{font-size:14px;margin:14px 0 6px;color:#334}
+.tiles{display:flex;flex-wrap:wrap;gap:10px}
+figure.tile{margin:0;width:200px;font-size:11.5px;color:#556;text-align:center}
+figure.tile img{display:block;width:200px;height:auto;border:1px solid #ccd}
+figure.tile.ref img{border:2px solid #2b59c3} figure.tile b{color:#1d2330;word-break:break-word}
 ul.fail li{font-size:13px;margin:2px 0}
 """
 
@@ -89,6 +91,25 @@ def _ok_variants(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r["role"] == "variant" and r["status"] == "ok"]
 
 
+ANNOTATE_MAX = 5  # up to this many points carry their label; more get a legend (labels would collide)
+MARKERS = "osD^vP*Xh<>p"
+
+
+def _style(labels: list[str]):
+    """One colour and marker per run label, the same in every plot."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20" if len(labels) > 10 else "tab10"]
+    return {lbl: (cmap(i % cmap.N), MARKERS[i % len(MARKERS)]) for i, lbl in enumerate(labels)}
+
+
+def _finish(ax, title: str, n_points: int) -> None:
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3, which="both")
+    if n_points > ANNOTATE_MAX or title.startswith("Per-step"):
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+
+
 def plots(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """(title, inline SVG) for each plot that has data to show."""
     import matplotlib
@@ -97,23 +118,28 @@ def plots(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
     matplotlib.rcParams["svg.fonttype"] = "none"  # text stays text: small and searchable
     matplotlib.rcParams["svg.hashsalt"] = "zopt-bench"
     import matplotlib.pyplot as plt
-    import matplotlib.ticker  # noqa: F401
+    import matplotlib.ticker
 
     out = []
     ok = _ok_variants(records)
-    pts = [(r["label"], get_path(r, "metrics.bits_per_weight"), get_path(r, "metrics.quality.psnr_db"),
-            get_path(r, "metrics.quality.rel_l2_mean")) for r in ok]
+    style = _style([r["label"] for r in records if r["status"] == "ok"])
+
+    def point(ax, label, x, y, n, yerr=None):
+        color, marker = style[label]
+        ax.errorbar([x], [y], yerr=yerr, fmt=marker, color=color, capsize=3, markersize=7, zorder=3, label=label)
+        if n <= ANNOTATE_MAX:
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+
+    pts = [(r["label"], get_path(r, "metrics.bits_per_weight"), get_path(r, "metrics.quality.psnr_db")) for r in ok]
     pts = [p for p in pts if p[1] is not None and p[2] is not None]
     if pts:
         fig, ax = plt.subplots(figsize=(6.2, 4.0))
-        for label, bits, ps, _ in pts:
-            ax.scatter([bits], [ps], s=46, zorder=3)
-            ax.annotate(label, (bits, ps), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        for label, bits, ps in pts:
+            point(ax, label, bits, ps, len(pts))
         ax.set_xlabel("effective bits per weight (artifact bytes x 8 / params)")
-        ax.set_ylabel(f"PSNR vs reference, dB (capped at {PSNR_CAP_DB:g} = identical)")
-        ax.set_title("Size vs quality")
+        ax.set_ylabel(f"PSNR vs reference, dB ({PSNR_CAP_DB:g} = identical)")
         ax.margins(0.15)
-        ax.grid(True, alpha=0.3)
+        _finish(ax, "Size vs quality", len(pts))
         out.append(("Size vs quality", _svg(fig)))
     lat = [(r["label"], get_path(r, "metrics.memory.peak_bytes"), get_path(r, "metrics.latency.step_ms.median"),
             get_path(r, "metrics.latency.step_ms.p90")) for r in records if r["status"] == "ok"]
@@ -121,13 +147,11 @@ def plots(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
     if lat:
         fig, ax = plt.subplots(figsize=(6.2, 4.0))
         for label, mem, med, p90 in lat:
-            ax.errorbar([mem / 1e6], [med], yerr=[[0], [max(0.0, (p90 or med) - med)]], fmt="o", capsize=3, zorder=3)
-            ax.annotate(label, (mem / 1e6, med), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            point(ax, label, mem / 1e6, med, len(lat), yerr=[[0], [max(0.0, (p90 or med) - med)]])
         ax.set_xlabel("peak memory above baseline, MB")
-        ax.set_ylabel("latency per denoising step, ms (median, bar to p90)")
-        ax.set_title("Latency vs memory")
+        ax.set_ylabel("ms per denoising step (median, bar to p90)")
         ax.margins(0.15)
-        ax.grid(True, alpha=0.3)
+        _finish(ax, "Latency vs memory", len(lat))
         out.append(("Latency vs memory", _svg(fig)))
     curves = [(r["label"], get_path(r, "metrics.quality.per_step") or []) for r in ok]
     curves = [(lbl, c) for lbl, c in curves if c]
@@ -135,14 +159,14 @@ def plots(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
         fig, ax = plt.subplots(figsize=(6.2, 4.0))
         floor = 1e-8  # log axis: an exact match (0) is drawn at the floor
         for label, c in curves:
-            ax.plot([s["step"] + 1 for s in c], [max(floor, s["rel_l2"]) for s in c], marker="o", label=label)
+            color, marker = style[label]
+            ax.plot([s["step"] + 1 for s in c], [max(floor, s["rel_l2"]) for s in c], marker=marker, color=color,
+                    label=label)
         ax.set_yscale("log")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("denoising step")
-        ax.set_ylabel("relative L2 of transformer output (same inputs)")
-        ax.set_title("Per-step error vs reference")
-        ax.grid(True, alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        ax.set_ylabel("relative L2 of transformer output")
+        _finish(ax, "Per-step error vs reference (same inputs)", len(curves))
         out.append(("Per-step error", _svg(fig)))
     return out
 
@@ -165,24 +189,24 @@ def _grid_html(records: list[dict[str, Any]], root: Path) -> str:
     if ref is None or not ref["images"]:
         return "<p>No reference images (the reference run did not succeed).</p>"
     cols = [ref] + [r for r in _ok_variants(records) if r["images"]]
-    head = '<th></th>' + "".join(f"<th>{_esc(c['label'])}</th>" for c in cols)
-    rows = []
+    sections = []
     for k, im in enumerate(ref["images"]):
-        cells = [f'<td class="prompt">{_esc(im["prompt"])}<br><span class="caption">seed {_esc(im["seed"])}</span></td>']
+        tiles = []
         for c in cols:
             if k >= len(c["images"]):
-                cells.append("<td>-</td>")
                 continue
             uri = _png_data_uri(root / c["images"][k]["path"])
             per = get_path(c, "metrics.quality.per_image") or []
             cap = "reference" if c is ref else ""
             if k < len(per) and per[k].get("psnr_db") is not None:
                 p = per[k]["psnr_db"]
-                cap = "identical" if p >= PSNR_CAP_DB else f"PSNR {p:.1f} dB, SSIM {per[k]['ssim']:.3f}"
+                cap = "identical" if p >= PSNR_CAP_DB else f"PSNR {p:.1f} dB · SSIM {per[k]['ssim']:.3f}"
             img = f'<img alt="{_esc(c["label"])}, seed {_esc(im["seed"])}" src="{uri}">' if uri else "(missing)"
-            cells.append(f'<td>{img}<div class="caption">{_esc(cap)}</div></td>')
-        rows.append(f"<tr>{''.join(cells)}</tr>")
-    return f'<table class="grid"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+            tiles.append(f'<figure class="tile{" ref" if c is ref else ""}">{img}<figcaption><b>{_esc(c["label"])}'
+                         f'</b><br>{_esc(cap)}</figcaption></figure>')
+        sections.append(f'<div class="prompt">“{_esc(im["prompt"])}” · seed {_esc(im["seed"])}</div>'
+                        f'<div class="tiles">{"".join(tiles)}</div>')
+    return "".join(sections)
 
 
 def render_html(records: list[dict[str, Any]], root: str | os.PathLike) -> str:
