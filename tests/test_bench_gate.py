@@ -116,3 +116,19 @@ def test_cli_gate_exit_codes(tmp_path, capsys):
     assert main(["bench", "--results", str(bad), "--baseline", str(tmp_path / "broken.json")]) == 2
     err = capsys.readouterr().err
     assert "broken.json" in err and "not a JSON results file" in err
+
+
+def test_cli_bad_arguments_fail_before_any_run(tmp_path, capsys):
+    from zopt.cli import main
+
+    out = ["-o", str(tmp_path / "o")]
+    assert main(["bench", "--prompts", str(tmp_path / "nope.txt"), *out]) == 2
+    assert "nope.txt: cannot read prompts file" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("# only a comment\n\n")
+    assert main(["bench", "--prompts", str(tmp_path / "empty.txt"), *out]) == 2
+    assert "has no prompts" in capsys.readouterr().err
+    assert main(["bench", "--resolution", "100x100", *out]) == 2
+    assert main(["bench", "--seeds", "1,x", *out]) == 2
+    assert main(["bench", "--max-regression", "latency=10%", *out]) == 2
+    assert "--max-regression needs --baseline" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "results.json").exists()
