@@ -61,20 +61,25 @@ def run_worker(spec: dict[str, Any], workdir: Path, name: str, timeout: float, o
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
-        while True:
-            try:
-                ev = events.get(timeout=0.1)
-                if on_event:
-                    on_event(ev)
-                continue
-            except queue.Empty:
-                pass
-            if proc.poll() is not None and not reader.is_alive():
-                break
-            if time.monotonic() - t0 > timeout and proc.poll() is None:
-                timed_out = True
-                proc.kill()
-                proc.wait()
+        try:
+            while True:
+                try:
+                    ev = events.get(timeout=0.1)
+                    if on_event:
+                        on_event(ev)
+                    continue
+                except queue.Empty:
+                    pass
+                if proc.poll() is not None and not reader.is_alive():
+                    break
+                if time.monotonic() - t0 > timeout and proc.poll() is None:
+                    timed_out = True
+                    proc.kill()
+                    proc.wait()
+        except BaseException:  # interrupted: never leave a worker running behind us
+            proc.kill()
+            proc.wait()
+            raise
         reader.join(timeout=5)
     elapsed = round(time.monotonic() - t0, 3)
     if timed_out:
