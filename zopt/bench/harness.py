@@ -52,6 +52,7 @@ class BenchConfig:
     out: Path = Path("exports/bench")
     timeout: float = 1800.0
     progress: bool = True
+    reconvert: bool = False  # ignore (and replace) cached conversions
 
 
 @dataclass
@@ -303,6 +304,8 @@ def _run_variant(cfg, common, row: Planned, run_base, ref_images, work: Path, ou
 
     name = safe_name(row.label)
     artifact = cached_artifact_path(common["source"]["sha256"], row.spec, cfg.options)
+    if cfg.reconvert and artifact.exists():
+        shutil.rmtree(artifact) if artifact.is_dir() else artifact.unlink()
     metrics: dict[str, Any] = {"cached": artifact.exists(), "convert_s": None}
     if not artifact.exists():
         display.phase(row.label, "convert")

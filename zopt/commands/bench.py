@@ -24,6 +24,7 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--base", default=None, help="pipeline folder supplying text encoder, tokenizer and VAE")
     p.add_argument("--option", action="append", default=[], metavar="K=V", help="conversion option for every format")
+    p.add_argument("--reconvert", action="store_true", help="convert again instead of using cached conversions")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per run before it is stopped")
     p.add_argument("-o", "--out", default="exports/bench", help="output folder (records/, images/, logs/, "
                    "results.json, report.html; default exports/bench)")
@@ -104,7 +105,7 @@ def run(args) -> int:
                           width=w, height=h, seeds=_seeds(args.seeds), repeats=args.repeats, warmup=args.warmup,
                           guidance_scale=args.guidance, device=args.device, base=args.base,
                           options=_options(args.option), out=out, timeout=args.timeout,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, reconvert=args.reconvert)
         prompts = _prompts(args.prompts)
         if prompts:
             cfg.prompts = prompts
