@@ -17,7 +17,7 @@ from zopt.cli import main
 def test_tiny_sweep_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench"
     code = main(["bench", "--formats", "bf16,nosuchformat", "--steps", "2", "--resolution", "64x64",
-                 "--repeats", "1", "--warmup", "0", "-o", str(out), "--no-progress"])
+                 "--repeats", "1", "--warmup", "0", "-o", str(out), "--no-progress", "--reconvert"])
     stdout = capsys.readouterr().out
     assert code == 0
     assert "bf16@torch" in stdout and "report:" in stdout
@@ -37,6 +37,7 @@ def test_tiny_sweep_end_to_end(tmp_path, capsys):
     assert 0 < m["latency"]["step_ms"]["median"] <= m["latency"]["step_ms"]["p90"]
     assert m["memory"]["kind"] == "cpu_rss" and m["memory"]["peak_bytes"] > 1_000_000
     assert m["load_s"] > 0 and m["artifact_bytes"] > 0
+    assert m["cached"] is False and m["convert_s"] > 0  # --reconvert: converted in this sweep
     # a bf16 folder holds 2 bytes per weight plus small config/manifest files
     assert 16.0 <= m["bits_per_weight"] < 16.5
     q = m["quality"]
