@@ -1,0 +1,74 @@
+"""One real sweep on the tiny model (reference + bf16, 2 steps at 64x64) through the CLI, then the
+gate on its own records (passes) and on an injected regression (exit 3), and the real report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from test_bench_report import CHROMIUM, check_renders
+
+from zopt.bench.schema import load_records, validate
+from zopt.cli import main
+
+
+@pytest.mark.slow
+def test_tiny_sweep_end_to_end(tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = main(["bench", "--formats", "bf16,nosuchformat", "--steps", "2", "--resolution", "64x64",
+                 "--repeats", "1", "--warmup", "0", "-o", str(out), "--no-progress", "--reconvert"])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    assert "bf16@torch" in stdout and "report:" in stdout
+    records = load_records(out / "results.json")
+    by = {r["label"]: r for r in records}
+    assert set(by) == {"reference", "bf16@torch", "nosuchformat"}
+    assert all(validate(r) == [] for r in records)
+    assert len(list((out / "records").glob("*.json"))) == 3
+    ref, var = by["reference"], by["bf16@torch"]
+    assert ref["status"] == "ok", ref["message"]
+    assert var["status"] == "ok", var["message"]
+    assert by["nosuchformat"]["status"] == "unsupported" and "unknown format" in by["nosuchformat"]["message"]
+
+    m = var["metrics"]
+    prompts = len(var["settings"]["prompts"])
+    assert m["latency"]["step_ms"]["n"] == prompts * 2 and m["latency"]["image_s"]["n"] == prompts
+    assert 0 < m["latency"]["step_ms"]["median"] <= m["latency"]["step_ms"]["p90"]
+    assert m["memory"]["kind"] == "cpu_rss" and m["memory"]["peak_bytes"] > 1_000_000
+    assert m["load_s"] > 0 and m["artifact_bytes"] > 0
+    assert m["cached"] is False and m["convert_s"] > 0  # --reconvert: converted in this sweep
+    # a bf16 folder holds 2 bytes per weight plus small config/manifest files
+    assert 16.0 <= m["bits_per_weight"] < 16.5
+    q = m["quality"]
+    assert [s["step"] for s in q["per_step"]] == [0, 1]
+    # bf16 weights, fp32 compute on CPU, same inputs: the transformer output is within bf16 rounding
+    # of the fp32 reference at every step (exactly equal when the source itself is bf16)
+    assert q["rel_l2_max"] < 1e-2 and q["cosine_min"] > 0.9999
+    assert q["final_latent_rel_err"] < 5e-2
+    assert q["psnr_db"] > 30 and q["ssim"] > 0.95
+    assert q["lpips"] is None or 0 <= q["lpips"] < 0.1
+    assert q["lpips_status"] == "ok" or q["lpips_status"].startswith("not available")
+    for r in (ref, var):
+        assert len(r["images"]) == prompts and all((out / im["path"]).is_file() for im in r["images"])
+    assert ref["hardware_fingerprint"] == var["hardware_fingerprint"] and ref["software"]["torch"]
+
+    # the gate: the run against itself passes; an injected regression fails naming the metric
+    results = out / "results.json"
+    assert main(["bench", "--results", str(results), "--baseline", str(results), "--no-report"]) == 0
+    doc = json.loads(results.read_text())
+    for r in doc["records"]:
+        if r["label"] == "bf16@torch":
+            r["metrics"]["memory"]["peak_bytes"] = int(r["metrics"]["memory"]["peak_bytes"] * 1.2)
+    worse = tmp_path / "worse.json"
+    worse.write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert main(["bench", "--results", str(worse), "--baseline", str(results), "--no-report",
+                 "--max-regression", "memory=5%,psnr=0.5dB"]) == 3
+    assert "regression in memory" in capsys.readouterr().out
+
+    report = out / "report.html"
+    assert report.is_file()
+    if CHROMIUM.exists() and shutil.which("chromium"):
+        # 2 prompts x (reference + bf16) images; size-vs-quality, latency-vs-memory, per-step plots
+        check_renders(report, tmp_path, n_images=2 * prompts, n_plots=3)

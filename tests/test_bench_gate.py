@@ -1,0 +1,134 @@
+"""The CI regression gate on records (no sweep): like with like, limits, exit codes, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from bench_helpers import clone, record, records
+
+from zopt.bench import gate as G
+from zopt.errors import ZoptError
+
+LIMITS = G.parse_limits("latency=10%,memory=5%,psnr=0.5dB")
+
+
+def _find(recs, label):
+    return next(r for r in recs if r["label"] == label)
+
+
+def test_parse_limits():
+    lim = {x.metric.name: x for x in G.parse_limits("latency=10%, memory=5%,psnr=0.5dB,ssim=0.01,memory=20MB")}
+    assert lim["latency"].relative and lim["latency"].value == pytest.approx(0.10)
+    assert not lim["psnr"].relative and lim["psnr"].value == 0.5
+    assert not lim["ssim"].relative and lim["ssim"].value == 0.01
+    assert not lim["memory"].relative and lim["memory"].value == 20  # the later entry wins
+    for bad in ("latency", "speed=10%", "psnr=0.5ms", "latency=fast", ""):
+        with pytest.raises(ZoptError):
+            G.parse_limits(bad)
+
+
+def test_rerun_against_itself_passes():
+    base = records()
+    res = G.compare(base, clone(base), LIMITS)
+    assert res.exit_code == G.EXIT_PASS
+    assert res.compared == 3  # reference + 2 ok variants; the unsupported format has nothing to hold to
+    assert not res.regressions and res.changes
+    assert all(c.old == c.new for c in res.changes)
+
+
+@pytest.mark.parametrize("factor, regressed", [(1.25, True), (1.09, False)])
+def test_injected_latency_regression(factor, regressed):
+    base = records()
+    new = clone(base)
+    _find(new, "fp16@torch")["metrics"]["latency"]["step_ms"]["median"] *= factor
+    res = G.compare(base, new, LIMITS)
+    assert (res.exit_code == G.EXIT_REGRESSION) is regressed
+    if regressed:
+        assert [(c.label, c.metric) for c in res.regressions] == [("fp16@torch", "latency")]
+        assert "latency" in res.regressions[0].describe() and "+25.0%" in res.regressions[0].describe()
+
+
+def test_psnr_and_memory_limits_are_absolute_and_relative():
+    base = records()
+    new = clone(base)
+    _find(new, "bf16@torch")["metrics"]["quality"]["psnr_db"] -= 0.6  # beyond 0.5 dB
+    _find(new, "fp16@torch")["metrics"]["quality"]["psnr_db"] -= 0.4  # within
+    _find(new, "fp16@torch")["metrics"]["memory"]["peak_bytes"] = int(200_000_000 * 1.06)  # beyond 5%
+    res = G.compare(base, new, LIMITS)
+    assert sorted((c.label, c.metric) for c in res.regressions) == [("bf16@torch", "psnr"), ("fp16@torch", "memory")]
+    assert res.exit_code == G.EXIT_REGRESSION
+    # an improvement is never a regression
+    better = clone(base)
+    _find(better, "bf16@torch")["metrics"]["latency"]["step_ms"]["median"] *= 0.5
+    _find(better, "bf16@torch")["metrics"]["quality"]["psnr_db"] += 5
+    assert G.compare(base, better, LIMITS).exit_code == G.EXIT_PASS
+
+
+def test_like_with_like_only():
+    base = records()
+    other_hw = [dict(r, hardware_fingerprint="cuda:RTX 4090:8.9:16") for r in clone(base)]
+    for r in other_hw:
+        r["metrics"] = dict(r["metrics"])
+    _find(other_hw, "bf16@torch")["metrics"]["latency"] = {"step_ms": {"median": 1e6, "p90": 1e6, "n": 1}}
+    res = G.compare(base, other_hw, LIMITS)
+    assert res.exit_code == G.EXIT_NOTHING_COMPARED and not res.changes
+    assert len(res.unmatched_new) == 4 and len(res.unmatched_baseline) == 4
+    # a different resolution is a different workload; a different repeat count is not
+    new = clone(base)
+    for r in new:
+        r["settings"]["repeats"] = 7
+    _find(new, "fp16@torch")["settings"]["width"] = 128
+    res = G.compare(base, new, LIMITS)
+    assert res.unmatched_new == ["fp16@torch"] and res.compared == 2
+
+
+def test_a_failed_run_is_a_regression():
+    base = records()
+    new = clone(base)
+    new[1] = record("bf16", status="crashed")
+    res = G.compare(base, new, LIMITS)
+    assert res.exit_code == G.EXIT_REGRESSION
+    assert [(c.label, c.metric, c.new) for c in res.regressions] == [("bf16@torch", "status", "crashed")]
+
+
+def test_cli_gate_exit_codes(tmp_path, capsys):
+    from zopt.bench.schema import results_document
+    from zopt.cli import main
+
+    base = records()
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(results_document(base)))
+    assert main(["bench", "--results", str(old), "--baseline", str(old), "--no-report"]) == 0
+    assert "no regression" in capsys.readouterr().out
+    new = clone(base)
+    _find(new, "bf16@torch")["metrics"]["latency"]["step_ms"]["median"] *= 1.5
+    bad = tmp_path / "new.json"
+    bad.write_text(json.dumps(results_document(new)))
+    code = main(["bench", "--results", str(bad), "--baseline", str(old), "--no-report",
+                 "--max-regression", "latency=10%,psnr=0.5dB"])
+    out = capsys.readouterr().out
+    assert code == 3
+    assert "regression in latency" in out and "bf16@torch: latency 90 -> 135 ms (+50.0%), limit 10%" in out
+    # a bad limit or a corrupt baseline is a one-line error (exit 2), not a traceback
+    assert main(["bench", "--results", str(bad), "--baseline", str(old), "--max-regression", "speed=1%"]) == 2
+    (tmp_path / "broken.json").write_text("{not json")
+    assert main(["bench", "--results", str(bad), "--baseline", str(tmp_path / "broken.json")]) == 2
+    err = capsys.readouterr().err
+    assert "broken.json" in err and "not a JSON results file" in err
+
+
+def test_cli_bad_arguments_fail_before_any_run(tmp_path, capsys):
+    from zopt.cli import main
+
+    out = ["-o", str(tmp_path / "o")]
+    assert main(["bench", "--prompts", str(tmp_path / "nope.txt"), *out]) == 2
+    assert "nope.txt: cannot read prompts file" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("# only a comment\n\n")
+    assert main(["bench", "--prompts", str(tmp_path / "empty.txt"), *out]) == 2
+    assert "has no prompts" in capsys.readouterr().err
+    assert main(["bench", "--resolution", "100x100", *out]) == 2
+    assert main(["bench", "--seeds", "1,x", *out]) == 2
+    assert main(["bench", "--max-regression", "latency=10%", *out]) == 2
+    assert "--max-regression needs --baseline" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "results.json").exists()

@@ -1,0 +1,329 @@
+"""The sweep: plan which (format, backend) pairs run here, convert (cached), run each in its own
+process, and turn every outcome, good or bad, into a schema record.
+
+One process per run keeps peak-memory numbers clean (nothing left over from the previous format)
+and contains failures: a crash, an out-of-memory kill, a timeout or a missing package becomes a
+record with a status and a message, and the sweep moves on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .process import run_worker
+from .schema import SCHEMA_NAME, SCHEMA_VERSION, results_document
+
+DEFAULT_PROMPTS = [
+    "a lighthouse on a cliff at dawn, photograph",
+    "a bowl of ramen on a wooden table, studio lighting",
+]
+# What "all" means for formats with many subtypes: a sensible spread, not every type.
+ALL_SUBTYPES: dict[str, list[str]] = {"gguf": ["Q8_0", "Q4_K_M"]}
+CACHE_NAME = "bench-cache"
+
+
+@dataclass
+class BenchConfig:
+    """Everything a sweep depends on (the CLI fills it from its arguments)."""
+
+    source: str = "tiny"
+    formats: list[str] | None = None  # None or ["all"]: every format that can run here
+    backend: str = "auto"  # auto | all | NAME | FORMAT=NAME,... (comma separated)
+    steps: int = 4
+    width: int = 256
+    height: int = 256
+    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    seeds: list[int] = field(default_factory=lambda: [0])
+    repeats: int = 2
+    warmup: int = 1
+    guidance_scale: float = 0.0
+    device: str = "auto"
+    base: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    out: Path = Path("exports/bench")
+    timeout: float = 1800.0
+    progress: bool = True
+    reconvert: bool = False  # ignore (and replace) cached conversions
+
+
+@dataclass
+class Planned:
+    """One row of the sweep: run it (status None) or record why not."""
+
+    spec: str
+    name: str
+    subtype: str | None
+    backend: str | None = None
+    reason: str | None = None
+    status: str | None = None
+    message: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.spec + (f"@{self.backend}" if self.backend else "")
+
+
+def safe_name(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")
+
+
+def expand_formats(formats: list[str] | None) -> list[str]:
+    """Format specs to try: ``None``/``all`` gives every registered format (with ALL_SUBTYPES)."""
+    from ..formats import FORMATS
+
+    out: list[str] = []
+    for item in formats or ["all"]:
+        for spec in (s.strip() for s in item.split(",")):
+            if not spec:
+                continue
+            if spec.lower() == "all":
+                for name in FORMATS:
+                    out += [f"{name}:{s}" for s in ALL_SUBTYPES[name]] if name in ALL_SUBTYPES else [name]
+            else:
+                out.append(spec)
+    return list(dict.fromkeys(out))
+
+
+def _backend_wishes(backend: str, fmt: str) -> list[str]:
+    """The backend names asked for ``fmt`` (``auto``, ``all`` or names), from ``--backend``."""
+    general, specific = [], []
+    for part in (p.strip() for p in (backend or "auto").split(",")):
+        if "=" in part:
+            f, _, b = part.partition("=")
+            if f.strip().lower() == fmt:
+                specific.append(b.strip())
+        elif part:
+            general.append(part)
+    return specific or general or ["auto"]
+
+
+def plan(specs: list[str], backend: str, hw) -> list[Planned]:
+    """Decide, per format spec, which backends run here; the rest are kept with a reason."""
+    from ..errors import MissingDependency, UnsupportedFormat
+    from ..formats import module_for, parse_spec
+    from ..runtime import backends
+
+    rows: list[Planned] = []
+    for spec in specs:
+        try:
+            info, sub = parse_spec(spec)
+        except UnsupportedFormat as e:
+            rows.append(Planned(spec, spec.partition(":")[0], None, status="unsupported", message=str(e)))
+            continue
+        norm = info.name + (f":{sub}" if sub else "")
+        try:
+            module_for(info)
+        except MissingDependency as e:
+            rows.append(Planned(norm, info.name, sub, status="missing_dependency", message=str(e)))
+            continue
+        except UnsupportedFormat as e:
+            rows.append(Planned(norm, info.name, sub, status="unsupported", message=str(e)))
+            continue
+        for wish in _backend_wishes(backend, info.name):
+            if wish == "all":
+                runnable = [b for b in backends.backends_for(info.name) if not b.why_not(hw)]
+                if not runnable:
+                    try:
+                        backends.select(info.name, hw)
+                    except UnsupportedFormat as e:
+                        rows.append(Planned(norm, info.name, sub, status="skipped", message=str(e)))
+                rows += [Planned(norm, info.name, sub, b.name, f"{b.name}: {b.description}") for b in runnable]
+                continue
+            try:
+                sel = backends.select(info.name, hw, prefer=None if wish == "auto" else wish)
+            except UnsupportedFormat as e:
+                rows.append(Planned(norm, info.name, sub, None if wish == "auto" else wish, status="skipped",
+                                    message=str(e)))
+                continue
+            rows.append(Planned(norm, info.name, sub, sel.name, sel.reason))
+    seen: set[str] = set()
+    return [r for r in rows if not (r.label in seen or seen.add(r.label))]
+
+
+def cache_key(source_sha: str, spec: str, options: dict[str, Any]) -> str:
+    from .. import __version__
+
+    blob = json.dumps({"source": source_sha, "spec": spec, "options": options, "zopt": __version__},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def cached_artifact_path(source_sha: str, spec: str, options: dict[str, Any]) -> Path:
+    """Where the conversion of ``source`` to ``spec`` with ``options`` lives in the cache."""
+    from .._io import cache_dir
+    from ..formats import parse_spec
+
+    info, _ = parse_spec(spec)
+    suffix = f".{info.name}" if info.artifact == "file" else ""
+    return cache_dir() / CACHE_NAME / f"{safe_name(spec)}-{cache_key(source_sha, spec, options)[:20]}{suffix}"
+
+
+def pipeline_folder_of(source: str) -> str | None:
+    """The diffusers pipeline folder a source belongs to (its text encoder and VAE serve every
+    variant, whose artifacts may not say where they came from), or None."""
+    p = Path(source)
+    for cand in (p, p.parent):
+        if (cand / "model_index.json").is_file():
+            return str(cand)
+    return None
+
+
+def software_versions() -> dict[str, Any]:
+    import importlib.metadata as md
+    import platform
+
+    from .. import __version__
+
+    out: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(), "zopt": __version__}
+    for pkg in ("torch", "diffusers", "transformers", "numpy", "safetensors", "gguf", "onnxruntime", "onnx",
+                "bitsandbytes", "torchao", "optimum-quanto", "tensorrt", "scikit-image", "lpips"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            continue
+    try:
+        import torch
+
+        out["cuda"] = torch.version.cuda
+    except ImportError:
+        pass
+    return out
+
+
+def _record(common: dict[str, Any], row: Planned, role: str, result: dict[str, Any], metrics: dict[str, Any],
+            compute_dtype: str | None, out: Path) -> dict[str, Any]:
+    settings = dict(common["settings"], compute_dtype=result.get("compute_dtype", compute_dtype))
+    images = [dict(im, path=os.path.relpath(im["path"], out)) for im in result.get("images", [])]
+    return {
+        "schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "run_id": common["run_id"],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "label": "reference" if role == "reference" else row.label, "role": role,
+        "status": result.get("status", "failed"), "message": result.get("message"),
+        "format": {"spec": row.spec, "name": row.name, "subtype": row.subtype},
+        "backend": row.backend, "backend_reason": row.reason, "options": dict(common["options"]),
+        "source": dict(common["source"]), "settings": settings,
+        "hardware": common["hardware"], "hardware_fingerprint": common["fingerprint"],
+        "software": common["software"], "metrics": {**metrics, **result.get("metrics", {})},
+        "images": images, "duration_s": result.get("duration_s"),
+    }
+
+
+def sweep(cfg: BenchConfig, display=None) -> list[dict[str, Any]]:
+    """Run the whole sweep described by ``cfg``; write records under ``cfg.out``; return them."""
+    from .. import checkpoint
+    from ..runtime.hardware import detect
+    from .display import SweepDisplay
+    from .metrics import bits_per_weight
+
+    hw = detect()
+    device = hw.torch_device if cfg.device == "auto" else cfg.device
+    src = checkpoint.open(cfg.source)
+    source = {"spec": str(cfg.source), "sha256": src.sha256(), "params": int(src.num_params())}
+    src_bytes = sum(f.stat().st_size for f in src.files)
+    ref_dtype = "fp32" if device == "cpu" else "bf16"
+    out = Path(cfg.out)
+    (out / "records").mkdir(parents=True, exist_ok=True)
+    for old in (out / "records").glob("*.json"):  # the folder holds the latest sweep only
+        old.unlink()
+    common = {
+        "run_id": datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + os.urandom(3).hex(),
+        "source": source, "options": dict(cfg.options), "hardware": hw.to_dict(), "fingerprint": hw.fingerprint(),
+        "software": software_versions(),
+        "settings": {"steps": cfg.steps, "width": cfg.width, "height": cfg.height, "prompts": list(cfg.prompts),
+                     "seeds": list(cfg.seeds), "repeats": cfg.repeats, "warmup": cfg.warmup,
+                     "guidance_scale": cfg.guidance_scale, "device": device},
+    }
+    rows = plan(expand_formats(cfg.formats), cfg.backend, hw)
+    base = cfg.base or pipeline_folder_of(cfg.source)
+    display = display or SweepDisplay(1 + sum(r.status is None for r in rows), enabled=cfg.progress)
+    work = Path(tempfile.mkdtemp(prefix=".work-", dir=out))
+    ref_dir = work / "reference"
+    run_base = {"mode": "run", "device": device, "base": base, "prompts": list(cfg.prompts),
+                "seeds": list(cfg.seeds), "steps": cfg.steps, "width": cfg.width, "height": cfg.height,
+                "repeats": cfg.repeats, "warmup": cfg.warmup, "guidance_scale": cfg.guidance_scale,
+                "ref_dir": str(ref_dir)}
+    records: list[dict[str, Any]] = []
+
+    def finish(rec: dict[str, Any]) -> None:
+        records.append(rec)
+        path = out / "records" / f"{safe_name(rec['label'])}.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(rec, indent=1) + "\n")
+        os.replace(tmp, path)
+
+    try:
+        with display:
+            ref_row = Planned(ref_dtype, ref_dtype, None, "torch", "reference: eager PyTorch from the source")
+            display.start("reference")
+            images_dir = out / "images" / "reference"
+            shutil.rmtree(images_dir, ignore_errors=True)
+            res = run_worker(dict(run_base, role="reference", model=str(cfg.source), dtype=ref_dtype, backend=None,
+                                  image_dir=str(images_dir)), work, "reference", cfg.timeout, display.event,
+                             out / "logs" / "reference.log")
+            ref = _record(common, ref_row, "reference", res,
+                          {"artifact_bytes": src_bytes, "bits_per_weight": bits_per_weight(src_bytes, source["params"])},
+                          ref_dtype, out)
+            finish(ref)
+            display.end("reference", ref["status"], ref["message"])
+            ref_images = [str(out / im["path"]) for im in ref["images"]] if ref["status"] == "ok" else []
+            for row in rows:
+                if row.status is not None:
+                    finish(_record(common, row, "variant", {"status": row.status, "message": row.message}, {},
+                                   None, out))
+                    continue
+                display.start(row.label)
+                rec = _run_variant(cfg, common, row, run_base, ref_images, work, out, display)
+                finish(rec)
+                display.end(row.label, rec["status"], rec["message"])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    from .schema import validate
+
+    for rec in records:  # a record we cannot read back is a bug here, not a user error
+        problems = validate(rec)
+        if problems:
+            raise AssertionError(f"invalid bench record {rec['label']}: {problems}")
+    doc = out / "results.json"
+    tmp = doc.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results_document(records), indent=1) + "\n")
+    os.replace(tmp, doc)
+    return records
+
+
+def _run_variant(cfg, common, row: Planned, run_base, ref_images, work: Path, out: Path, display) -> dict[str, Any]:
+    from .metrics import artifact_bytes, bits_per_weight
+
+    name = safe_name(row.label)
+    artifact = cached_artifact_path(common["source"]["sha256"], row.spec, cfg.options)
+    if cfg.reconvert and artifact.exists():
+        shutil.rmtree(artifact) if artifact.is_dir() else artifact.unlink()
+    metrics: dict[str, Any] = {"cached": artifact.exists(), "convert_s": None}
+    if not artifact.exists():
+        display.phase(row.label, "convert")
+        res = run_worker({"mode": "convert", "source": str(cfg.source), "to": row.spec, "out": str(artifact),
+                          "options": cfg.options}, work, f"{name}.convert", cfg.timeout, display.event,
+                         out / "logs" / f"{name}.convert.log")
+        metrics["convert_s"] = res.get("metrics", {}).get("convert_s")
+        if res["status"] != "ok" or not artifact.exists():
+            res = dict(res, message=f"conversion failed: {res.get('message') or 'no artifact written'}",
+                       metrics={})
+            if res["status"] == "ok":
+                res["status"] = "failed"
+            return _record(common, row, "variant", res, metrics, None, out)
+    metrics["artifact_bytes"] = artifact_bytes(artifact)
+    metrics["bits_per_weight"] = bits_per_weight(metrics["artifact_bytes"], common["source"]["params"])
+    images_dir = out / "images" / name
+    shutil.rmtree(images_dir, ignore_errors=True)
+    res = run_worker(dict(run_base, role="variant", model=str(artifact), dtype=None, backend=row.backend,
+                          image_dir=str(images_dir), ref_images=ref_images), work, name, cfg.timeout,
+                     display.event, out / "logs" / f"{name}.log")
+    return _record(common, row, "variant", res, metrics, None, out)

@@ -1,0 +1,131 @@
+"""zopt bench: sweep formats x backends on this machine; table, JSON records, HTML report, CI gate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_arguments(p) -> None:
+    p.add_argument("source", nargs="?", default="tiny",
+                   help="checkpoint to benchmark: 'tiny' (embedded default), a diffusers folder, a file or hub id")
+    p.add_argument("--formats", default="all",
+                   help="comma-separated format specs (e.g. bf16,fp8,gguf:Q4_K_M) or 'all' (every format that can "
+                        "run here; gguf as Q8_0 and Q4_K_M)")
+    p.add_argument("--backend", default="auto",
+                   help="'auto' (best per format), 'all' (every backend that can run here), a name, or FORMAT=NAME "
+                        "pairs, comma separated")
+    p.add_argument("--steps", type=int, default=4, help="denoising steps per image (default 4)")
+    p.add_argument("--resolution", default="256x256", help="WxH (default 256x256)")
+    p.add_argument("--prompts", default=None, metavar="FILE", help="text file, one prompt per line (default: 2 built-in)")
+    p.add_argument("--seeds", nargs="+", default=["0"], help="seeds, e.g. --seeds 0 1 or --seeds 0,1 (default 0)")
+    p.add_argument("--repeats", type=int, default=2, help="timed passes over all prompts x seeds (default 2)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed images before timing (default 1)")
+    p.add_argument("--guidance", type=float, default=0.0, help="CFG scale (Turbo: 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--base", default=None, help="pipeline folder supplying text encoder, tokenizer and VAE")
+    p.add_argument("--option", action="append", default=[], metavar="K=V", help="conversion option for every format")
+    p.add_argument("--reconvert", action="store_true", help="convert again instead of using cached conversions")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per run before it is stopped")
+    p.add_argument("-o", "--out", default="exports/bench", help="output folder (records/, images/, logs/, "
+                   "results.json, report.html; default exports/bench)")
+    p.add_argument("--results", default=None, metavar="FILE",
+                   help="do not run: read records from FILE (results.json, a record or a folder) for the table, "
+                        "report and gate")
+    p.add_argument("--no-report", action="store_true", help="do not write the HTML report")
+    p.add_argument("--no-progress", action="store_true", help="no progress display")
+    p.add_argument("--baseline", default=None, metavar="OLD.json",
+                   help="compare with these records and exit 3 if a metric regressed (4 if nothing is comparable)")
+    p.add_argument("--max-regression", default=None, metavar="LIMITS",
+                   help="e.g. 'latency=10%%,memory=5%%,psnr=0.5dB' (the default with --baseline); metrics: latency, "
+                        "latency_p90, image_latency, memory, load, size, psnr, ssim, lpips, rel_l2, cosine, latent_err")
+
+
+def _prompts(path: str | None) -> list[str] | None:
+    from ..errors import ZoptError
+
+    if not path:
+        return None
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ZoptError(f"cannot read prompts file ({getattr(e, 'strerror', None) or e.__class__.__name__})",
+                        path) from None
+    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+    if not prompts:
+        raise ZoptError("prompts file has no prompts (one per line)", path)
+    return prompts
+
+
+def _seeds(items: list[str]) -> list[int]:
+    from ..errors import ZoptError
+
+    try:
+        return [int(s) for item in items for s in item.split(",") if s.strip()]
+    except ValueError:
+        raise ZoptError(f"--seeds {' '.join(items)!r}: seeds are integers") from None
+
+
+def _options(items: list[str]) -> dict[str, str]:
+    from ..errors import ZoptError
+
+    out = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep or not k.strip():
+            raise ZoptError(f"--option {item!r} is not K=V")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def run(args) -> int:
+    from ..bench import gate as G
+    from ..bench.display import print_table
+    from ..bench.schema import load_records
+    from ..errors import ZoptError
+    from .generate import parse_resolution
+
+    limits = G.parse_limits(args.max_regression or G.DEFAULT_LIMITS) if args.baseline else None
+    if args.max_regression and not args.baseline:
+        raise ZoptError("--max-regression needs --baseline OLD.json")
+    baseline = load_records(args.baseline) if args.baseline else None  # fail before a long sweep
+    out = Path(args.out)
+    if args.results:
+        records = load_records(args.results)
+        root = Path(args.results) if Path(args.results).is_dir() else Path(args.results).parent
+    else:
+        from ..bench.harness import BenchConfig, sweep
+
+        for name in ("steps", "repeats"):
+            if getattr(args, name) < 1:
+                raise ZoptError(f"--{name} must be at least 1")
+        if args.warmup < 0:
+            raise ZoptError("--warmup cannot be negative")
+        w, h = parse_resolution(args.resolution)
+        cfg = BenchConfig(source=args.source, formats=[args.formats], backend=args.backend, steps=args.steps,
+                          width=w, height=h, seeds=_seeds(args.seeds), repeats=args.repeats, warmup=args.warmup,
+                          guidance_scale=args.guidance, device=args.device, base=args.base,
+                          options=_options(args.option), out=out, timeout=args.timeout,
+                          progress=not args.no_progress, reconvert=args.reconvert)
+        prompts = _prompts(args.prompts)
+        if prompts:
+            cfg.prompts = prompts
+        records = sweep(cfg)
+        root = out
+    print_table(records)
+    if not args.no_report and records:
+        from ..bench.report import write_html
+
+        report = out / "report.html" if not args.results else root / "report.html"
+        write_html(records, root, report)
+        print(f"report: {report}")
+    if not args.results:
+        print(f"records: {out / 'results.json'} ({len(records)} runs)")
+    if baseline is not None:
+        res = G.compare(baseline, records, limits)
+        G.print_gate(res)
+        return res.exit_code
+    ref = next((r for r in records if r["role"] == "reference"), None)
+    if not args.results and (ref is None or ref["status"] != "ok"):
+        msg = ref.get("message") if ref else "no reference record"
+        raise ZoptError(f"the reference run did not succeed ({msg}); see {out / 'logs' / 'reference.log'}")
+    return 0
