@@ -20,7 +20,7 @@ test: $(STAMP) browser
 	$(PY) -m pytest -n 2 -q
 
 demo: $(STAMP)
-	$(VENV)/bin/zopt generate --model tiny --prompt "a lighthouse on a cliff at dawn" -o exports/demo.png
+	$(VENV)/bin/zopt bench tiny --out exports/bench
 
 # The HTML-report test renders in headless Chromium and skips without it. In CI (CI set, root,
 # Debian) install it so the test runs instead of skipping; elsewhere nothing is installed.
