@@ -55,8 +55,12 @@ def _fp8_linear_class():
     Base = C.lowbit_linear_base()
 
     def storage_kernel(m, x):
-        w = m.weight.view(m.fp8_dtype).to(x.dtype) * m.weight_scale.to(x.dtype)[:, None]
-        return F.linear(x, w)
+        # FP8 values are exact in bf16/fp16/fp32: upcast, matmul, then scale the output columns
+        # (fp16 could overflow on unscaled sums, so it scales the weight first)
+        w = m.weight.view(m.fp8_dtype).to(x.dtype)
+        if x.dtype == torch.float16:
+            return F.linear(x, w * m.weight_scale.to(x.dtype)[:, None])
+        return F.linear(x, w) * m.weight_scale.to(x.dtype)
 
     def scaled_mm_kernel(m, x):
         if not m.mm_ok:

@@ -57,7 +57,7 @@ def quantize_int4(w, group: int = DEFAULT_GROUP, clip_search: bool = True):
     import torch
 
     rows, cols = w.shape
-    g = w.float().reshape(rows, cols // group, group)
+    g = w.detach().float().reshape(rows, cols // group, group)
     mn, mx = g.amin(-1), g.amax(-1)
     best_f = torch.ones_like(mn)
     if clip_search:
