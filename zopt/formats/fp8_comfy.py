@@ -102,14 +102,12 @@ def _scheme(var: str):
 
 def load_comfy(folder: Path, device: str = "cpu", backend: str | None = None, dtype: Any = None):
     """Rebuild the model from a comfy-layout fp8 artifact folder (qkv split back into q, k, v)."""
-    import torch
 
     from .fp8 import fp8_linear
 
     manifest = verify_manifest(folder, read_manifest(folder))
     name = C.choose_backend("fp8", device, backend)
     model = empty_model(manifest["config"])
-    keep_dtype = dtype if dtype is not None else torch.bfloat16
     with C.open_weights(folder / manifest["file"]) as f:
         # quantized modules first, so a bias set afterwards lands on the new module
         for dn, rec in sorted(manifest["tensors"].items(), key=lambda kv: "scale" not in kv[1]):
@@ -120,7 +118,7 @@ def load_comfy(folder: Path, device: str = "cpu", backend: str | None = None, dt
                 mod = fp8_linear(t, f.get_tensor(rec["scale"]), name).to(device)
                 replace_module(model, dn.rsplit(".", 1)[0], mod)
             else:
-                set_tensor(model, dn, t.to(device=device, dtype=keep_dtype))
+                set_tensor(model, dn, t.to(device=device, dtype=dtype or t.dtype))
     check_no_meta(model, folder)
     model.zopt_backend = name
     return model

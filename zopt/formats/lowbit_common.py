@@ -321,14 +321,12 @@ def open_weights(path: Path):
 def load_lowbit(path: Path, scheme_for: Callable[[dict[str, Any]], Scheme], device: str = "cpu",
                 backend: str | None = None, dtype: Any = None):
     """Rebuild the model of a diffusers-layout low-bit artifact (verified against its manifest)."""
-    import torch
 
     folder = artifact_folder(path)
     manifest = verify_manifest(folder, read_manifest(folder))
     scheme = scheme_for(manifest)
     name = choose_backend(manifest["format"], device, backend)
     model = empty_model(manifest["config"])
-    keep_dtype = dtype if dtype is not None else torch.bfloat16
     with open_weights(folder / WEIGHTS_NAME) as f:
         for n, rec in manifest["tensors"].items():
             if "parts" in rec:
@@ -338,7 +336,7 @@ def load_lowbit(path: Path, scheme_for: Callable[[dict[str, Any]], Scheme], devi
         for n, rec in manifest["tensors"].items():
             if "parts" not in rec:
                 t = f.get_tensor(n)
-                set_tensor(model, n, t.to(device=device, dtype=keep_dtype))
+                set_tensor(model, n, t.to(device=device, dtype=dtype or t.dtype))
     check_no_meta(model, folder)
     model.zopt_backend = name
     return model
