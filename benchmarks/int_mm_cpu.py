@@ -6,7 +6,7 @@ quantization in all three: ``dequant`` (dequantize both operands, fp32 matmul â€
 ``torch-dequant`` backend), ``int_mm`` (INT8 x INT8 -> INT32 with ``torch._int_mm``) and, for
 reference, the weight-only fp32 matmul.
 
-    python benchmarks/int_mm_cpu.py
+    python benchmarks/int_mm_cpu.py [THREADS]     # default 1 thread
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-SHAPES = [(4096, 1536, 1536), (4096, 1536, 4096), (1024, 3840, 3840), (4096, 3840, 10240)]
+SHAPES = [(1024, 1536, 1536), (1024, 1536, 4096), (1024, 3840, 3840), (1024, 3840, 10240)]
 
 
 def best_ms(fn, reps: int = 3) -> float:
@@ -30,6 +30,9 @@ def best_ms(fn, reps: int = 3) -> float:
 
 
 def main() -> None:
+    import sys
+
+    torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'M x K x N':>20} {'dequant ms':>11} {'int_mm ms':>10} {'fp32 w-only ms':>15} {'speed-up':>9} {'rel diff':>9}")

@@ -86,7 +86,7 @@ def main() -> int:
         for size in args.sizes:
             src = make_source(size, tmp)
             ref_model = load_source(src, dtype=torch.float32)
-            inputs = make_inputs(dict(ref_model.config), 32 if size == "tiny" else 64)
+            inputs = make_inputs(dict(ref_model.config), 32)
             ref, ref_t = run(ref_model, inputs, args.reps)
             ref_bytes = folder_bytes(src)
             del ref_model
