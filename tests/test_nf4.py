@@ -117,3 +117,20 @@ def test_diffusers_bitsandbytes_loader_reads_artifact(root, tiny_transformer_dir
     a, b = output(theirs, inputs).cpu(), output(ours, inputs).cpu()
     assert rel_err(a, b) < 0.02
     assert cosine(b, reference_output(tiny_transformer_dir, tiny_reference_inputs)) > 0.97
+
+
+@pytest.mark.peer
+def test_bitsandbytes_kernel_matches_torch_dequant():
+    import torch
+
+    pytest.importorskip("bitsandbytes")
+    from zopt.formats.nf4 import NF4Scheme
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(256, 512, generator=g)
+    scheme = NF4Scheme(True)
+    parts = dict(zip([p[0] for p in scheme.parts("a.weight", (256, 512))], scheme.quantize(w), strict=True))
+    ours, theirs = scheme.module(parts, (256, 512), "torch-dequant"), scheme.module(parts, (256, 512), "bitsandbytes")
+    x = torch.randn(2, 7, 512, generator=g).bfloat16()
+    # bitsandbytes' matmul_4bit (run here on CPU; CUDA in production) on zopt's stored tensors
+    assert rel_err(theirs(x), ours(x)) < 1e-2
