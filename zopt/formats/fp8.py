@@ -121,7 +121,8 @@ class FP8Scheme(C.Scheme):
         return C.quantize_rows(quantize_fp8, w, self.var)
 
     def module(self, parts, shape, backend):
-        (wname, q), (_, s) = sorted(parts.items(), key=lambda kv: kv[0].endswith("_scale"))
+        q = next(v for k, v in parts.items() if not k.endswith("_scale"))
+        s = next(v for k, v in parts.items() if k.endswith("_scale"))
         return fp8_linear(q, s, backend)
 
 
