@@ -277,3 +277,31 @@ def test_onnx_in_the_pipeline_matches_eager(onnx_fp32, tmp_path):
         imgs[name] = np.asarray(Image.open(res[0].path), dtype=np.float32)
     assert imgs["onnx"].shape == (64, 96, 3)
     assert np.abs(imgs["onnx"] - imgs["eager"]).mean() < 0.5  # in 0..255 levels
+
+
+@pytest.mark.parametrize("precision,bound", [("int8", 0.15), ("fp8", 0.3)])
+def test_tensorrt_qdq_graph_runs_on_cpu(onnx_fp32, eager_fp32, tmp_path, precision, bound):
+    """The Q/DQ file a tensorrt:int8/fp8 engine is built from: body MatMuls only, error measured on CPU."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from zopt.formats.onnx_graph import graph_inputs
+    from zopt.formats.tensorrt import calibration_feeds, qdq_model
+
+    config = dict(eager_fp32.config)
+    stats = qdq_model(onnx_fp32 / "model.onnx", tmp_path / "q.onnx", precision,
+                      calibration_feeds(config, {"calibration_samples": 2}))
+    assert stats["quantized_matmuls"] == 4 * 7
+    m = onnx.load(str(tmp_path / "q.onnx"), load_external_data=False)
+    dq_weights = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("_quantized")]
+    assert len(dq_weights) == 4 * 7
+    want = onnx.TensorProto.FLOAT8E4M3FN if precision == "fp8" else onnx.TensorProto.INT8
+    assert {i.data_type for i in m.graph.initializer if i.name.endswith("weight_t_quantized")} == {want}
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # no QLinearMatMul fusion for fp8
+    args = graph_inputs(config, 2, 16, 12, 37, seed=11)
+    feeds = dict(zip(("latents", "timestep", "text_embeds", "text_lens"), (a.numpy() for a in args), strict=True))
+    out = torch.from_numpy(ort.InferenceSession(str(tmp_path / "q.onnx"), so).run(None, feeds)[0])
+    err = rel_err(out, ort_batch(ort_session(onnx_fp32), *args))
+    assert 1e-3 < err < bound, err

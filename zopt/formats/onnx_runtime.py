@@ -41,32 +41,22 @@ def provider_options(backend: str, folder: Path, precision: str) -> list[Any]:
     return out
 
 
-class OrtTransformer(ModelMixin):
-    """``forward(x, t, cap_feats, return_dict=False) -> (list of (C, 1, H, W) tensors,)``.
+class GraphTransformer(ModelMixin):
+    """Base of runtime modules over the exported graph: list packing, ``.config``/``.dtype``/``.device``.
 
-    A ``ModelMixin`` only because ``DiffusionPipeline.from_pretrained`` accepts nothing else as
-    its transformer; it holds no torch parameters.
+    ``forward(x, t, cap_feats, return_dict=False) -> (list of (C, 1, H, W) tensors,)``. A
+    ``ModelMixin`` only because ``DiffusionPipeline.from_pretrained`` accepts nothing else as its
+    transformer; it holds no torch parameters. Subclasses provide ``run(latents (B,C,H,W) f32,
+    timestep (B,) f32, text_embeds (B,L,cap) f32, text_lens (B,) i64) -> (B,C,H,W) f32`` on CPU tensors.
     """
 
-    def __init__(self, model_path: Path, config: dict[str, Any], providers: list[Any], device: str = "cpu",
-                 threads: int | None = None):
+    def __init__(self, config: dict[str, Any], device: str = "cpu"):
         super().__init__()
-        import onnxruntime as ort
         from diffusers.configuration_utils import FrozenDict
 
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(os.fspath(model_path), opts, providers=providers)
-        except Exception as e:  # onnxruntime raises its own exception types; report one line
-            raise CorruptFile(f"onnxruntime cannot open the model: {str(e).splitlines()[0][:300]}", model_path) from None
-        self.config = FrozenDict({k: v for k, v in config.items()})
+        self.config = FrozenDict(dict(config))
         self.in_channels = config["in_channels"]
-        self.providers = self.session.get_providers()
         self._device = torch.device(device)
-        self._inputs = [i.name for i in self.session.get_inputs()]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -76,15 +66,8 @@ class OrtTransformer(ModelMixin):
     def device(self) -> torch.device:
         return self._device
 
-    def run_arrays(self, latents, timestep, text_embeds, text_lens):
-        """Run the graph on numpy arrays (B,C,H,W) f32, (B,) f32, (B,L,cap) f32, (B,) i64."""
-        feeds = dict(zip(self._inputs, (latents, timestep, text_embeds, text_lens), strict=True))
-        return self.session.run(None, feeds)[0]
-
     def forward(self, x: list[torch.Tensor], t: torch.Tensor, cap_feats: list[torch.Tensor], return_dict: bool = True,
                 **_: Any):
-        import numpy as np
-
         if len(x) != len(cap_feats):
             raise ShapeMismatch(f"{len(x)} latents but {len(cap_feats)} captions")
         t = t.reshape(-1).expand(len(x)) if t.numel() == 1 else t.reshape(-1)
@@ -95,17 +78,15 @@ class OrtTransformer(ModelMixin):
                 raise ShapeMismatch(f"latent {i} has shape {tuple(xi.shape)}; expected (C, 1, H, W), H and W even")
             groups.setdefault(tuple(xi.shape), []).append(i)
         for idx in groups.values():
-            lat = torch.stack([x[i][:, 0] for i in idx]).float().cpu().numpy()
+            lat = torch.stack([x[i][:, 0] for i in idx]).float().cpu()
             caps = [cap_feats[i].float().cpu() for i in idx]
             if min(len(c) for c in caps) < 1:
                 raise ShapeMismatch("empty caption: at least one text token is needed")
-            n = max(len(c) for c in caps)
-            emb = np.zeros((len(idx), n, caps[0].shape[-1]), dtype=np.float32)
+            emb = torch.zeros(len(idx), max(len(c) for c in caps), caps[0].shape[-1])
             for r, c in enumerate(caps):
-                emb[r, : len(c)] = c.numpy()
-            lens = np.array([len(c) for c in caps], dtype=np.int64)
-            ts = t[idx].float().cpu().numpy()
-            res = torch.from_numpy(self.run_arrays(lat, ts, emb, lens))
+                emb[r, : len(c)] = c
+            lens = torch.tensor([len(c) for c in caps], dtype=torch.int64)
+            res = self.run(lat, t[idx].float().cpu(), emb, lens)
             for r, i in enumerate(idx):
                 out[i] = res[r][:, None].to(device=x[i].device, dtype=x[i].dtype)
         if return_dict:
@@ -113,3 +94,27 @@ class OrtTransformer(ModelMixin):
 
             return Transformer2DModelOutput(sample=out)
         return (out,)
+
+
+class OrtTransformer(GraphTransformer):
+    """The exported graph in an onnxruntime ``InferenceSession`` (any execution provider)."""
+
+    def __init__(self, model_path: Path, config: dict[str, Any], providers: list[Any], device: str = "cpu",
+                 threads: int | None = None):
+        super().__init__(config, device)
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(os.fspath(model_path), opts, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types; report one line
+            raise CorruptFile(f"onnxruntime cannot open the model: {str(e).splitlines()[0][:300]}", model_path) from None
+        self.providers = self.session.get_providers()
+        self._inputs = [i.name for i in self.session.get_inputs()]
+
+    def run(self, latents, timestep, text_embeds, text_lens):
+        arrays = (latents.numpy(), timestep.numpy(), text_embeds.numpy(), text_lens.numpy())
+        return torch.from_numpy(self.session.run(None, dict(zip(self._inputs, arrays, strict=True)))[0])
