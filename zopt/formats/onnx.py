@@ -75,13 +75,11 @@ def _quiet_logging():
     """onnxruntime's quantizers log advice and per-node notes through ``logging``; zopt reports itself."""
     import logging
 
-    root = logging.getLogger()
-    old = root.level
-    root.setLevel(logging.ERROR)
+    logging.disable(logging.WARNING)
     try:
         yield
     finally:
-        root.setLevel(old)
+        logging.disable(logging.NOTSET)
 
 
 def quantize_int8(fp32_model: Path, out_model: Path, options: dict[str, Any]) -> dict[str, Any]:
