@@ -102,6 +102,11 @@ def export(src: TensorSource, folder: Path, precision: str = "fp32", progress: b
     from .onnx_graph import rope_tables
 
     config = zimage.check_shapes(src)
+    if config.get("siglip_feat_dim"):
+        from ..errors import UnsupportedFormat
+
+        raise UnsupportedFormat("the ONNX export covers text-to-image Z-Image; the Omni (SigLIP) variant is not "
+                                "supported", src.path)
     d = zimage.as_diffusers(src)
     t0 = time.perf_counter()
     model_path = folder / MODEL_NAME
