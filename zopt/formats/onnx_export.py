@@ -83,13 +83,14 @@ def _onnx_dtype(dtype) -> int:
             torch.bfloat16: onnx.TensorProto.BFLOAT16}[dtype]
 
 
-def _tensor_bytes(t) -> bytes:
+def _tensor_buffer(t):
+    """A contiguous numpy view of ``t`` (written without another copy)."""
     import torch
 
     t = t.contiguous().cpu()
     if t.dtype == torch.bfloat16:  # numpy has no bfloat16: write the raw 16-bit patterns
         t = t.view(torch.int16)
-    return t.numpy().tobytes()
+    return t.numpy()
 
 
 def export(src: TensorSource, folder: Path, precision: str = "fp32", progress: bool = True) -> dict[str, Any]:
@@ -131,14 +132,15 @@ def export(src: TensorSource, folder: Path, precision: str = "fp32", progress: b
             pad = (-offset) % ALIGN
             f.write(b"\0" * pad)
             offset += pad
-            data = _tensor_bytes(t)
-            f.write(data)
+            data = _tensor_buffer(t)
+            f.write(data.data)
             init = onnx.TensorProto(name=inp.name, dims=list(shape), data_type=_onnx_dtype(dtype))
             init.data_location = onnx.TensorProto.EXTERNAL
-            for k, v in (("location", DATA_NAME), ("offset", str(offset)), ("length", str(len(data)))):
+            for k, v in (("location", DATA_NAME), ("offset", str(offset)), ("length", str(data.nbytes))):
                 init.external_data.add(key=k, value=v)
             graph.initializer.append(init)
-            offset += len(data)
+            offset += data.nbytes
+            del t, data
             bar.advance()
     for inp in weights:
         graph.input.remove(inp)
