@@ -305,3 +305,18 @@ def test_tensorrt_qdq_graph_runs_on_cpu(onnx_fp32, eager_fp32, tmp_path, precisi
     out = torch.from_numpy(ort.InferenceSession(str(tmp_path / "q.onnx"), so).run(None, feeds)[0])
     err = rel_err(out, ort_batch(ort_session(onnx_fp32), *args))
     assert 1e-3 < err < bound, err
+
+
+def test_quantization_policy_and_overrides(onnx_fp32):
+    """Body matmuls only by default; --keep / --quantize regexes (diffusers names) override it."""
+    import onnx
+
+    from zopt.formats.onnx import quantizable_matmuls
+
+    m = onnx.load(str(onnx_fp32 / "model.onnx"), load_external_data=False)
+    body, other = quantizable_matmuls(m)
+    assert len(body) == 28 and len(other) > 0
+    kept, _ = quantizable_matmuls(m, keep=[r"^layers\.1\."])
+    assert len(kept) == 21
+    more, _ = quantizable_matmuls(m, quantize=[r"adaLN_modulation"])
+    assert len(more) == 28 + 4  # adaLN of 2 main blocks, the noise refiner and the final layer

@@ -18,6 +18,7 @@ Both quantized subtypes touch only the MatMuls whose weight is not precision-sen
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -57,15 +58,21 @@ def weight_of(initializer_name: str) -> str:
     return name[: -len("_t")] if name.endswith(".weight_t") else name
 
 
-def quantizable_matmuls(model) -> tuple[list[str], list[str]]:
-    """(names of MatMul nodes with a non-sensitive constant weight, names of all other MatMuls)."""
+def quantizable_matmuls(model, keep: list[str] = (), quantize: list[str] = ()) -> tuple[list[str], list[str]]:
+    """(names of MatMul nodes with a non-sensitive constant weight, names of all other MatMuls).
+
+    ``keep`` / ``quantize``: regexes of diffusers tensor names that override the Z-Image policy
+    (``zopt convert --keep / --quantize``).
+    """
     inits = {i.name for i in model.graph.initializer}
     body, other = [], []
     for node in model.graph.node:
         if node.op_type != "MatMul":
             continue
         w = node.input[1]
-        ok = w in inits and zimage.sensitive_reason(weight_of(w)) is None
+        name = weight_of(w)
+        ok = w in inits and (zimage.sensitive_reason(name) is None or any(re.search(p, name) for p in quantize))
+        ok = ok and not any(re.search(p, name) for p in keep)
         (body if ok else other).append(node.name)
     return body, other
 
@@ -88,7 +95,7 @@ def quantize_int8(fp32_model: Path, out_model: Path, options: dict[str, Any]) ->
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = onnx.load(str(fp32_model), load_external_data=False)
-    body, other = quantizable_matmuls(model)
+    body, other = quantizable_matmuls(model, options.get("keep", []), options.get("quantize", []))
     del model
     per_channel = bool(options.get("per_channel", True))
     quantize_dynamic(str(fp32_model), str(out_model), op_types_to_quantize=["MatMul"], per_channel=per_channel,
@@ -106,7 +113,7 @@ def quantize_int4(fp32_model: Path, out_model: Path, options: dict[str, Any]) ->
     block = int(options.get("block_size", 32))
     symmetric = bool(options.get("symmetric", False))
     model = onnx.load(str(fp32_model))
-    body, other = quantizable_matmuls(model)
+    body, other = quantizable_matmuls(model, options.get("keep", []), options.get("quantize", []))
     q = MatMulNBitsQuantizer(model, bits=4, block_size=block, is_symmetric=symmetric, nodes_to_exclude=other)
     q.process()
     q.model.save_model_to_file(str(out_model), use_external_data_format=True)
