@@ -320,3 +320,26 @@ def test_quantization_policy_and_overrides(onnx_fp32):
     assert len(kept) == 21
     more, _ = quantizable_matmuls(m, quantize=[r"adaLN_modulation"])
     assert len(more) == 28 + 4  # adaLN of 2 main blocks, the noise refiner and the final layer
+
+
+def test_bf16_export_numerics_and_cpu_refusal(onnx_fp32, eager_fp32, tiny_transformer_dir, tmp_path_factory):
+    """bf16 has no onnxruntime CPU kernels: its numerics are checked with ONNX's reference evaluator."""
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    from zopt import formats
+    from zopt.errors import UnsupportedFormat
+    from zopt.formats.onnx_graph import graph_inputs
+
+    out = formats.convert(tiny_transformer_dir, "onnx:bf16", tmp_path_factory.mktemp("o") / "bf16", progress=False)
+    m, kinds = _storage(out)
+    assert kinds["model.layers.1.feed_forward.w1.weight_t"] == "BFLOAT16" and kinds["model.x_pad_token"] == "FLOAT"
+    args = graph_inputs(dict(eager_fp32.config), 1, 8, 6, 20, seed=2)
+    feeds = dict(zip(("latents", "timestep", "text_embeds", "text_lens"), (a.numpy() for a in args), strict=True))
+    import torch
+
+    got = torch.from_numpy(ReferenceEvaluator(onnx.load(str(out / "model.onnx"))).run(None, feeds)[0])
+    err = rel_err(got, ort_batch(ort_session(onnx_fp32), *args))
+    assert 1e-4 < err < 2e-2, err  # measured 4e-3
+    with pytest.raises(UnsupportedFormat, match="bf16"):
+        formats.load(out)
