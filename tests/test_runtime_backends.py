@@ -177,8 +177,9 @@ def test_nf4_rules():
 
 def test_int8_rules():
     pytest.importorskip("zopt.formats.int8")
-    for m, name in _select_all("int8_w8a8").items():
-        assert name == ("int-mm-cuda" if m in CUDA else "torch-dequant"), m
+    # torch._int_mm on CUDA; on CPU it was measured faster than dequant + matmul (docs/lowbit.md)
+    expected = {m: "int-mm-cuda" if m in CUDA else "int-mm-cpu" if m == "cpu-only" else "torch-dequant" for m in FAKES}
+    assert _select_all("int8_w8a8") == expected
     assert set(_select_all("int8").values()) == {"torch-dequant"}
 
 
