@@ -23,11 +23,15 @@ def variants(tmp_path_factory, tiny_original_file):
 
 
 def _record(spec, sha, psnr, step_ms, peak):
-    return {"status": "ok", "role": "variant", "run_id": f"run-{spec}", "format": {"spec": spec},
-            "source": {"sha256": sha}, "hardware_fingerprint": "cpu:test:x86_64:2",
-            "settings": {"steps": 4, "width": 256, "height": 256, "prompts": ["a", "b"], "seeds": [0]},
-            "metrics": {"quality": {"psnr_db": psnr, "ssim": 0.987654, "rel_l2_mean": 0.01234},
-                        "latency": {"step_ms": {"median": step_ms}}, "memory": {"peak_bytes": peak}}}
+    """A schema-valid bench record made by the harness's own record code."""
+    from bench_helpers import record
+
+    from zopt.bench.schema import validate
+
+    rec = record(spec, psnr=psnr, step_ms=step_ms, peak=peak)
+    rec["source"]["sha256"] = sha
+    assert validate(rec) == []
+    return rec
 
 
 def test_publish_card_matches_records_and_verify(tmp_path, variants):
