@@ -156,21 +156,13 @@ def test_hub_offline_fails_fast(monkeypatch, tmp_path):
 
 def test_sparse_full_size_header_counts_params(tmp_path):
     """A full-size header over a sparse file: only headers are read, parameters are exact."""
-    from zopt.models import synthetic_layout
+    from zopt.models import synthetic_header, synthetic_layout
 
-    layout = synthetic_layout(zimage.FULL_CONFIG)
-    header, off = {}, 0
-    for name, shape in layout:
-        n = 1
-        for d in shape:
-            n *= d
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + 2 * n]}
-        off += 2 * n
-    h = json.dumps(header).encode()
+    header, data_bytes = synthetic_header(synthetic_layout(zimage.FULL_CONFIG))
     path = tmp_path / "full.safetensors"
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)) + h)
-        f.truncate(8 + len(h) + off)  # sparse: no data written
+        f.write(header)
+        f.truncate(len(header) + data_bytes)  # sparse: no data written
     src = checkpoint.open(path)
     assert src.num_params() == zimage.FULL_NUM_PARAMS == 6_154_908_736
     assert zimage.infer_config(src)["dim"] == 3840 and zimage.infer_config(src)["n_layers"] == 30

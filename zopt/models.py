@@ -194,6 +194,24 @@ def synthetic_layout(config: dict[str, Any], prefix: str = "") -> list[tuple[str
     return sorted(out.items())
 
 
+def synthetic_header(layout: list[tuple[str, tuple[int, ...]]], metadata: dict[str, str] | None = None
+                     ) -> tuple[bytes, int]:
+    """(8-byte length + padded JSON header, data bytes) of a bf16 safetensors file with ``layout``."""
+    header: dict[str, Any] = {
+        "__metadata__": {"format": "pt", "modelspec.architecture": "Z-Image (synthetic)", **(metadata or {})}
+    }
+    offset = 0
+    for name, shape in layout:
+        n = 1
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + 2 * n]}
+        offset += 2 * n
+    hbytes = json.dumps(header, separators=(",", ":")).encode()
+    hbytes += b" " * (-len(hbytes) % 8)
+    return struct.pack("<Q", len(hbytes)) + hbytes, offset
+
+
 def write_synthetic(
     out: str | os.PathLike,
     size: str = "full",
@@ -211,30 +229,13 @@ def write_synthetic(
 
     config = zimage.config_for(size)
     layout = synthetic_layout(config, prefix)
-    header: dict[str, Any] = {
-        "__metadata__": {
-            "format": "pt",
-            "zopt.synthetic": json.dumps({"size": size, "seed": seed}),
-            "modelspec.architecture": "Z-Image (synthetic)",
-        }
-    }
-    offset = 0
-    for name, shape in layout:
-        n = 1
-        for d in shape:
-            n *= d
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + 2 * n]}
-        offset += 2 * n
-    hbytes = json.dumps(header, separators=(",", ":")).encode()
-    hbytes += b" " * (-len(hbytes) % 8)
-    total = offset
+    hbytes, total = synthetic_header(layout, {"zopt.synthetic": json.dumps({"size": size, "seed": seed})})
     out = Path(out)
     from .progress import progress_bar
 
     with atomic_path(out) as tmp, open(tmp, "wb") as f, progress_bar(
         total, f"synth {size}", unit="B", enabled=progress
     ) as bar:
-        f.write(struct.pack("<Q", len(hbytes)))
         f.write(hbytes)
         for name, shape in layout:
             g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFFFFFF)

@@ -147,11 +147,9 @@ def reference_record(records: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def _get(d: Any, path: str) -> Any:
-    for part in path.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return None
-        d = d[part]
-    return d
+    from .bench.schema import get_path
+
+    return get_path(d, path)
 
 
 # Card table columns: header, record path, formatter. The test compares the card to records
