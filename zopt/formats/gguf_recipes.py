@@ -182,10 +182,14 @@ def choose(name: str, shape: tuple[int, ...], rec: Recipe, n_layers: int,
     forced = any(re.search(p, name) for p in quantize)
     if not forced:
         rule = zimage.sensitive_reason(name)
+        if len(shape) < 2:
+            # 1-D (and the 2-D pad tokens, via the rule) stay F32: loaders such as diffusers'
+            # only decode F32/F16 outside Linear layers, and they are too small to matter
+            return "F32", f"sensitive: {rule.reason}" if rule else "1-D tensor: quantizing saves nothing"
         if rule is not None:
             return ("F32" if rec.base == "F32" else rule.keep), f"sensitive: {rule.reason}"
-        if len(shape) < 2 or numel < SMALL_NUMEL:
-            return "F32", "1-D or small tensor: quantizing saves nothing"
+        if numel < SMALL_NUMEL:
+            return "F32", "small tensor: quantizing saves nothing"
     qtype, reason = rec.base, f"{rec.name} base type"
     if not forced:
         for b in rec.bumps:
