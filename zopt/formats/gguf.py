@@ -71,17 +71,20 @@ def dequantize_bytes(data, qtype: str, shape: tuple[int, ...], dtype=None):
     import torch
 
     dtype = dtype or torch.float32
+    if isinstance(data, torch.Tensor):
+        raw = data.contiguous().reshape(-1).view(torch.uint8)
+    else:
+        raw = torch.as_tensor(np.ascontiguousarray(data)).reshape(-1).view(torch.uint8)
     if qtype in FLOAT_TYPES:
-        t = torch.as_tensor(np.ascontiguousarray(data)).reshape(-1).view(torch.uint8)
-        return t.view({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[qtype]) \
+        return raw.view({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[qtype]) \
             .reshape(shape).to(dtype)
     gq = _ggml_quants()
     if gq is not None and _supported_by(gq, qtype):
-        return gq.dequantize(torch.as_tensor(np.ascontiguousarray(data)).view(torch.uint8), qtype, shape, dtype)
+        return gq.dequantize(raw, qtype, shape, dtype)
     import gguf.quants
 
-    arr = gguf.quants.dequantize(np.ascontiguousarray(data).view(np.uint8), gguf.GGMLQuantizationType[qtype])
-    return torch.from_numpy(np.ascontiguousarray(arr)).reshape(shape).to(dtype)
+    arr = gguf.quants.dequantize(raw.cpu().numpy(), gguf.GGMLQuantizationType[qtype])
+    return torch.from_numpy(np.ascontiguousarray(arr)).reshape(shape).to(dtype).to(raw.device)
 
 
 def _pieces(t, qtype: str):

@@ -78,17 +78,39 @@ def unpack(p: dict[str, Any], n: int, k: int, dtype: torch.dtype) -> torch.Tenso
     """The (n, k) float weight of a packed layout, in ``dtype``."""
     kind = p["kind"]
     if kind == "int8":
-        w = p["q"].view(n, k // 32, 32).to(dtype) * p["scale"].to(dtype).unsqueeze(-1)
-        return w.view(n, k)
+        # one pass: int8 * float promotes inside the kernel, no separate conversion
+        return torch.mul(p["q"].view(n, k // 32, 32), p["scale"].to(dtype).unsqueeze(-1)).view(n, k)
     if kind == "nibble":
         g = p["group"]
         q = p["q"].view(n, k // (2 * g), 1, g)
-        codes = torch.cat([q & 15, q >> 4], dim=2).view(n, k // 32, 32).to(dtype)
-        w = torch.addcmul(p["offset"].to(dtype).unsqueeze(-1), codes, p["scale"].to(dtype).unsqueeze(-1))
-        return w.view(n, k)
+        codes = torch.cat([q & 15, q >> 4], dim=2).view(n, k // 32, 32)
+        w = torch.mul(codes, p["scale"].to(dtype).unsqueeze(-1))
+        return w.add_(p["offset"].to(dtype).unsqueeze(-1)).view(n, k)
+    if kind == "int4pack":
+        raise RuntimeError("int4pack weights are only used through int4pack_linear")
     from .gguf import dequantize_bytes
 
-    return dequantize_bytes(p["q"].cpu().numpy(), p["qtype"], (n, k), dtype).to(p["q"].device)
+    return dequantize_bytes(p["q"], p["qtype"], (n, k), dtype)
+
+
+def to_int4pack(p: dict[str, Any], n: int, k: int, dtype: torch.dtype) -> dict[str, Any] | None:
+    """A nibble layout as torch's CPU int4 weight-only matmul operands, or None if unsupported.
+
+    torch's kernel computes ``w = (q - 8) * scale + zero`` per group of 32, so ``zero = offset +
+    8 * scale``; it multiplies without materializing the float weight.
+    """
+    if not hasattr(torch, "_weight_int4pack_mm_for_cpu") or dtype != torch.bfloat16:
+        return None
+    g = p["group"]
+    q = p["q"].view(n, k // (2 * g), 1, g)
+    codes = torch.cat([q & 15, q >> 4], dim=2).reshape(n, k).to(torch.int32)
+    try:
+        packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+    except RuntimeError:
+        return None
+    scale, zero = p["scale"], p["offset"] + 8 * p["scale"]
+    sz = torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()  # (k/32, n, 2)
+    return {"kind": "int4pack", "q": packed, "scales_zeros": sz}
 
 
 class GGUFLinear(nn.Module):
@@ -109,7 +131,7 @@ class GGUFLinear(nn.Module):
         for k in self._fields:
             self.register_buffer(k, packed[k], persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.to(compute_dtype), requires_grad=False)
-        self._cached: torch.Tensor | None = self.dequantize() if cache else None
+        self._cached: torch.Tensor | None = self.dequantize() if cache and self.kind != "int4pack" else None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -120,6 +142,12 @@ class GGUFLinear(nn.Module):
         return unpack(p, self.out_features, self.in_features, self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "int4pack":
+            shape = x.shape
+            y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(self.compute_dtype), self.q, 32,
+                                                  self.scales_zeros)
+            y = y.reshape(*shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
         w = self._cached
         if w is None or w.device != x.device:
             w = self.dequantize()
@@ -200,10 +228,12 @@ def load(path: str | os.PathLike, device: str = "cpu", backend: str | None = Non
         if op[0] == "chunk":
             raw = raw.reshape(op[3], out_f, -1)[op[2]]
         packed = pack(raw.to(device), qtype, out_f, in_f)
+        small = out_f * in_f <= CACHE_SMALL_NUMEL
+        if packed["kind"] == "nibble" and str(device).startswith("cpu") and not small and cache != "all":
+            packed = to_int4pack(packed, out_f, in_f, dtype) or packed
         bias_name = f"{mod_name}.bias"
         bias = view.get(bias_name).to(device) if bias_name in names else None
         done.add(bias_name)
-        small = out_f * in_f <= CACHE_SMALL_NUMEL
         lin = GGUFLinear(packed, qtype, out_f, in_f, bias, dtype, cache == "all" or (cache == "small" and small))
         replace_module(model, mod_name, lin)
     check_no_meta(model, path)
