@@ -27,11 +27,13 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import ShapeMismatch, UnsupportedFormat
 
-SUPPORTED: tuple[str, ...] = ("F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
+SUPPORTED: tuple[str, ...] = (
+    "F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K",
+)
 
-# Quantize this many weights per pass: bounds the temporaries of the K-quant searches (~20 floats
-# per weight) while keeping each torch op large enough to use every core.
-_CHUNK_WEIGHTS = 1 << 21
+# Quantize this many weights per pass: the K-quant searches make ~250 passes over their temporaries,
+# which run several times faster while they fit in cache; ops stay large enough to use every core.
+_CHUNK_WEIGHTS = 1 << 18
 
 _TYPES: dict[GGMLQuantizationType, type[GGMLType]] = {}
 
@@ -101,9 +103,12 @@ def unpack_bits_le(packed: torch.Tensor) -> torch.Tensor:
     return ((packed.unsqueeze(-1) >> shifts) & 1).reshape(packed.shape[0], -1)
 
 
-def abs_max_signed(x: torch.Tensor) -> torch.Tensor:
-    """The value with the largest magnitude along the last dim (first one on ties, as ggml's loop)."""
-    return x.gather(-1, x.abs().argmax(-1, keepdim=True))
+def abs_max_signed(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """The value with the largest magnitude along ``dim`` (the first on ties, as ggml's loops).
+
+    Keeps ``dim`` for the last dim (per-block column vector), drops it otherwise (per-column row)."""
+    v = x.gather(dim, x.abs().argmax(dim, keepdim=True))
+    return v if dim == -1 else v.squeeze(dim)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,3 +338,6 @@ def dequantize(data, qtype, shape: tuple[int, ...], dtype: torch.dtype = torch.f
         out = t.dequantize_blocks(blocks)
     return out.to(dtype).reshape(shape)
 
+
+# The K types register themselves in _TYPES on import.
+from . import ggml_kquants as _ggml_kquants  # noqa: E402,F401
