@@ -104,18 +104,17 @@ def test_failed_conversion_leaves_nothing(tmp_path, tiny_transformer_dir):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_convert_and_list_types(tmp_path, tiny_transformer_dir):
-    import subprocess
-    import sys
+def test_cli_convert_and_list_types(tmp_path, tiny_transformer_dir, capsys):
+    from zopt.cli import main
 
     out = tmp_path / "cli.gguf"
-    r = subprocess.run([sys.executable, "-m", "zopt.cli", "convert", str(tiny_transformer_dir), "--to", "gguf:Q5_K_S",
-                        "-o", str(out), "--no-progress", "--no-hash"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert main(["convert", str(tiny_transformer_dir), "--to", "gguf:Q5_K_S", "-o", str(out), "--no-progress",
+                 "--no-hash"]) == 0
     got = checkpoint.open(out)
     assert got.info("layers.0.feed_forward.w2.weight").dtype == "Q5_K"  # rows of 1024
     assert got.info("layers.0.feed_forward.w1.weight").dtype == "Q5_1"  # rows of 384: the 32-block fallback
-    r = subprocess.run([sys.executable, "-m", "zopt.cli", "convert", "--list-types"], capture_output=True, text=True,
-                       env={"COLUMNS": "200", "PATH": ""})
-    assert r.returncode == 0, r.stderr
-    assert "gguf:Q4_K_M" in r.stdout and "gguf:Q2_K" in r.stdout
+    from zopt.commands.convert import list_types
+
+    rows = {spec: bits for spec, bits, _ in list_types()}
+    assert rows["gguf:Q4_K_M"] == f"{dict((n, b) for n, b, _ in gguf_recipes.list_types())['Q4_K_M']:.2f}"
+    assert {f"gguf:{t}" for t in ALL_TYPES} <= set(rows)
