@@ -12,22 +12,19 @@ ALL_TYPES = list(gguf_recipes.RECIPES)
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory, tiny_transformer_dir):
+def converted(tiny_gguf):
     """Every GGUF type of the tiny model: {subtype: path}."""
-    from zopt.formats import convert
-
-    out = tmp_path_factory.mktemp("gguf")
-    return {t: convert(tiny_transformer_dir, f"gguf:{t}", out / f"tiny-{t}.gguf", progress=False) for t in ALL_TYPES}
+    return {t: tiny_gguf(t) for t in ALL_TYPES}
 
 
 @pytest.mark.parametrize("subtype", ALL_TYPES)
-def test_gguf_py_decodes_every_tensor_to_zopt_values(converted, tiny_transformer_dir, subtype):
+def test_gguf_py_decodes_every_tensor_to_zopt_values(tiny_gguf, tiny_transformer_dir, subtype):
     import gguf
     import torch
 
     from zopt.formats.gguf import dequantize_bytes, plan_for
 
-    reader = gguf.GGUFReader(converted[subtype])
+    reader = gguf.GGUFReader(tiny_gguf(subtype))
     _, plans = plan_for(checkpoint.open(tiny_transformer_dir), subtype, {})
     want = {p.name: p for p in plans}
     assert [t.name for t in reader.tensors] == [p.name for p in plans]

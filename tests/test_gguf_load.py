@@ -20,13 +20,13 @@ BOUNDS = {
 assert set(BOUNDS) == set(gguf_recipes.RECIPES)
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory, tiny_transformer_dir):
-    from zopt.formats import convert
-
-    out = tmp_path_factory.mktemp("gguf-load")
-    return {t: convert(tiny_transformer_dir, f"gguf:{t}", out / f"tiny-{t}.gguf", progress=False,
-                       options={"hash_source": False}) for t in BOUNDS}
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # many small ops: one intra-op thread per xdist worker avoids oversubscribing the cores
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -43,28 +43,28 @@ def _forward(model, inputs, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("subtype", list(BOUNDS))
-def test_diffusers_and_zopt_load_every_type(files, reference, tiny_transformer_dir, tiny_reference_inputs, subtype):
+def test_diffusers_and_zopt_load_every_type(tiny_gguf, reference, tiny_transformer_dir, tiny_reference_inputs, subtype):
     from diffusers import GGUFQuantizationConfig, ZImageTransformer2DModel
 
     from zopt.formats.gguf_loader import load
 
     d = ZImageTransformer2DModel.from_single_file(
-        str(files[subtype]), config=str(tiny_transformer_dir), torch_dtype=torch.float32, local_files_only=True,
+        str(tiny_gguf(subtype)), config=str(tiny_transformer_dir), torch_dtype=torch.float32, local_files_only=True,
         quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32))
     out_d = _forward(d, tiny_reference_inputs)
-    out_z = _forward(load(files[subtype], dtype=torch.float32), tiny_reference_inputs)
+    out_z = _forward(load(tiny_gguf(subtype), dtype=torch.float32), tiny_reference_inputs)
     assert rel_err(out_d, reference) < BOUNDS[subtype]
     assert rel_err(out_z, reference) < BOUNDS[subtype]
     # both decode the same bytes: they agree far more closely than either does with the reference
     assert rel_err(out_z, out_d) < 2e-3  # diffusers rounds dequantized weights via float16
 
 
-def test_cache_modes_and_bf16_agree(files, reference, tiny_reference_inputs):
+def test_cache_modes_and_bf16_agree(tiny_gguf, reference, tiny_reference_inputs):
     from zopt.formats.gguf_loader import GGUFLinear, load
 
-    outs = {c: _forward(load(files["Q4_K_M"], cache=c), tiny_reference_inputs) for c in ("none", "small", "all")}
+    outs = {c: _forward(load(tiny_gguf("Q4_K_M"), cache=c), tiny_reference_inputs) for c in ("none", "small", "all")}
     assert rel_err(outs["none"], outs["all"]) < 1e-5 and rel_err(outs["small"], outs["all"]) < 1e-5
-    m = load(files["Q4_K_M"], dtype=torch.bfloat16)
+    m = load(tiny_gguf("Q4_K_M"), dtype=torch.bfloat16)
     kinds = {mod.kind for mod in m.modules() if isinstance(mod, GGUFLinear)}
     assert "int4pack" in kinds or not hasattr(torch, "_weight_int4pack_mm_for_cpu")
     out = _forward(m, tiny_reference_inputs, torch.bfloat16)
@@ -114,7 +114,7 @@ def test_sdcpp_style_file_loads_and_reconverts(tmp_path, tiny_transformer_dir, r
     assert list(names["x_pad_token"].shape) == [384, 1] and names["x_pad_token"].tensor_type.name == "F32"
 
 
-def test_corrupt_gguf_is_one_line_error(tmp_path, files):
+def test_corrupt_gguf_is_one_line_error(tmp_path, tiny_gguf):
     from zopt.formats import load
 
     bad = tmp_path / "bad.gguf"
@@ -123,15 +123,15 @@ def test_corrupt_gguf_is_one_line_error(tmp_path, files):
         load(bad)
     assert str(bad) in str(e.value) and "\n" not in str(e.value)
     cut = tmp_path / "truncated.gguf"
-    cut.write_bytes(files["Q8_0"].read_bytes()[: files["Q8_0"].stat().st_size // 2])
+    cut.write_bytes(tiny_gguf("Q8_0").read_bytes()[: tiny_gguf("Q8_0").stat().st_size // 2])
     with pytest.raises(ZoptError) as e:
         load(cut)
     assert str(cut) in str(e.value) and "\n" not in str(e.value)
 
 
-def test_generate_with_gguf(files, tmp_path):
+def test_generate_with_gguf(tiny_gguf, tmp_path):
     from zopt.runtime.pipeline import GenerateRequest, build_pipeline, run
 
-    pipe = build_pipeline(files["Q4_K_M"], device="cpu")
+    pipe = build_pipeline(tiny_gguf("Q4_K_M"), device="cpu")
     images = run(pipe, GenerateRequest(prompts=["a red cube"], seeds=[1], height=64, width=64, steps=2), tmp_path)
     assert len(images) == 1 and images[0].path.exists()

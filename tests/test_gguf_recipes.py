@@ -58,7 +58,7 @@ def test_bits_per_weight_order():
     bpw = {name: bits for name, bits, _ in R.list_types()}
     order = ["F32", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_L", "Q3_K_M",
              "Q3_K_S", "Q2_K"]
-    assert all(bpw[a] > bpw[b] for a, b in zip(order, order[1:])), bpw
+    assert all(bpw[a] > bpw[b] for a, b in zip(order[:-1], order[1:], strict=True)), bpw
     assert 8.5 < bpw["Q8_0"] < 9.0 and 4.5 < bpw["Q4_K_M"] < 6.0
 
 
