@@ -135,3 +135,11 @@ def test_generate_with_gguf(tiny_gguf, tmp_path):
     pipe = build_pipeline(tiny_gguf("Q4_K_M"), device="cpu")
     images = run(pipe, GenerateRequest(prompts=["a red cube"], seeds=[1], height=64, width=64, steps=2), tmp_path)
     assert len(images) == 1 and images[0].path.exists()
+
+
+def test_backend_registered_and_selected():
+    import zopt.formats.gguf  # noqa: F401  (registers its backend at import)
+    from zopt.runtime.backends import select
+
+    sel = select("gguf")
+    assert sel.backend.name == "torch-dequant"
