@@ -8,7 +8,7 @@ multiple of 256), converts it with zopt to GGUF Q8_0 and Q4_K, and times one for
 * diffusers ``from_single_file(..., GGUFQuantizationConfig)`` (dequantizes every weight per call),
 * the plain model in BF16 and FP32 eager.
 
-Usage: python benchmarks/gguf_forward_speed.py [--repeats 3] [--work /work/bench-data/gguf-forward]
+Usage: python benchmarks/gguf_forward_speed.py [--repeats 3] [--threads N] [--cpu-time] [--work DIR]
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ def inputs():
     return x, torch.tensor([0.5]), cap
 
 
+CLOCK = time.perf_counter  # --cpu-time switches to process CPU time (robust on a busy machine)
+
+
 def timed(model, dtype, repeats: int) -> float:
     x, t, cap = inputs()
     x, cap = [v.to(dtype) for v in x], [v.to(dtype) for v in cap]
@@ -42,9 +45,9 @@ def timed(model, dtype, repeats: int) -> float:
         model(x, t, cap, return_dict=False)  # warm-up
         runs = []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             model(x, t, cap, return_dict=False)
-            runs.append(time.perf_counter() - t0)
+            runs.append(CLOCK() - t0)
     return statistics.median(runs)
 
 
@@ -79,8 +82,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--types", default=",".join(TYPES), help="comma-separated GGUF types")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time with process CPU time instead of wall time (use with --threads 1 on a busy machine)")
     ap.add_argument("--work", default=os.environ.get("ZOPT_BENCH_DATA", "/work/bench-data") + "/gguf-forward")
     args = ap.parse_args()
+    global CLOCK
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        CLOCK = time.process_time
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -92,7 +103,8 @@ def main() -> None:
     types = tuple(args.types.split(","))
     folder = prepare(work, types)
     print(f"model: {sum(p.numel() for p in load_source(folder).parameters()) / 1e6:.1f}M params, "
-          f"1,024 image + 64 caption tokens, torch threads {torch.get_num_threads()}")
+          f"1,024 image + 64 caption tokens, torch threads {torch.get_num_threads()}, "
+          f"{'CPU' if args.cpu_time else 'wall'} time, load average {os.getloadavg()[0]:.1f}")
     rows = []
     for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         m = load_source(folder, dtype=dt)
