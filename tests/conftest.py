@@ -78,3 +78,21 @@ def rel_err(a, b) -> float:
     """Relative L2 error ||a-b|| / ||b||."""
     a, b = a.float().flatten(), b.float().flatten()
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, tiny_transformer_dir):
+    """``tiny_gguf("Q4_K_M")`` -> the tiny transformer converted to that GGUF type (converted once
+    per session and worker, on first use)."""
+    from zopt.formats import convert
+
+    out = tmp_path_factory.mktemp("tiny-gguf")
+    made: dict[str, Path] = {}
+
+    def get(subtype: str) -> Path:
+        if subtype not in made:
+            made[subtype] = convert(tiny_transformer_dir, f"gguf:{subtype}", out / f"tiny-{subtype}.gguf",
+                                    progress=False)
+        return made[subtype]
+
+    return get
