@@ -50,8 +50,9 @@ FULL_CONFIG: dict[str, Any] = {
 }
 FULL_NUM_PARAMS = 6_154_908_736
 
-# Tiny, but every quantized row length is a multiple of 256 (dim 384, FFN 1024, cap 256, adaLN
-# 256) so K-quants and 256-wide blocks are exercised exactly as on the full model.
+# Tiny, with row lengths of 384, 1024 and 256: all multiples of 128, so 32/64/128-wide blocks
+# and groups fit everywhere, while 256-wide K-quant blocks fit the FFN-down and adaLN rows and the
+# 384-wide rows take the documented fallback types (as odd-sized tensors of real files do).
 TINY_CONFIG: dict[str, Any] = {
     **FULL_CONFIG,
     "dim": 384,
