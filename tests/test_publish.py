@@ -135,3 +135,20 @@ def test_push_calls_up_to_the_upload(tmp_path, variants):
     with pytest.raises(ChecksumMismatch):
         push(repo, "me/x", token="t", api=hub2)
     assert hub2.calls == []
+
+
+def test_records_match_by_format_type_and_source():
+    from bench_helpers import record
+
+    from zopt.publish import Variant, match_records
+
+    def variant(name, fmt, sub, sha="s1"):
+        return Variant(name, "file", fmt, sub, f"{fmt}:{sub}" if sub else fmt, 1, 1, 8.0, sha, None, None, "")
+
+    recs = [record("gguf:Q8_0"), record("gguf:Q4_K_M"), record("fp8"), record("fp8", status="failed")]
+    for r in recs:
+        r["source"]["sha256"] = "s1"
+    got = match_records([variant("a.gguf", "gguf", "Q4_K_M"), variant("b", "fp8", "e4m3"),
+                         variant("c.gguf", "gguf", "Q6_K"), variant("d", "fp8", None, sha="s2")], recs)
+    assert got["a.gguf"] is recs[1] and got["b"] is recs[2]
+    assert "c.gguf" not in got and "d" not in got

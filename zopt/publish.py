@@ -125,14 +125,16 @@ def describe_variant(path: str | os.PathLike) -> Variant:
 
 
 def match_records(variants: list[Variant], records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """variant name -> the ok benchmark record of the same format spec (and source, when both say)."""
+    """variant name -> the ok benchmark record of the same format (and type and source, when both say)."""
     out: dict[str, dict[str, Any]] = {}
     for v in variants:
         for r in records:
             if r.get("status") != "ok":
                 continue
-            spec = (r.get("format") or {}).get("spec", "")
-            if spec.lower() != v.spec.lower():
+            fmt = r.get("format") or {}
+            name, sub = fmt.get("name") or fmt.get("spec", "").partition(":")[0], fmt.get("subtype")
+            # "fp8" benchmarked is the same variant as an fp8 artifact whose manifest says "e4m3"
+            if name.lower() != v.format.lower() or (sub and v.subtype and sub.lower() != v.subtype.lower()):
                 continue
             rsha = (r.get("source") or {}).get("sha256")
             if rsha and v.source_sha256 and rsha != v.source_sha256:
