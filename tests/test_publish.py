@@ -49,7 +49,12 @@ def test_publish_card_matches_records_and_verify(tmp_path, variants):
         row = next(ln for ln in card.splitlines() if ln.startswith(f"| `tiny-{spec}`"))
         for _, path, fmt in CARD_METRICS:
             assert f"| {fmt(_get(rec, path))} |" in row, (spec, path, row)
-    assert "zopt convert tiny-original.safetensors --to bf16" in card
+    # the command recorded at conversion time, as given
+    from zopt.formats.artifact import read_manifest
+
+    cmd = read_manifest(variants[0])["command"]
+    assert cmd.startswith("zopt convert ") and cmd.endswith("tiny-original.safetensors --to bf16")
+    assert f"`{cmd}`" in card
     # layout: artifact folders as subfolders with their config and manifest; everything checksummed
     assert (repo / "tiny-bf16" / "config.json").exists() and (repo / "tiny-fp16" / "zopt-manifest.json").exists()
     manifest = json.loads((repo / "zopt-publish.json").read_text())

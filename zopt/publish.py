@@ -60,19 +60,18 @@ def _prod(shape) -> int:
     return n
 
 
+def _source_name(path: str | None) -> str | None:
+    """A readable name for a source path (a diffusers ``transformer/`` folder goes by its parent's)."""
+    if not path:
+        return None
+    p = Path(path)
+    return p.parent.name if p.name == "transformer" and p.parent.name else p.name
+
+
 def _command(spec: str, source: str | None, options: dict[str, Any]) -> str:
-    parts = ["zopt", "convert", source or "SOURCE", "--to", spec]
-    for pat in options.get("keep", []) or []:
-        parts += ["--keep", repr(pat)]
-    for pat in options.get("quantize", []) or []:
-        parts += ["--quantize", repr(pat)]
-    if options.get("layout"):
-        parts += ["--layout", str(options["layout"])]
-    for k, v in sorted(options.items()):
-        if k in ("keep", "quantize", "layout", "format", "hash_source") or k.startswith("_"):
-            continue
-        parts += ["--option", f"{k}={str(v).lower() if isinstance(v, bool) else v}"]
-    return " ".join(parts)
+    from .formats import command_line
+
+    return command_line(spec, source, options)
 
 
 def describe_variant(path: str | os.PathLike) -> Variant:
@@ -114,10 +113,10 @@ def describe_variant(path: str | os.PathLike) -> Variant:
     params = _params(config)
     spec = f"{m['format']}:{m['subtype']}" if m.get("subtype") else m["format"]
     src = m.get("source", {})
+    name = _source_name(src.get("path"))
     return Variant(p.name, "folder", m["format"], m.get("subtype"), spec, size, params,
-                   (8 * weights / params) if params else None, src.get("sha256"), Path(src.get("path", "")).name or None,
-                   m.get("zopt_version"), _command(spec, Path(src.get("path", "")).name or None, m.get("options", {})),
-                   config, m.get("options", {}))
+                   (8 * weights / params) if params else None, src.get("sha256"), name,
+                   m.get("zopt_version"), m.get("command") or _command(spec, name, {}), config, m.get("options", {}))
 
 
 # ---------------------------------------------------------------------------------------------

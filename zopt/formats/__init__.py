@@ -90,7 +90,40 @@ def convert(source: Any, to: str, out: str | os.PathLike, *, options: dict[str, 
     opts = dict(options or {})
     if info.name in ("bf16", "fp16", "fp32", "int8", "int8_w8a8"):
         opts.setdefault("format", info.name)
-    return mod.convert(src, Path(out), sub, opts, progress)
+    result = mod.convert(src, Path(out), sub, opts, progress)
+    source_spec = os.fspath(source.path) if isinstance(source, checkpoint.TensorSource) else os.fspath(source)
+    _record_command(result, command_line(to, source_spec, options or {}))
+    return result
+
+
+def command_line(to: str, source: str | None, options: dict[str, Any]) -> str:
+    """The ``zopt convert`` command that reproduces a conversion with these user options."""
+    import shlex
+
+    parts = ["zopt", "convert", source or "SOURCE", "--to", to]
+    for pat in options.get("keep", []) or []:
+        parts += ["--keep", str(pat)]
+    for pat in options.get("quantize", []) or []:
+        parts += ["--quantize", str(pat)]
+    if options.get("layout"):
+        parts += ["--layout", str(options["layout"])]
+    for k, v in sorted(options.items()):
+        if k in ("keep", "quantize", "layout", "format", "hash_source") or k.startswith("_"):
+            continue
+        parts += ["--option", f"{k}={str(v).lower() if isinstance(v, bool) else v}"]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _record_command(result: Path, command: str) -> None:
+    """Add the reproducing command to a folder artifact's manifest (the manifest is not hashed)."""
+    manifest = result / MANIFEST_NAME if result.is_dir() else None
+    if manifest is None or not manifest.exists():
+        return
+    data = json.loads(manifest.read_text())
+    data["command"] = command
+    tmp = manifest.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, manifest)
 
 
 def artifact_format(path: str | os.PathLike) -> str:

@@ -122,7 +122,7 @@ def metadata_for(src: TensorSource, subtype: str, config: dict[str, Any], plans:
         "general.quantization_version": QUANTIZATION_VERSION,
         "zopt.version": __version__,
         "zopt.recipe": rec.name,
-        "zopt.source.name": Path(src.path).name if src.path else "",
+        "zopt.source.name": _source_name(src.path),
         "zopt.source.sha256": sha256 or "",
         "zopt.bits_per_weight": round(gguf_recipes.bits_per_weight(plans), 4),
         "zopt.config": json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True),
@@ -196,3 +196,11 @@ def _register_backends() -> None:
 
 
 _register_backends()
+
+
+def _source_name(path) -> str:
+    """A readable source name (a diffusers ``transformer/`` folder goes by its parent's name)."""
+    if not path:
+        return ""
+    p = Path(path)
+    return p.parent.name if p.name == "transformer" and p.parent.name else p.name
