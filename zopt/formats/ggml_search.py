@@ -135,6 +135,34 @@ def make_qx(x: torch.Tensor, nmax: int, w: torch.Tensor | None = None) -> tuple[
     return scale.masked_fill(zero, 0), L.add_(nmax)
 
 
+def _coordinate_descent(x, w, wx, L, lo: int, hi: int, passes: int, guard_new: bool):
+    """ggml's per-position refinement shared by make_q3 and make_qp: each position in turn moves to
+    its best level in lo..hi if that raises the weighted fit ``sumlx^2/suml2``. Updates ``L`` in
+    place and returns (sumlx, suml2). ``guard_new`` checks the new suml2 (make_q3) rather than the
+    one without the position (make_qp), as the two C functions do."""
+    sumlx = colsum(wx * L)
+    suml2 = colsum(w * L * L)
+    for _ in range(passes):
+        changed = torch.zeros_like(sumlx, dtype=torch.bool)
+        for i in range(x.shape[0]):
+            xi, wi, wxi, li = x[i], w[i], wx[i], L[i]
+            slx = sumlx - wxi * li
+            sl2 = suml2 - wi * li * li
+            new_l = rne_(xi * sl2 / slx, lo, hi)
+            slx_new = slx + wxi * new_l
+            sl2_new = sl2 + wi * new_l * new_l
+            ok = (slx > 0) & (new_l != li) & ((sl2_new if guard_new else sl2) > 0)
+            ok &= slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new
+            L[i] = torch.where(ok, new_l, li)
+            sumlx = torch.where(ok, slx_new, sumlx)
+            suml2 = torch.where(ok, sl2_new, suml2)
+            changed |= ok
+        # A pass without changes is a fixed point for that group; stop once every group reached one.
+        if not bool(changed.any()):
+            break
+    return sumlx, suml2
+
+
 def make_q3(x: torch.Tensor, nmax: int, max_passes: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
     """ggml ``make_q3_quants(do_rmse=true)`` per column: round at -nmax/max, then up to 5 passes of
     coordinate descent, each position in turn moving to its best level if that raises the x^2-weighted
@@ -145,25 +173,7 @@ def make_q3(x: torch.Tensor, nmax: int, max_passes: int = 5) -> tuple[torch.Tens
     L = rne_(x * (-nmax / mx), -nmax, nmax - 1)
     w = x * x
     wx = w * x
-    sumlx = colsum(wx * L)
-    suml2 = colsum(w * L * L)
-    for _ in range(max_passes):
-        changed = torch.zeros_like(zero)
-        for i in range(x.shape[0]):
-            xi, wi, wxi, li = x[i], w[i], wx[i], L[i]
-            slx = sumlx - wxi * li
-            sl2 = suml2 - wi * li * li
-            new_l = rne_(xi * sl2 / slx, -nmax, nmax - 1)
-            slx_new = slx + wxi * new_l
-            sl2_new = sl2 + wi * new_l * new_l
-            ok = (slx > 0) & (new_l != li) & (sl2_new > 0) & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new)
-            L[i] = torch.where(ok, new_l, li)
-            sumlx = torch.where(ok, slx_new, sumlx)
-            suml2 = torch.where(ok, sl2_new, suml2)
-            changed |= ok
-        # A pass without changes is a fixed point for that group; stop once every group reached one.
-        if not bool(changed.any()):
-            break
+    sumlx, suml2 = _coordinate_descent(x, w, wx, L, -nmax, nmax - 1, max_passes, guard_new=True)
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
     L.add_(nmax).masked_fill_(zero, 0)
     return scale.masked_fill(zero, 0), L
@@ -194,24 +204,7 @@ def make_qp(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, 
         iscale = torch.where(better, cand, iscale)
     L = rne_(iscale * x, 0, nmax)
     wx = w * x
-    sumlx = colsum(wx * L)
-    suml2 = colsum(w * L * L)
-    for _ in range(5):
-        changed = torch.zeros_like(zero)
-        for i in range(x.shape[0]):
-            xi, wi, wxi, li = x[i], w[i], wx[i], L[i]
-            slx = sumlx - wxi * li
-            sl2 = suml2 - wi * li * li
-            new_l = rne_(xi * sl2 / slx, 0, nmax)
-            slx_new = slx + wxi * new_l
-            sl2_new = sl2 + wi * new_l * new_l
-            ok = (slx > 0) & (sl2 > 0) & (new_l != li) & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new)
-            L[i] = torch.where(ok, new_l, li)
-            sumlx = torch.where(ok, slx_new, sumlx)
-            suml2 = torch.where(ok, sl2_new, suml2)
-            changed |= ok
-        if not bool(changed.any()):
-            break
+    sumlx, suml2 = _coordinate_descent(x, w, wx, L, 0, nmax, 5, guard_new=False)
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
     return scale.masked_fill(zero, 0), L.masked_fill_(zero, 0)
 
