@@ -4,9 +4,14 @@ Builds a ~48M-parameter Z-Image transformer (dim 768, 4 layers, 1+1 refiners; ev
 multiple of 256), converts it with zopt to GGUF Q8_0 and Q4_K, and times one forward pass at
 1,024 image tokens (64x64 latent, patch 2) plus 64 caption tokens:
 
-* zopt ``formats.gguf_loader.load`` (default cache="small": weights stay quantized),
+* zopt ``formats.gguf_loader.load``: its default on CPU (backend ``int-mm-cpu``: INT8 weights,
+  dynamic INT8 activations, integer matmul; transformer blocks through torch.compile, whose
+  one-off compile happens in the untimed warm-up), the same with ``compile=False``, and the exact
+  ``torch-dequant`` backend (GGUF blocks dequantized per call),
 * diffusers ``from_single_file(..., GGUFQuantizationConfig)`` (dequantizes every weight per call),
 * the plain model in BF16 and FP32 eager.
+
+The error column is ||out - ref|| / ||ref|| against eager FP32 on the same inputs.
 
 Usage: python benchmarks/gguf_forward_speed.py [--repeats 3] [--threads N] [--cpu-time] [--work DIR]
 """
@@ -38,11 +43,14 @@ def inputs():
 CLOCK = time.perf_counter  # --cpu-time switches to process CPU time (robust on a busy machine)
 
 
-def timed(model, dtype, repeats: int) -> float:
+OUTPUTS: dict[str, torch.Tensor] = {}  # row name -> output, for the error column
+
+
+def timed(model, dtype, repeats: int, name: str = "") -> float:
     x, t, cap = inputs()
     x, cap = [v.to(dtype) for v in x], [v.to(dtype) for v in cap]
     with torch.inference_mode():
-        model(x, t, cap, return_dict=False)  # warm-up
+        OUTPUTS[name] = model(x, t, cap, return_dict=False)[0][0].float()  # warm-up
         runs = []
         for _ in range(repeats):
             t0 = CLOCK()
@@ -108,33 +116,38 @@ def main() -> None:
     rows = []
     for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         m = load_source(folder, dtype=dt)
-        rows.append((f"eager {name}", timed(m, dt, args.repeats), weight_bytes(m)))
+        rows.append((f"eager {name}", timed(m, dt, args.repeats, f"eager {name}"), weight_bytes(m)))
         del m
     eager = {r[0]: r[1] for r in rows}
     results = {}
     for qt in types:
         path = work / f"medium-48m-{qt}.gguf"
-        for label, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            m = load(path, dtype=dt)
-            rows.append((f"zopt {qt} ({label})", timed(m, dt, args.repeats), weight_bytes(m)))
+        for label, kw in (("default", {}), ("not compiled", {"compile": False}),
+                          ("torch-dequant", {"backend": "torch-dequant"})):
+            m = load(path, dtype=torch.float32, **kw)
+            rows.append((f"zopt {qt} ({label})", timed(m, torch.float32, args.repeats, f"zopt {qt} ({label})"),
+                         weight_bytes(m)))
             results[(qt, "zopt", label)] = rows[-1][1]
             del m
+        for label, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
             d = ZImageTransformer2DModel.from_single_file(
                 str(path), config=str(folder), torch_dtype=dt, local_files_only=True,
                 quantization_config=GGUFQuantizationConfig(compute_dtype=dt))
-            rows.append((f"diffusers {qt} ({label})", timed(d, dt, args.repeats), weight_bytes(d)))
+            rows.append((f"diffusers {qt} ({label})", timed(d, dt, args.repeats, f"diffusers {qt} ({label})"),
+                         weight_bytes(d)))
             results[(qt, "diffusers", label)] = rows[-1][1]
             del d
-    print(f"{'model':<26}{'latency s':>11}{'weights MB':>12}")
+    ref = OUTPUTS["eager fp32"]
+    print(f"{'model':<28}{'latency s':>11}{'weights MB':>12}{'rel. error':>12}")
     for name, sec, nbytes in rows:
-        print(f"{name:<26}{sec:>11.3f}{nbytes / 1e6:>12.1f}")
+        err = float((OUTPUTS[name] - ref).norm() / ref.norm())
+        print(f"{name:<28}{sec:>11.3f}{nbytes / 1e6:>12.1f}{err:>12.4f}")
     for qt in types:
-        z = min(results[(qt, "zopt", lb)] for lb in ("fp32", "bf16"))
+        z, zn = results[(qt, "zopt", "default")], results[(qt, "zopt", "not compiled")]
         dv = min(results[(qt, "diffusers", lb)] for lb in ("fp32", "bf16"))
-        print(f"{qt}: zopt best {z:.3f} s, diffusers best {dv:.3f} s -> zopt/diffusers = {z / dv:.2f} "
-              f"(target <= 0.50); zopt/eager-bf16 = {z / eager['eager bf16']:.2f}, "
-              f"zopt/eager-fp32 = {z / eager['eager fp32']:.2f}")
-
+        print(f"{qt}: zopt default {z:.3f} s, diffusers best {dv:.3f} s -> zopt/diffusers = {z / dv:.2f} "
+              f"(target <= 0.50; not compiled {zn / dv:.2f}, torch-dequant "
+              f"{results[(qt, 'zopt', 'torch-dequant')] / dv:.2f}); zopt/eager-fp32 = {z / eager['eager fp32']:.2f}")
 
 if __name__ == "__main__":
     main()

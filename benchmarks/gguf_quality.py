@@ -2,7 +2,8 @@
 
 Converts the embedded tiny Z-Image transformer to every ``gguf:TYPE``, loads each file with
 diffusers (``from_single_file`` + ``GGUFQuantizationConfig(compute_dtype=float32)``, offline) and
-with ``zopt.formats.gguf_loader.load`` (float32), runs one forward pass on fixed inputs and prints
+with ``zopt.formats.gguf_loader.load`` (float32; the exact ``torch-dequant`` backend and the
+default ``int-mm-cpu`` one), runs one forward pass on fixed inputs and prints
 a markdown table of ||out - ref|| / ||ref|| against the bf16 weights run in float32. The table in
 docs/gguf.md is this script's output.
 
@@ -57,16 +58,18 @@ def main() -> None:
     ref = forward(load_source(src, dtype=torch.float32))
     bpw = {name: bits for name, bits, _ in gguf_recipes.list_types()}
     work = Path(args.work or tempfile.mkdtemp(prefix="zopt-gguf-quality-"))
-    print("| type | bits/weight (full size) | tiny file MB | rel. error, diffusers | rel. error, zopt loader |")
-    print("|---|---:|---:|---:|---:|")
+    print("| type | bits/weight (full size) | tiny file MB | rel. error, diffusers | zopt torch-dequant | "
+          "zopt int-mm-cpu (default) |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name in gguf_recipes.RECIPES:
         path = convert(src, f"gguf:{name}", work / f"tiny-{name}.gguf", progress=False, options={"hash_source": False})
         d = ZImageTransformer2DModel.from_single_file(
             str(path), config=str(src), torch_dtype=torch.float32, local_files_only=True,
             quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32))
         e_d = rel_err(forward(d), ref)
-        e_z = rel_err(forward(load(path, dtype=torch.float32)), ref)
-        print(f"| {name} | {bpw[name]:.2f} | {path.stat().st_size / 1e6:.2f} | {e_d:.5f} | {e_z:.5f} |")
+        e_z = rel_err(forward(load(path, dtype=torch.float32, backend="torch-dequant")), ref)
+        e_i = rel_err(forward(load(path, dtype=torch.float32)), ref)
+        print(f"| {name} | {bpw[name]:.2f} | {path.stat().st_size / 1e6:.2f} | {e_d:.5f} | {e_z:.5f} | {e_i:.5f} |")
 
 
 if __name__ == "__main__":

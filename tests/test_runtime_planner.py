@@ -111,3 +111,13 @@ def test_plan_cli(capsys):
     assert main(["plan"]) == 0  # this machine
     assert "recommended" in capsys.readouterr().out
     assert main(["plan", "--vram", "lots"]) == 2
+
+
+def test_gguf_on_cpu_is_planned_as_int8_codes():
+    pytest.importorskip("zopt.formats.gguf")
+    rows = {r.spec: r for r in planner.plan(FAKES["cpu-only"]).rows}
+    q8, q4 = rows["gguf:Q8_0"], rows["gguf:Q4_K_M"]
+    # int-mm-cpu holds INT8 codes for every GGUF type: Q4_K_M costs what Q8_0 costs on CPU
+    assert q8.backend == q4.backend == "int-mm-cpu" and q4.weights_bytes == q8.weights_bytes
+    on_gpu = {r.spec: r for r in planner.plan(FAKES["cuda-sm89-8gb"]).rows}
+    assert on_gpu["gguf:Q4_K_M"].weights_bytes < 0.7 * on_gpu["gguf:Q8_0"].weights_bytes

@@ -189,10 +189,13 @@ def load(path: Path, device: str = "cpu", backend: str | None = None, dtype: Any
 
 
 def _register_backends() -> None:
-    from ..runtime.backends import register
+    from ..runtime.backends import needs_device, register
 
+    register("gguf", "int-mm-cpu", 20, (needs_device("cpu"),),
+             "INT8 weights re-quantized per row from the GGUF values, dynamic INT8 activations, "
+             "torch._int_mm (oneDNN) with INT32 accumulation")
     register("gguf", "torch-dequant", 10, (),
-             "keeps GGUF blocks in memory, dequantizes each Linear weight on the fly in torch (any device)")
+             "keeps GGUF blocks in memory, dequantizes each Linear weight exactly on the fly in torch (any device)")
 
 
 _register_backends()

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import CorruptFile, UnsupportedFormat, ZoptError
 from ..families import zimage
+from . import int_mm
 from .common import check_no_meta, empty_model, replace_module, set_tensor
 from .gguf_recipes import FLOAT_TYPES, TYPE_LAYOUT
 
@@ -163,6 +164,43 @@ class GGUFLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, qtype={self.qtype}, cached={self._cached is not None}"
 
 
+class GGUFInt8Linear(nn.Module):
+    """A GGUF Linear computed with integer matmuls, the way ggml's own CPU backend computes:
+    activations are quantized to 8 bits on the fly and multiplied with 8-bit weights, INT32
+    accumulation (``torch._int_mm``, oneDNN VNNI kernels on CPU).
+
+    ggml scales each 32-weight block separately, which no torch integer GEMM can do; so the weight
+    is re-quantized once, at load, per output row to INT8 codes from its exact GGUF values
+    (``codes * row_scale`` is within half a step of each weight), and activations per token (row).
+    The layer holds 1 byte per weight whatever the GGUF type: less than the file for Q8_0, up to
+    3x the file for Q2_K, a quarter of float32 always. (Rebuilding the codes from 4-bit blocks on
+    every call was measured: it costs two thirds of the matmul's time, see docs/gguf.md.)
+    """
+
+    def __init__(self, packed: dict[str, Any], qtype: str, out_features: int, in_features: int,
+                 bias: torch.Tensor | None, compute_dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = out_features, in_features
+        self.qtype, self.compute_dtype = qtype, compute_dtype
+        w = unpack(packed, out_features, in_features, torch.float32)
+        amax = w.abs().amax(dim=1).clamp_min(1e-30)
+        self.register_buffer("row_scale", amax / int_mm.QMAX, persistent=False)
+        self.kind = "int8"
+        q = torch.round(w * (int_mm.QMAX / amax)[:, None]).clamp(-int_mm.QMAX, int_mm.QMAX)
+        self.register_buffer("q", q.to(torch.int8), persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int_mm.linear(x.to(self.compute_dtype), self.q, self.row_scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, qtype={self.qtype}, {self.kind}"
+
+
 # ---------------------------------------------------------------------------------------------
 # loading
 
@@ -188,17 +226,27 @@ def _raw_rows(src, base: str) -> tuple[torch.Tensor, str]:
 
 
 def load(path: str | os.PathLike, device: str = "cpu", backend: str | None = None, dtype: Any = None,
-         cache: str = "small") -> nn.Module:
+         cache: str = "small", compile: bool | None = None) -> nn.Module:
     """A ``ZImageTransformer2DModel`` from the Z-Image GGUF at ``path``, on ``device``.
 
-    Quantized Linear weights stay quantized (:class:`GGUFLinear`); float tensors and quantized
-    non-Linear tensors (pad tokens or norms some converters quantize) become ``dtype`` tensors.
-    ``dtype`` defaults to float32 on CPU and bfloat16 elsewhere; ``cache`` is "small", "none" or "all".
+    ``backend`` (default: the runtime registry's choice for ``device``):
+
+    * ``"int-mm-cpu"``: quantized Linear layers become :class:`GGUFInt8Linear` (INT8 weights
+      re-quantized per row, dynamic INT8 activations, integer matmul);
+    * ``"torch-dequant"``: they stay GGUF blocks (:class:`GGUFLinear`), dequantized exactly on the
+      fly; ``cache`` ("small", "none" or "all") says which layers keep a dequantized copy.
+
+    Float tensors and quantized non-Linear tensors (pad tokens or norms some converters quantize)
+    become ``dtype`` tensors; ``dtype`` defaults to float32 on CPU and bfloat16 elsewhere.
+    ``compile`` runs each transformer block through ``torch.compile`` (about 10-20 s on the first
+    forward, then a faster one: inductor fuses the norms, modulation and activation quantization
+    around the matmuls); the default compiles with the ``int-mm-cpu`` backend unless
+    ``ZOPT_COMPILE=0`` (see :mod:`zopt._compile`).
     """
     from .. import checkpoint
+    from .lowbit_common import choose_backend
 
-    if backend not in (None, "torch-dequant"):
-        raise UnsupportedFormat(f"GGUF has no backend {backend!r} (available: torch-dequant)", path)
+    backend = choose_backend("gguf", device, backend)
     if cache not in CACHE_MODES:
         raise ZoptError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
     path = Path(path)
@@ -229,13 +277,30 @@ def load(path: str | os.PathLike, device: str = "cpu", backend: str | None = Non
             raw = raw.reshape(op[3], out_f, -1)[op[2]]
         packed = pack(raw.to(device), qtype, out_f, in_f)
         small = out_f * in_f <= CACHE_SMALL_NUMEL
-        if packed["kind"] == "nibble" and str(device).startswith("cpu") and not small and cache != "all":
+        fast = backend == "int-mm-cpu" and int_mm.supported(out_f, in_f)
+        if packed["kind"] == "nibble" and str(device).startswith("cpu") and not (small or fast) and cache != "all":
             packed = to_int4pack(packed, out_f, in_f, dtype) or packed
         bias_name = f"{mod_name}.bias"
         bias = view.get(bias_name).to(device) if bias_name in names else None
         done.add(bias_name)
-        lin = GGUFLinear(packed, qtype, out_f, in_f, bias, dtype, cache == "all" or (cache == "small" and small))
+        if fast:
+            lin = GGUFInt8Linear(packed, qtype, out_f, in_f, bias, dtype)
+        else:
+            lin = GGUFLinear(packed, qtype, out_f, in_f, bias, dtype, cache == "all" or (cache == "small" and small))
         replace_module(model, mod_name, lin)
     check_no_meta(model, path)
     model.to(device)
+    from .._compile import enabled
+
+    if compile if compile is not None else (backend == "int-mm-cpu" and enabled()):
+        compile_blocks(model)
     return model.eval()
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """Run every transformer block through ``torch.compile`` (eager if compiling fails)."""
+    from .._compile import fused
+
+    for name in ("noise_refiner", "context_refiner", "layers"):
+        for block in getattr(model, name, ()):
+            block.forward = fused(block.forward)

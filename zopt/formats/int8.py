@@ -34,11 +34,9 @@ def quantize_int8(w):
 
 def quantize_tokens(x):
     """Dynamic per-token (row) symmetric INT8 quantization: (codes as I8, F32 scales ``(rows, 1)``)."""
-    import torch
+    from .int_mm import quantize_tokens as quantize
 
-    xf = x.float()
-    sx = (xf.abs().amax(dim=-1, keepdim=True) / QMAX).clamp_min(1e-12)
-    return torch.round(xf / sx).clamp(-QMAX, QMAX).to(torch.int8), sx
+    return quantize(x)
 
 
 def _int8_linear_class():
@@ -62,12 +60,9 @@ def _int8_linear_class():
         return (y * sx * m.weight_scale).to(x.dtype)
 
     def int_mm_kernel(m, x):
-        xq, sx = quantize_tokens(x)
-        rows = xq.shape[0]
-        if x.is_cuda and rows <= 16:  # the CUDA kernel wants more than 16 rows
-            xq = torch.cat([xq, xq.new_zeros(17 - rows, xq.shape[1])])
-        y = torch._int_mm(xq, m.weight.t())[:rows]
-        return (y.float() * sx * m.weight_scale).to(x.dtype)
+        from . import int_mm
+
+        return int_mm.linear(x, m.weight, m.weight_scale)
 
     class Int8Linear(Base):
         KERNELS = {"torch-dequant": dequant_kernel, "torch-dequant-w8a8": w8a8_sim_kernel,

@@ -50,6 +50,21 @@ class Candidate:
     dequant: bool  # backend dequantizes per layer (adds a transient BF16 copy of the largest matrix)
     note: str
     fallback: bool = False  # below 4 bits: recommended only when no 4-bit-or-better format fits at all
+    transient: bool = True  # a dequantizing backend also holds one BF16 copy of the largest matrix
+
+
+# Backends that hold every quantized weight in a layout of their own, whatever the file's type:
+# (format, backend) -> effective bits per weight. GGUF on int-mm-cpu keeps INT8 codes plus one
+# float32 scale per output row (rows of 3,840 or more weights).
+HELD_BITS = {("gguf", "int-mm-cpu"): 8.0 + 32 / 3840}
+
+
+def held(cand: Candidate, backend: str | None) -> Candidate:
+    """``cand`` as ``backend`` holds it in memory (see :data:`HELD_BITS`)."""
+    import dataclasses
+
+    bits = HELD_BITS.get((cand.spec.split(":")[0], backend))
+    return cand if bits is None else dataclasses.replace(cand, bits=bits, transient=False)
 
 
 # Quality order, best first. Effective bits = nominal + scale overhead of the storage layout.
@@ -143,7 +158,7 @@ def footprint(config: dict[str, Any], cand: Candidate, shape: Shape, width: int,
     # unquantized tensors (and whole plain formats) are held at the compute dtype: fp32 on CPU
     bits = elem_bytes * 8 if not cand.dequant else cand.bits
     ratio = bits / 16
-    transient = largest * elem_bytes if cand.dequant else 0
+    transient = largest * elem_bytes if cand.dequant and cand.transient else 0
     tr = weight_bytes(config, bits, elem_bytes * 8) + transient
     act = activation_bytes(config, shape, elem_bytes, attention)
     vae_act = int(VAE_ACT * 128 * height * width * elem_bytes * shape.batch)
@@ -229,8 +244,8 @@ def plan(hw: Hardware, width: int = 1024, height: int = 1024, batch: int = 1,
     tiers = ["none", "model", "group-stream", "group", "sequential", "disk"]
     best: tuple[tuple[int, int, int], PlanRow] | None = None
     for qi, cand in enumerate(CANDIDATES):
-        fp = footprint(config, cand, shape, width, height, elem, att.name)
         backend, problem = _backend_note(cand.spec, hw)
+        fp = footprint(config, held(cand, backend), shape, width, height, elem, att.name)
         try:
             ch = choose("auto", hw, fp)
             row = PlanRow(cand.spec, ch.mode, ch.device_bytes, fp.transformer, backend, problem or ch.reason)
