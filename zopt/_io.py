@@ -16,9 +16,12 @@ def atomic_path(final: str | os.PathLike, *, is_dir: bool = False) -> Iterator[P
     """Yield a temporary path beside ``final``; rename it onto ``final`` only if the block succeeds.
 
     On any exception (including KeyboardInterrupt) the temporary file or folder is removed, so a
-    failed or interrupted write never leaves a partial output at ``final``.
+    failed or interrupted write never leaves a partial output at ``final``. An existing ``final``
+    is replaced only when that loses nothing but an earlier output: a file by a file, a folder by
+    a folder only if it is empty or holds a zopt manifest (ZoptError otherwise, before any work).
     """
     final = Path(final)
+    _check_replaceable(final, is_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
     if is_dir:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
@@ -41,6 +44,24 @@ def atomic_path(final: str | os.PathLike, *, is_dir: bool = False) -> Iterator[P
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
         raise
+
+
+# a folder holding one of these was written by zopt and may be replaced by a new conversion
+ARTIFACT_MARKERS = ("zopt-manifest.json", "transformer/zopt-manifest.json", "zopt-publish.json")
+
+
+def _check_replaceable(final: Path, is_dir: bool) -> None:
+    """Refuse, before any work, an output path whose replacement would lose someone's data."""
+    from .errors import ZoptError
+
+    if not is_dir and final.is_dir():
+        raise ZoptError("is a folder; give a file name for the output", final)
+    if is_dir and final.exists():
+        if not final.is_dir():
+            raise ZoptError("exists and is a file; this format writes a folder", final)
+        if any(final.iterdir()) and not any((final / m).is_file() for m in ARTIFACT_MARKERS):
+            raise ZoptError("exists and is not a zopt output folder (no zopt-manifest.json); remove it or "
+                            "choose another output path", final)
 
 
 def _umask() -> int:
