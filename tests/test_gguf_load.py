@@ -155,3 +155,31 @@ def test_backend_registered_and_selected():
     assert select("gguf", FAKES["cpu-only"]).backend.name == "int-mm-cpu"
     assert select("gguf", FAKES["cuda-sm89-8gb"]).backend.name == "torch-dequant"
     assert select("gguf", FAKES["cpu-only"], prefer="torch-dequant").backend.name == "torch-dequant"
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("subtype", ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K", "Q4_1"])
+def test_stable_diffusion_cpp_reads_every_tensor_to_our_values(tiny_gguf, tmp_path, subtype):
+    """stable-diffusion.cpp's model loader opens zopt's file, and ggml's dequantizers give, bit for
+    bit, the values gguf-py gives (its converter, asked for F32, decodes every quantized tensor)."""
+    pytest.importorskip("stable_diffusion_cpp", reason="stable-diffusion-cpp-python is not installed")
+    import gguf
+    import numpy as np
+    from gguf.quants import dequantize
+    from stable_diffusion_cpp import stable_diffusion_cpp as sd_cpp
+
+    ours_path, out = tiny_gguf(subtype), tmp_path / "sdcpp-f32.gguf"
+    assert sd_cpp.convert(str(ours_path).encode(), b"", str(out).encode(), 0, b"", True)
+    ours = {t.name: t for t in gguf.GGUFReader(ours_path).tensors}
+    theirs = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    assert set(theirs) == set(ours)
+    decoded = 0
+    for name, t in theirs.items():
+        o = ours[name]
+        # sd.cpp writes our 2-D [1, dim] pad tokens back as 1-D (GGUF lists dims innermost first)
+        assert [int(d) for d in t.shape] == [int(d) for d in o.shape if d != 1 or len(o.shape) == 1], name
+        if o.tensor_type.name not in ("F32", "BF16", "F16"):
+            assert t.tensor_type.name == "F32", name
+            decoded += 1
+        assert np.array_equal(dequantize(t.data, t.tensor_type).reshape(-1), dequantize(o.data, o.tensor_type).reshape(-1)), name
+    assert decoded > 0
