@@ -97,6 +97,10 @@ def run(args) -> int:
                              batch=min(args.batch_size, len(jobs)), disk_dir=out_dir / ".offload")
     print(f"{choice.format} via {choice.backend} on {choice.device} ({choice.dtype}); offload {choice.offload}: "
           f"{choice.offload_reason}; attention {choice.attention}")
+    from .._compile import enabled
+
+    if choice.backend == "int-mm-cpu" and choice.format == "gguf" and enabled():
+        print("compiling the transformer blocks during the first step (10-20 s once; ZOPT_COMPILE=0 skips it)")
     req = P.GenerateRequest(prompts=prompts, seeds=sorted({s for _, s in jobs}), steps=args.steps, height=h,
                             width=w, guidance_scale=args.guidance, batch_size=args.batch_size, jobs=jobs)
     results = P.run(pipe, req, out_dir, extra_meta={"model": str(args.model)})
