@@ -299,9 +299,23 @@ class GGUFSource(TensorSource):
         return self._tensors[name][0]
 
     def raw(self, name: str):
-        """(numpy uint8/float data as stored, GGMLQuantizationType) without dequantizing."""
+        """(numpy uint8/float data as stored, GGMLQuantizationType) without dequantizing: a copy
+        read from the file, so walking every tensor never maps the whole file into memory."""
         t = self._tensors[name][1]
-        return t.data, t.tensor_type
+        return self._read(t), t.tensor_type
+
+    def _read(self, t):
+        # the reader's memmap would do, but its pages count as this process's memory once touched
+        # and stay until the source is dropped: loading a 6.7 GB file would peak near twice that
+        import numpy as np
+
+        buf = np.empty(t.data.shape, dtype=t.data.dtype)
+        with builtins.open(self.path, "rb") as f:  # this module's open() opens checkpoints
+            f.seek(int(t.data_offset))
+            n = f.readinto(memoryview(buf).cast("B"))
+        if n != buf.nbytes:
+            raise CorruptFile(f"tensor {t.name} is truncated", self.path)
+        return buf
 
     def get(self, name: str):
         import numpy as np
@@ -310,12 +324,12 @@ class GGUFSource(TensorSource):
         from gguf.quants import dequantize
 
         info, t = self._tensors[name]
+        data = self._read(t)
         if t.tensor_type == T.BF16:
-            raw = torch.from_numpy(np.ascontiguousarray(t.data).view(np.int16).copy())
-            return raw.view(torch.bfloat16).reshape(info.shape)
+            return torch.from_numpy(data.view(np.int16)).view(torch.bfloat16).reshape(info.shape)
         if t.tensor_type in (T.F32, T.F16):
-            return torch.from_numpy(np.array(t.data)).reshape(info.shape)
-        return torch.from_numpy(dequantize(t.data, t.tensor_type)).reshape(info.shape)
+            return torch.from_numpy(data).reshape(info.shape)
+        return torch.from_numpy(dequantize(data, t.tensor_type)).reshape(info.shape)
 
 
 # --------------------------------------------------------------------------------------------

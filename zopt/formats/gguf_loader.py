@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._compile import fused
 from ..errors import CorruptFile, UnsupportedFormat, ZoptError
 from ..families import zimage
 from . import int_mm
@@ -164,6 +164,21 @@ class GGUFLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, qtype={self.qtype}, cached={self._cached is not None}"
 
 
+@fused
+def _rows_to_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float (n, k) -> (INT8 codes (n, k), float32 row scales (n,)): round to nearest per row."""
+    amax = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+    q = torch.round(w * (int_mm.QMAX / amax)).clamp(-int_mm.QMAX, int_mm.QMAX).to(torch.int8)
+    return q, (amax / int_mm.QMAX).squeeze(1)
+
+
+@fused
+def _q8_0_rows_to_int8(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8_0 codes (n, k) with a scale per 32 (n, k/32) -> per-row INT8 codes and row scales."""
+    w = (q.view(q.shape[0], -1, 32) * scale.unsqueeze(-1)).view(q.shape)
+    return _rows_to_int8.fn(w)
+
+
 class GGUFInt8Linear(nn.Module):
     """A GGUF Linear computed with integer matmuls, the way ggml's own CPU backend computes:
     activations are quantized to 8 bits on the fly and multiplied with 8-bit weights, INT32
@@ -182,12 +197,13 @@ class GGUFInt8Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = out_features, in_features
         self.qtype, self.compute_dtype = qtype, compute_dtype
-        w = unpack(packed, out_features, in_features, torch.float32)
-        amax = w.abs().amax(dim=1).clamp_min(1e-30)
-        self.register_buffer("row_scale", amax / int_mm.QMAX, persistent=False)
+        if packed["kind"] == "int8":  # Q8_0: straight from the block codes, one fused pass when compiled
+            q, row_scale = _q8_0_rows_to_int8(packed["q"], packed["scale"])
+        else:
+            q, row_scale = _rows_to_int8(unpack(packed, out_features, in_features, torch.float32))
         self.kind = "int8"
-        q = torch.round(w * (int_mm.QMAX / amax)[:, None]).clamp(-int_mm.QMAX, int_mm.QMAX)
-        self.register_buffer("q", q.to(torch.int8), persistent=False)
+        self.register_buffer("q", q, persistent=False)
+        self.register_buffer("row_scale", row_scale, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
 
     @property
@@ -216,13 +232,8 @@ def _config(src, path: Path) -> dict[str, Any]:
 
 
 def _raw_rows(src, base: str) -> tuple[torch.Tensor, str]:
-    data, ggml_type = src.raw(base)
-    import numpy as np
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        t = torch.from_numpy(np.array(data, copy=True)).view(torch.uint8)
-    return t, ggml_type.name
+    data, ggml_type = src.raw(base)  # a fresh, writable copy read from the file
+    return torch.from_numpy(data).view(torch.uint8), ggml_type.name
 
 
 def load(path: str | os.PathLike, device: str = "cpu", backend: str | None = None, dtype: Any = None,
