@@ -92,7 +92,9 @@ def kernel(fn: Callable[..., Any]) -> Callable[..., Any]:
         if fast is None:
             import torch
 
-            fast = box["fn"] = torch.compile(fn, dynamic=True)
+            # emulate_precision_casts keeps the fp16 round trips (stored scales) that inductor would
+            # otherwise drop as redundant casts: without it the bytes differ from eager
+            fast = box["fn"] = torch.compile(fn, dynamic=True, options={"emulate_precision_casts": True})
         try:
             return fast(*args)
         except Exception as e:  # noqa: BLE001 - any compiler failure means: run eagerly

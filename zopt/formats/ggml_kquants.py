@@ -126,18 +126,22 @@ def _codes_and_requantize(xc, scales, mins, L, per: int, nmax: int, qmax: int):
     """ggml's reference path after the search: sub-scales/mins rounded against their maxima to
     ``qmax`` codes, fp16 super-block d/dmin, weights re-rounded against the stored values."""
     scales, mins = scales.reshape(-1, per), mins.reshape(-1, per)
-    max_scale = scales.amax(-1, keepdim=True).clamp(min=0)
-    max_min = mins.amax(-1, keepdim=True).clamp(min=0)
+    # ggml's running maxima start at +0: an all-zero block stores +0, never -0 (clamp would keep -0)
+    max_scale, max_min = scales.amax(-1, keepdim=True), mins.amax(-1, keepdim=True)
+    max_scale = torch.where(max_scale > 0, max_scale, torch.zeros_like(max_scale))
+    max_min = torch.where(max_min > 0, max_min, torch.zeros_like(max_min))
     # torch.reciprocal(m) * qmax is what eager ``qmax / m`` computes
     inv_s = torch.where(max_scale > 0, torch.reciprocal(max_scale) * qmax, torch.zeros_like(max_scale))
     inv_m = torch.where(max_min > 0, torch.reciprocal(max_min) * qmax, torch.zeros_like(max_min))
     ls = rne_(inv_s * scales, 0, qmax)
     lm = rne_(inv_m * mins, 0, qmax)
-    d_b, dmin_b = f16_bytes(max_scale / qmax), f16_bytes(max_min / qmax)
-    d_sub = (f16_value(d_b) * ls).reshape(-1)
-    m_sub = (f16_value(dmin_b) * lm).reshape(-1)
+    # (kernels round to half and use .float() rather than re-reading the bytes: a dtype view of a
+    # computed uint8 tensor is not reliably compiled)
+    dh, mh = (max_scale / qmax).to(torch.float16), (max_min / qmax).to(torch.float16)
+    d_sub = (dh.float() * ls).reshape(-1)
+    m_sub = (mh.float() * lm).reshape(-1)
     L = _rows(_requantize(xc, d_sub, L, 0, nmax, offset=m_sub))
-    return d_b, dmin_b, ls.to(torch.uint8), lm.to(torch.uint8), L
+    return f16_bytes(dh), f16_bytes(mh), ls.to(torch.uint8), lm.to(torch.uint8), L
 
 
 def _sigma_weights(blocks, qw, factor):
@@ -233,9 +237,10 @@ def _q6_k_pack(xc, scales, L):
     max_scale = abs_max_signed(scales)
     zero = max_scale.abs() < EPS
     iscale = torch.reciprocal(torch.where(zero, torch.ones_like(max_scale), max_scale)) * -128  # -128 / max
-    d_b = f16_bytes(torch.reciprocal(iscale))
+    dh = torch.reciprocal(iscale).to(torch.float16)
+    d_b = f16_bytes(dh)
     sc = rne_(iscale * scales, -128, 127)
-    d_sub = (f16_value(d_b) * sc).reshape(-1)
+    d_sub = (dh.float() * sc).reshape(-1)
     L = _rows(_requantize(xc, d_sub, L - 32, -32, 31) + 32)
     q = L.reshape(B, 2, 4, 32)
     ql = pack_nibbles(q[:, :, 0:2], q[:, :, 2:4]).reshape(B, 128)
@@ -273,14 +278,15 @@ def _q3_k_codes(scales):
     nonzero = max_scale != 0
     iscale = torch.reciprocal(torch.where(nonzero, max_scale, torch.ones_like(max_scale))) * -32  # -32 / max
     codes = (rne_(iscale * scales, -32, 31) + 32).masked_fill(~nonzero, 0)
-    return codes, f16_bytes(torch.where(nonzero, torch.reciprocal(iscale), torch.zeros_like(iscale)))
+    return codes, torch.where(nonzero, torch.reciprocal(iscale), torch.zeros_like(iscale)).to(torch.float16)
 
 
 @kernel
-def _q3_k_pack(xc, L, codes, d_b):
-    """Q3_K after the scales: re-round against the stored sub-scales, then pack."""
+def _q3_k_pack(xc, L, codes, dh):
+    """Q3_K after the scales (``dh``: fp16 d (B, 1)): re-round against the stored sub-scales, pack."""
     B = codes.shape[0]
-    d_sub = (f16_value(d_b) * (codes - 32)).reshape(-1)
+    d_b = f16_bytes(dh)
+    d_sub = (dh.float() * (codes - 32)).reshape(-1)
     L = _rows(_requantize(xc, d_sub, L - 4, -4, 3) + 4)
     high = L >> 2  # L in 0..7: bit 2 goes to the mask, the low two bits to qs
     hmask = _bits_over_32(high, 8)
@@ -303,7 +309,7 @@ class Q3_K(GGMLType, qtype=GGMLQuantizationType.Q3_K):
         xc = _columns(blocks, 16)
         if qw is None:
             scales, L = make_q3(xc, 4)
-            codes, d_b = _q3_k_codes(scales)
+            codes, dh = _q3_k_codes(scales)
         else:
             # ggml's importance path: weighted make_qx_quants for the weights and for the 16 sub-scales
             wc = _columns(_sigma_weights(blocks, qw, 2), 16)
@@ -311,8 +317,8 @@ class Q3_K(GGMLType, qtype=GGMLQuantizationType.Q3_K):
             sw = colsum(wc).reshape(B, 16).t()
             d_block, codes = make_qx(scales.reshape(B, 16).t().contiguous(), 32, sw)
             codes = codes.t()
-            d_b = f16_bytes(d_block)
-        return _q3_k_pack(xc, L, codes, d_b)
+            dh = d_block.reshape(-1, 1).to(torch.float16)
+        return _q3_k_pack(xc, L, codes, dh)
 
     @classmethod
     def dequantize_blocks(cls, blocks):
