@@ -38,9 +38,13 @@ def _env() -> bool | None:
     return None
 
 
-def _cxx_available() -> bool:
-    cxx = os.environ.get("CXX")
+@functools.lru_cache(maxsize=8)
+def _cxx_on_path(cxx: str | None, path: str | None) -> bool:
     return any(shutil.which(c) for c in ([cxx] if cxx else []) + ["g++", "c++", "clang++"])
+
+
+def _cxx_available() -> bool:
+    return _cxx_on_path(os.environ.get("CXX"), os.environ.get("PATH"))
 
 
 def _give_up(reason: str) -> None:
@@ -72,7 +76,20 @@ def compiled(flag: bool = True) -> Iterator[bool]:
     failure)."""
     _wanted.append(flag)
     try:
-        yield enabled()
+        on = enabled()
+        if not on:
+            yield False
+            return
+        from torch._inductor import config
+        from torch.fx.experimental import _config as fx_config
+
+        # Keep the fp16 round trips (stored scales) that inductor would otherwise drop as redundant
+        # casts: without them the bytes differ from eager. Set for the block rather than per
+        # torch.compile call, whose options are re-applied on every call (measurable per kernel).
+        # No duck shaping: sizes that happen to be equal in one call must not be assumed equal in
+        # the next (each such guard failure costs a recompile).
+        with config.patch(emulate_precision_casts=True), fx_config.patch(use_duck_shape=False):
+            yield True
     finally:
         _wanted.pop()
 
@@ -92,10 +109,13 @@ def kernel(fn: Callable[..., Any]) -> Callable[..., Any]:
         if fast is None:
             import torch
 
-            # emulate_precision_casts keeps the fp16 round trips (stored scales) that inductor would
-            # otherwise drop as redundant casts: without it the bytes differ from eager
-            fast = box["fn"] = torch.compile(fn, dynamic=True, options={"emulate_precision_casts": True})
+            fast = box["fn"] = torch.compile(fn, dynamic=True)
         try:
+            from torch._inductor import config
+
+            if not config.emulate_precision_casts:  # enabled by ZOPT_COMPILE=1 outside compiled()
+                with config.patch(emulate_precision_casts=True):
+                    return fast(*args)
             return fast(*args)
         except Exception as e:  # noqa: BLE001 - any compiler failure means: run eagerly
             _give_up(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}")

@@ -121,10 +121,18 @@ def _scale_min_superblock(blocks, sub, nmax, scale_bits, params, weights, qw=Non
     return d_b, dmin_b, ls.to(torch.uint8), lm.to(torch.uint8), L
 
 
-@kernel
 def _codes_and_requantize(xc, scales, mins, L, per: int, nmax: int, qmax: int):
     """ggml's reference path after the search: sub-scales/mins rounded against their maxima to
     ``qmax`` codes, fp16 super-block d/dmin, weights re-rounded against the stored values."""
+    dh, mh, ls, lm, d_sub, m_sub = _scale_min_codes(scales, mins, per, qmax)
+    L = _rows(_requantize_kernel(xc, d_sub, L, 0, nmax, m_sub))
+    return f16_bytes(dh), f16_bytes(mh), ls.to(torch.uint8), lm.to(torch.uint8), L
+
+
+@kernel
+def _scale_min_codes(scales, mins, per: int, qmax: int):
+    # Two kernels, not one: per-block work on (B, per) and per-weight work on (n, G) each vectorize;
+    # fused, the index arithmetic between the two layouts made inductor emit scalar loops.
     scales, mins = scales.reshape(-1, per), mins.reshape(-1, per)
     # ggml's running maxima start at +0: an all-zero block stores +0, never -0 (clamp would keep -0)
     max_scale, max_min = scales.amax(-1, keepdim=True), mins.amax(-1, keepdim=True)
@@ -135,13 +143,15 @@ def _codes_and_requantize(xc, scales, mins, L, per: int, nmax: int, qmax: int):
     inv_m = torch.where(max_min > 0, torch.reciprocal(max_min) * qmax, torch.zeros_like(max_min))
     ls = rne_(inv_s * scales, 0, qmax)
     lm = rne_(inv_m * mins, 0, qmax)
-    # (kernels round to half and use .float() rather than re-reading the bytes: a dtype view of a
+    # (round to half and use .float() rather than re-reading stored bytes: a dtype view of a
     # computed uint8 tensor is not reliably compiled)
     dh, mh = (max_scale / qmax).to(torch.float16), (max_min / qmax).to(torch.float16)
-    d_sub = (dh.float() * ls).reshape(-1)
-    m_sub = (mh.float() * lm).reshape(-1)
-    L = _rows(_requantize(xc, d_sub, L, 0, nmax, offset=m_sub))
-    return f16_bytes(dh), f16_bytes(mh), ls.to(torch.uint8), lm.to(torch.uint8), L
+    return dh, mh, ls, lm, (dh.float() * ls).reshape(-1), (mh.float() * lm).reshape(-1)
+
+
+@kernel
+def _requantize_kernel(x, d_sub, L_search, lo: int, hi: int, offset=None):
+    return _requantize(x, d_sub, L_search, lo, hi, offset)
 
 
 def _sigma_weights(blocks, qw, factor):
@@ -229,23 +239,32 @@ class Q2_K(GGMLType, qtype=GGMLQuantizationType.Q2_K):
 # Symmetric types: Q6_K, Q3_K
 
 
-@kernel
 def _q6_k_pack(xc, scales, L):
-    """Q6_K after the search: int8 sub-scales against the largest, fp16 d, re-rounding, packing."""
+    """Q6_K after the search: int8 sub-scales against the largest, fp16 d, re-rounding, packing
+    (three kernels: per-block, per-weight in the column layout, per-block packing)."""
+    dh, sc, zero, d_sub = _q6_k_scales(scales)
+    L = _rows(_requantize_kernel(xc, d_sub, L - 32, -32, 31) + 32)
+    return _q6_k_bytes(L, dh, sc, zero)
+
+
+@kernel
+def _q6_k_scales(scales):
     scales = scales.reshape(-1, 16)
-    B = scales.shape[0]
     max_scale = abs_max_signed(scales)
     zero = max_scale.abs() < EPS
     iscale = torch.reciprocal(torch.where(zero, torch.ones_like(max_scale), max_scale)) * -128  # -128 / max
     dh = torch.reciprocal(iscale).to(torch.float16)
-    d_b = f16_bytes(dh)
     sc = rne_(iscale * scales, -128, 127)
-    d_sub = (dh.float() * sc).reshape(-1)
-    L = _rows(_requantize(xc, d_sub, L - 32, -32, 31) + 32)
+    return dh, sc, zero, (dh.float() * sc).reshape(-1)
+
+
+@kernel
+def _q6_k_bytes(L, dh, sc, zero):
+    B = L.shape[0]
     q = L.reshape(B, 2, 4, 32)
     ql = pack_nibbles(q[:, :, 0:2], q[:, :, 2:4]).reshape(B, 128)
     qh = (q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4) | ((q[:, :, 3] >> 4) << 6)
-    out = torch.cat([ql, qh.reshape(B, 64), sc.to(torch.int8).view(torch.uint8), d_b], 1)
+    out = torch.cat([ql, qh.reshape(B, 64), sc.to(torch.int8).view(torch.uint8), f16_bytes(dh)], 1)
     return out.masked_fill(zero, 0)  # ggml memsets all-zero blocks
 
 
@@ -281,13 +300,15 @@ def _q3_k_codes(scales):
     return codes, torch.where(nonzero, torch.reciprocal(iscale), torch.zeros_like(iscale)).to(torch.float16)
 
 
-@kernel
 def _q3_k_pack(xc, L, codes, dh):
     """Q3_K after the scales (``dh``: fp16 d (B, 1)): re-round against the stored sub-scales, pack."""
-    B = codes.shape[0]
-    d_b = f16_bytes(dh)
     d_sub = (dh.float() * (codes - 32)).reshape(-1)
-    L = _rows(_requantize(xc, d_sub, L - 4, -4, 3) + 4)
+    return _q3_k_bytes(_rows(_requantize_kernel(xc, d_sub, L - 4, -4, 3) + 4), codes, dh)
+
+
+@kernel
+def _q3_k_bytes(L, codes, dh):
+    B = codes.shape[0]
     high = L >> 2  # L in 0..7: bit 2 goes to the mask, the low two bits to qs
     hmask = _bits_over_32(high, 8)
     qs = _pack_2bit(L & 3)
@@ -295,7 +316,7 @@ def _q3_k_pack(xc, L, codes, dh):
     ch = (c >> 4).reshape(B, 4, 4)
     sb = torch.cat([pack_nibbles(c[:, :8], c[:, 8:]),
                     ch[:, 0] | (ch[:, 1] << 2) | (ch[:, 2] << 4) | (ch[:, 3] << 6)], 1)
-    return torch.cat([hmask, qs, sb, d_b], 1)
+    return torch.cat([hmask, qs, sb, f16_bytes(dh)], 1)
 
 
 class Q3_K(GGMLType, qtype=GGMLQuantizationType.Q3_K):

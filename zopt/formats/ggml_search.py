@@ -100,7 +100,8 @@ def make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
     kept when it lowers the weighted squared (or absolute, ``use_mad``) error.
     """
     mn, mx, flat, rng, iscale, scale, best_err, sum_w, sum_x, sum_wx2 = _qkx2_start(x, w, nmax, use_mad)
-    won_mn, won_iscale = mn, iscale  # what the winning candidate rounded with
+    # what the winning candidate rounded with (copies: aliased inputs would make dynamo recompile)
+    won_mn, won_iscale = mn.clone(), iscale.clone()
     for step in range(nstep + 1):
         num = torch.tensor(_f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax), dtype=torch.float32)
         mn, rng, scale, best_err, won_mn, won_iscale = _qkx2_step(
