@@ -88,10 +88,35 @@ def compiled(flag: bool = True) -> Iterator[bool]:
         # torch.compile call, whose options are re-applied on every call (measurable per kernel).
         # No duck shaping: sizes that happen to be equal in one call must not be assumed equal in
         # the next (each such guard failure costs a recompile).
-        with config.patch(emulate_precision_casts=True), fx_config.patch(use_duck_shape=False):
+        with config.patch(emulate_precision_casts=True), fx_config.patch(use_duck_shape=False), \
+                _kernels_release_gil():
             yield True
     finally:
         _wanted.pop()
+
+
+# inductor's C++ kernels are called with the GIL held, so worker threads running compiled kernels
+# would take turns on one core. Within compiled(), kernels are built with a binding that parses its
+# arguments under the GIL and then releases it for the loop itself (the loop touches no Python object).
+_GIL_FREE_CALL = ("auto zopt_args = std::make_tuple({}); "
+                  "Py_BEGIN_ALLOW_THREADS std::apply(kernel, zopt_args); Py_END_ALLOW_THREADS Py_RETURN_NONE;")
+
+
+@contextmanager
+def _kernels_release_gil() -> Iterator[None]:
+    try:
+        from torch._inductor.codecache import CppPythonBindingsCodeCache as cache
+    except ImportError:  # another torch layout: kernels keep the GIL (correct, just serial)
+        yield
+        return
+    if cache.call_entry_function != "kernel({}); Py_RETURN_NONE;":
+        yield  # already patched (nested block) or not the binding this was written for: leave it
+        return
+    cache.call_entry_function = _GIL_FREE_CALL
+    try:
+        yield
+    finally:
+        cache.call_entry_function = "kernel({}); Py_RETURN_NONE;"
 
 
 def kernel(fn: Callable[..., Any]) -> Callable[..., Any]:

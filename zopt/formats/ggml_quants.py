@@ -29,6 +29,7 @@ import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import ShapeMismatch, UnsupportedFormat
+from .ggml_compile import enabled as compiling
 from .ggml_compile import kernel
 from .ggml_search import abs_max_signed, make_qkx2, make_qx
 
@@ -37,6 +38,7 @@ SUPPORTED: tuple[str, ...] = (
 )
 
 _TYPES: dict[GGMLQuantizationType, type[GGMLType]] = {}
+COMPILED_CHUNK_WEIGHTS = 1 << 20  # weights per kernel call when compiled (measured best of 2^18..2^21)
 
 
 class GGMLType:
@@ -366,7 +368,8 @@ def quantize(x: torch.Tensor, qtype: str | GGMLQuantizationType,
         imp = importance.detach().to(device=x.device, dtype=torch.float32).reshape(per_row, t.block_size)
         row_ms = x.detach().reshape(-1, n_cols).float().square().mean(-1)
     out = torch.empty((n, t.type_size), dtype=torch.uint8, device=x.device)
-    step = max(1, t.chunk_weights // t.block_size)
+    # compiled kernels keep few temporaries, so larger chunks (fewer calls) win there
+    step = max(1, (max(t.chunk_weights, COMPILED_CHUNK_WEIGHTS) if compiling() else t.chunk_weights) // t.block_size)
     with torch.no_grad():
         for s in range(0, n, step):
             chunk = blocks[s:s + step].float()

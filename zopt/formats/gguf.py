@@ -63,7 +63,9 @@ def quantize_rows(x, qtype: str):
         return x.to(torch.bfloat16)
     gq = _ggml_quants()
     if gq is not None and _supported_by(gq, qtype):
-        return gq.quantize(x.to(torch.float32), qtype)
+        # bf16/f16 rows go in as they are: quantize() widens each cache-sized piece to float32
+        # itself, which saves a whole-chunk float32 copy (same bytes)
+        return gq.quantize(x if x.dtype in (torch.bfloat16, torch.float16) else x.to(torch.float32), qtype)
     import gguf.quants
 
     try:
