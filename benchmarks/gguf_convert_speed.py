@@ -4,7 +4,10 @@ Writes the synthetic checkpoint with ``zopt.models.write_synthetic`` if absent, 
 Q8_0 and Q4_K_M with zopt and to q8_0 and q4_K with stable-diffusion.cpp's converter
 (``stable-diffusion-cpp-python``'s ``convert``; skipped with a message if not installed). Every run
 is its own subprocess; it reports wall time, source throughput and its peak RSS (ru_maxrss).
-Outputs are deleted after each run.
+Outputs are deleted after each run. zopt's wall time includes loading (or, on a machine's first
+run, compiling) its torch.compile kernels; ``ZOPT_COMPILE=0`` measures the eager quantizers. The
+1-minute load average before and after each run is printed: other processes sharing the cores
+distort every figure. At the end, zopt/sd.cpp ratios per type (when both ran).
 
 Usage: python benchmarks/gguf_convert_speed.py [--data /work/bench-data] [--only zopt|sdcpp] [--types Q8_0,Q4_K_M]
 """
@@ -83,18 +86,28 @@ def main() -> None:
                 print("stable-diffusion.cpp peer skipped: pip install stable-diffusion-cpp-python to compare")
             else:
                 runners.append((f"sd.cpp {SD_TYPES[sub][0]}", SDCPP_CHILD, sub))
-    print(f"{'converter':<22}{'wall s':>9}{'GB/s':>8}{'peak RSS GB':>13}{'out GB':>9}", flush=True)
+    print(f"{'converter':<22}{'wall s':>9}{'GB/s':>8}{'peak RSS GB':>13}{'out GB':>9}{'load before/after':>19}",
+          flush=True)
+    results: dict[tuple[str, str], dict] = {}
     for label, code, sub in runners:
         out = data / f".bench-{label.replace(' ', '-').replace(':', '-')}.gguf"
         extra = [str(SD_TYPES[sub][1])] if code is SDCPP_CHILD else [sub]
         t0 = time.perf_counter()
+        load0 = os.getloadavg()[0]
         res = run_child(code, [str(src), str(out), *extra])
         size = out.stat().st_size / 1e9 if out.exists() else float("nan")
         out.unlink(missing_ok=True)
         if "error" in res or res.get("ok") is False:
             print(f"{label:<22} failed after {time.perf_counter() - t0:.0f} s: {res.get('error', 'convert returned false')}")
             continue
-        print(f"{label:<22}{res['wall']:>9.1f}{gb / res['wall']:>8.3f}{res['rss_gb']:>13.2f}{size:>9.2f}", flush=True)
+        results[("sdcpp" if code is SDCPP_CHILD else "zopt", sub)] = res
+        print(f"{label:<22}{res['wall']:>9.1f}{gb / res['wall']:>8.3f}{res['rss_gb']:>13.2f}{size:>9.2f}"
+              f"{load0:>10.1f} / {os.getloadavg()[0]:.1f}", flush=True)
+    for sub in args.types.split(","):
+        z, c = results.get(("zopt", sub)), results.get(("sdcpp", sub))
+        if z and c:
+            print(f"{sub}: zopt / sd.cpp {SD_TYPES[sub][0]}: wall {z['wall'] / c['wall']:.2f}x, "
+                  f"peak RSS {z['rss_gb'] / c['rss_gb']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -115,3 +115,16 @@ def test_cli_convert_and_list_types(tmp_path, tiny_transformer_dir, capsys):
     rows = {spec: bits for spec, bits, _ in list_types()}
     assert rows["gguf:Q4_K_M"] == f"{dict((n, b) for n, b, _ in gguf_recipes.list_types())['Q4_K_M']:.2f}"
     assert {f"gguf:{t}" for t in ALL_TYPES} <= set(rows)
+
+
+def test_parallel_workers_write_the_same_bytes(tiny_transformer_dir, tmp_path):
+    """Row chunks quantized by several worker threads are written in file order: same file as one
+    worker (the converter's default on a multi-core machine is several)."""
+    from zopt.formats import convert
+
+    outs = []
+    for workers in (1, 3):
+        out = tmp_path / f"w{workers}.gguf"
+        convert(tiny_transformer_dir, "gguf:Q4_K_M", out, options={"workers": workers, "compile": False})
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]

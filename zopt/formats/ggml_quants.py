@@ -29,6 +29,8 @@ import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import ShapeMismatch, UnsupportedFormat
+from .ggml_compile import enabled as compiling
+from .ggml_compile import kernel
 from .ggml_search import abs_max_signed, make_qkx2, make_qx
 
 SUPPORTED: tuple[str, ...] = (
@@ -36,6 +38,7 @@ SUPPORTED: tuple[str, ...] = (
 )
 
 _TYPES: dict[GGMLQuantizationType, type[GGMLType]] = {}
+COMPILED_CHUNK_WEIGHTS = 1 << 20  # weights per kernel call when compiled (measured best of 2^18..2^21)
 
 
 class GGMLType:
@@ -87,7 +90,7 @@ def f16_value(b: torch.Tensor) -> torch.Tensor:
 
 def safe_inverse(d: torch.Tensor) -> torch.Tensor:
     """``1/d``, with 0 where d == 0 (ggml: ``id = d ? 1.0f/d : 0.0f``)."""
-    return torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+    return torch.where(d == 0, torch.zeros_like(d), torch.reciprocal(d))
 
 
 def pack_nibbles(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -171,18 +174,57 @@ def _weighted_min_max(blocks, qw, row_ms, nmax):
 
 
 
+# The round-to-nearest quantizers, one fused kernel each when compiled (see ggml_compile).
+
+
+@kernel
+def _q8_0(blocks):
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    v = blocks * safe_inverse(d)
+    a = v.abs()
+    fl = a.floor()
+    # roundf without the float error of floor(a + 0.5): add 1 when the fraction is >= 0.5
+    q = torch.sign(v) * (fl + (2 * (a - fl)).floor())
+    return torch.cat([f16_bytes(d), q.to(torch.int8).view(torch.uint8)], dim=1)
+
+
+@kernel
+def _q4_0(blocks):
+    d = abs_max_signed(blocks) / -8
+    q = torch.trunc(blocks * safe_inverse(d) + 8.5).clamp(0, 15).to(torch.uint8)
+    return torch.cat([f16_bytes(d), pack_nibbles(q[:, :16], q[:, 16:])], dim=1)
+
+
+@kernel
+def _q4_1(blocks):
+    mn = blocks.amin(-1, keepdim=True)
+    d = (blocks.amax(-1, keepdim=True) - mn) / 15
+    q = torch.trunc((blocks - mn) * safe_inverse(d) + 0.5).clamp(0, 15).to(torch.uint8)
+    return torch.cat([f16_bytes(d), f16_bytes(mn), pack_nibbles(q[:, :16], q[:, 16:])], dim=1)
+
+
+@kernel
+def _q5_0(blocks):
+    d = abs_max_signed(blocks) / -16
+    q = torch.trunc(blocks * safe_inverse(d) + 16.5).clamp(0, 31).to(torch.uint8)
+    return torch.cat([f16_bytes(d), pack_bits_le(q >> 4), pack_nibbles(q[:, :16], q[:, 16:])], dim=1)
+
+
+@kernel
+def _q5_1(blocks):
+    mn = blocks.amin(-1, keepdim=True)
+    d = (blocks.amax(-1, keepdim=True) - mn) / 31
+    q = torch.trunc((blocks - mn) * safe_inverse(d) + 0.5).clamp(0, 31).to(torch.uint8)
+    return torch.cat([f16_bytes(d), f16_bytes(mn), pack_bits_le(q >> 4), pack_nibbles(q[:, :16], q[:, 16:])],
+                     dim=1)
+
+
 class Q8_0(GGMLType, qtype=GGMLQuantizationType.Q8_0):
     """fp16 scale d = amax/127, then 32 int8 values round(x/d) (half away from zero, like roundf)."""
 
     @classmethod
     def quantize_blocks(cls, blocks, qw=None, row_ms=None):
-        d = blocks.abs().amax(-1, keepdim=True) / 127
-        v = blocks * safe_inverse(d)
-        a = v.abs()
-        fl = a.floor()
-        # roundf without the float error of floor(a + 0.5): add 1 when the fraction is >= 0.5
-        q = torch.sign(v) * (fl + (2 * (a - fl)).floor())
-        return torch.cat([f16_bytes(d), q.to(torch.int8).view(torch.uint8)], dim=1)
+        return _q8_0(blocks)
 
     @classmethod
     def dequantize_blocks(cls, blocks):
@@ -195,10 +237,8 @@ class Q4_0(GGMLType, qtype=GGMLQuantizationType.Q4_0):
     @classmethod
     def quantize_blocks(cls, blocks, qw=None, row_ms=None):
         if qw is None:
-            d = abs_max_signed(blocks) / -8
-            q = torch.trunc(blocks * safe_inverse(d) + 8.5).clamp_(0, 15).to(torch.uint8)
-        else:
-            d, q = _weighted_symmetric(blocks, qw, row_ms, 8)
+            return _q4_0(blocks)
+        d, q = _weighted_symmetric(blocks, qw, row_ms, 8)
         return torch.cat([f16_bytes(d), pack_nibbles(q[:, :16], q[:, 16:])], dim=1)
 
     @classmethod
@@ -214,11 +254,8 @@ class Q4_1(GGMLType, qtype=GGMLQuantizationType.Q4_1):
     @classmethod
     def quantize_blocks(cls, blocks, qw=None, row_ms=None):
         if qw is None:
-            mn = blocks.amin(-1, keepdim=True)
-            d = (blocks.amax(-1, keepdim=True) - mn) / 15
-            q = torch.trunc((blocks - mn) * safe_inverse(d) + 0.5).clamp_(0, 15).to(torch.uint8)
-        else:
-            d, mn, q = _weighted_min_max(blocks, qw, row_ms, 15)
+            return _q4_1(blocks)
+        d, mn, q = _weighted_min_max(blocks, qw, row_ms, 15)
         return torch.cat([f16_bytes(d), f16_bytes(mn), pack_nibbles(q[:, :16], q[:, 16:])], dim=1)
 
     @classmethod
@@ -234,12 +271,9 @@ class Q5_0(GGMLType, qtype=GGMLQuantizationType.Q5_0):
     @classmethod
     def quantize_blocks(cls, blocks, qw=None, row_ms=None):
         if qw is None:
-            d = abs_max_signed(blocks) / -16
-            q = torch.trunc(blocks * safe_inverse(d) + 16.5).clamp_(0, 31).to(torch.uint8)
-        else:
-            d, q = _weighted_symmetric(blocks, qw, row_ms, 16)
-        qh = pack_bits_le(q >> 4)
-        return torch.cat([f16_bytes(d), qh, pack_nibbles(q[:, :16], q[:, 16:])], dim=1)
+            return _q5_0(blocks)
+        d, q = _weighted_symmetric(blocks, qw, row_ms, 16)
+        return torch.cat([f16_bytes(d), pack_bits_le(q >> 4), pack_nibbles(q[:, :16], q[:, 16:])], dim=1)
 
     @classmethod
     def dequantize_blocks(cls, blocks):
@@ -254,13 +288,10 @@ class Q5_1(GGMLType, qtype=GGMLQuantizationType.Q5_1):
     @classmethod
     def quantize_blocks(cls, blocks, qw=None, row_ms=None):
         if qw is None:
-            mn = blocks.amin(-1, keepdim=True)
-            d = (blocks.amax(-1, keepdim=True) - mn) / 31
-            q = torch.trunc((blocks - mn) * safe_inverse(d) + 0.5).clamp_(0, 31).to(torch.uint8)
-        else:
-            d, mn, q = _weighted_min_max(blocks, qw, row_ms, 31)
-        qh = pack_bits_le(q >> 4)
-        return torch.cat([f16_bytes(d), f16_bytes(mn), qh, pack_nibbles(q[:, :16], q[:, 16:])], dim=1)
+            return _q5_1(blocks)
+        d, mn, q = _weighted_min_max(blocks, qw, row_ms, 31)
+        return torch.cat([f16_bytes(d), f16_bytes(mn), pack_bits_le(q >> 4), pack_nibbles(q[:, :16], q[:, 16:])],
+                         dim=1)
 
     @classmethod
     def dequantize_blocks(cls, blocks):
@@ -337,7 +368,8 @@ def quantize(x: torch.Tensor, qtype: str | GGMLQuantizationType,
         imp = importance.detach().to(device=x.device, dtype=torch.float32).reshape(per_row, t.block_size)
         row_ms = x.detach().reshape(-1, n_cols).float().square().mean(-1)
     out = torch.empty((n, t.type_size), dtype=torch.uint8, device=x.device)
-    step = max(1, t.chunk_weights // t.block_size)
+    # compiled kernels keep few temporaries, so larger chunks (fewer calls) win there
+    step = max(1, (max(t.chunk_weights, COMPILED_CHUNK_WEIGHTS) if compiling() else t.chunk_weights) // t.block_size)
     with torch.no_grad():
         for s in range(0, n, step):
             chunk = blocks[s:s + step].float()

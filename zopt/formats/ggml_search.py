@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .ggml_compile import kernel
+
 EPS = 1e-15  # GROUP_MAX_EPS: a group whose largest magnitude is below this is all zero
 
 
@@ -35,6 +37,60 @@ def rne_(t: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return t.round_().clamp_(lo, hi)
 
 
+@kernel
+def _qkx2_start(x: torch.Tensor, w: torch.Tensor, nmax: int, use_mad: bool):
+    """make_qkx2's set-up: the plain min/max rounding and its error, and the per-group sums."""
+    mn = x.amin(0).clamp(max=0)
+    mx = x.amax(0)
+    wx = w * x
+    sum_w, sum_x = colsum(w), colsum(wx)
+    flat = mx == mn
+    rng = torch.where(flat, torch.ones_like(mx), mx - mn)  # flat groups are zeroed at the end
+    iscale = torch.reciprocal(rng) * nmax  # = eager ``nmax / rng``
+    scale = torch.reciprocal(iscale)
+    L = rne_(iscale * (x - mn), 0, nmax)
+    diff = scale * L + mn - x
+    best_err = colsum((diff.abs() if use_mad else diff.square()) * w)
+    # Squared error of a candidate from its sums alone, in float64 so the expansion's cancellation
+    # stays harmless (C sums the squared differences; near-ties can resolve differently).
+    sum_wx2 = colsum(wx * x).double()
+    return mn, mx, flat, rng, iscale, scale, best_err, sum_w, sum_x, sum_wx2
+
+
+@kernel
+def _qkx2_step(x, w, num, nmax: int, use_mad: bool, mn, mx, flat, rng, scale, best_err, won_mn,
+               won_iscale, sum_w, sum_x, sum_wx2):
+    """One candidate of make_qkx2: inverse scale ``num / rng`` (num a 0-d tensor); returns the
+    updated (mn, rng, scale, best_err, won_mn, won_iscale)."""
+    cand = torch.reciprocal(rng) * num  # as eager ``float / tensor`` computes it
+    laux = rne_((x - mn) * cand, 0, nmax)
+    wl = w * laux
+    sum_l = colsum(wl)
+    sum_xl = colsum(wl * x)
+    sum_l2 = colsum(wl * laux)
+    D = sum_w * sum_l2 - sum_l * sum_l
+    this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+    this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+    pos = this_min > 0
+    this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
+    this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
+    if use_mad:
+        err = colsum(((laux * this_scale + this_min) - x).abs() * w)
+    else:
+        s, m = this_scale.double(), this_min.double()
+        err = (s * s * sum_l2.double() + 2 * s * m * sum_l.double() - 2 * s * sum_xl.double()
+               + m * m * sum_w.double() - 2 * m * sum_x.double() + sum_wx2).float()
+    better = (D > 0) & (err < best_err) & ~flat
+    best_err = torch.where(better, err, best_err)
+    won_mn = torch.where(better, mn, won_mn)
+    won_iscale = torch.where(better, cand, won_iscale)
+    scale = torch.where(better, this_scale, scale)
+    # ggml moves the group's min as soon as a better fit is found; later candidates use it
+    mn = torch.where(better, this_min, mn)
+    rng = torch.where(better, mx - mn, rng)
+    return mn, rng, scale, best_err, won_mn, won_iscale
+
+
 def make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
               use_mad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ggml ``make_qkx2_quants`` on every column: (scale (G,), min (G,) >= 0, L (n, G) in 0..nmax).
@@ -43,59 +99,22 @@ def make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
     ``(nmax + rmin + rdelta*i) / (max - min)`` are tried and the weighted least-squares (scale, min)
     kept when it lowers the weighted squared (or absolute, ``use_mad``) error.
     """
-    mn = x.amin(0).clamp_(max=0)
-    mx = x.amax(0)
-    wx = w * x
-    sum_w, sum_x = colsum(w), colsum(wx)
-    flat = mx == mn
-    rng = torch.where(flat, torch.ones_like(mx), mx - mn)  # flat groups are zeroed at the end
-
-    iscale = nmax / rng
-    scale = 1 / iscale
-    L = rne_(iscale * (x - mn), 0, nmax)
-    diff = (scale * L).add_(mn).sub_(x)
-    best_err = colsum((diff.abs_() if use_mad else diff.square_()).mul_(w))
-    if not use_mad:
-        # Squared error of a candidate from its sums alone, in float64 so the expansion's cancellation
-        # stays harmless (C sums the squared differences; near-ties can resolve differently).
-        sum_wx2 = colsum(wx * x).double()
-        sw64, sx64 = sum_w.double(), sum_x.double()
-    won_mn, won_iscale = mn.clone(), iscale.clone()  # what the winning candidate rounded with
-    laux, tmp = torch.empty_like(x), torch.empty_like(x)
-
+    mn, mx, flat, rng, iscale, scale, best_err, sum_w, sum_x, sum_wx2 = _qkx2_start(x, w, nmax, use_mad)
+    # what the winning candidate rounded with (copies: aliased inputs would make dynamo recompile)
+    won_mn, won_iscale = mn.clone(), iscale.clone()
     for step in range(nstep + 1):
-        cand = _f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax) / rng
-        rne_(torch.sub(x, mn, out=laux).mul_(cand), 0, nmax)
-        wl = torch.mul(w, laux, out=tmp)
-        sum_l = colsum(wl)
-        sum_xl = colsum(wl * x)
-        sum_l2 = colsum(wl.mul_(laux))
-        D = sum_w * sum_l2 - sum_l * sum_l
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-        pos = this_min > 0
-        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
-        this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
-        if use_mad:
-            err = colsum(torch.mul(laux, this_scale, out=tmp).add_(this_min).sub_(x).abs_().mul_(w))
-        else:
-            s, m = this_scale.double(), this_min.double()
-            err = (s * s * sum_l2.double() + 2 * s * m * sum_l.double() - 2 * s * sum_xl.double()
-                   + m * m * sw64 - 2 * m * sx64 + sum_wx2).float()
-        better = (D > 0) & (err < best_err) & ~flat
-        best_err = torch.where(better, err, best_err)
-        won_mn = torch.where(better, mn, won_mn)
-        won_iscale = torch.where(better, cand, won_iscale)
-        scale = torch.where(better, this_scale, scale)
-        # ggml moves the group's min as soon as a better fit is found; later candidates use it
-        mn = torch.where(better, this_min, mn)
-        rng = torch.where(better, mx - mn, rng)
+        num = torch.tensor(_f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax), dtype=torch.float32)
+        mn, rng, scale, best_err, won_mn, won_iscale = _qkx2_step(
+            x, w, num, nmax, use_mad, mn, mx, flat, rng, scale, best_err, won_mn, won_iscale,
+            sum_w, sum_x, sum_wx2)
+    return _qkx2_finish(x, nmax, flat, scale, mn, won_mn, won_iscale)
 
+
+@kernel
+def _qkx2_finish(x, nmax: int, flat, scale, mn, won_mn, won_iscale):
     # Re-derive the winner's rounding once instead of carrying L through every step.
-    L = rne_(torch.sub(x, won_mn, out=laux).mul_(won_iscale), 0, nmax)
-    L.masked_fill_(flat, 0)
-    scale = scale.masked_fill(flat, 0)
-    return scale, -mn, L
+    L = rne_((x - won_mn) * won_iscale, 0, nmax).masked_fill(flat, 0)
+    return scale.masked_fill(flat, 0), -mn, L
 
 
 def make_qx(x: torch.Tensor, nmax: int, w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,63 +123,79 @@ def make_qx(x: torch.Tensor, nmax: int, w: torch.Tensor | None = None) -> tuple[
     Tries inverse scales ``-(nmax + 0.1 i)/max`` for i in -9..9 and keeps the weighted least-squares
     scale that fits best (weights ``w``, default x^2). Returns (scale (G,), L + nmax (n, G)).
     """
-    mx = abs_max_signed(x, dim=0)
-    zero = mx.abs() < EPS
-    mx = torch.where(zero, torch.ones_like(mx), mx)
-    w = x * x if w is None else w
-    wx = w * x
-    lv, tmp = torch.empty_like(x), torch.empty_like(x)
-
-    def fit(iscale):
-        rne_(torch.mul(x, iscale, out=lv), -nmax, nmax - 1)
-        sumlx = colsum(torch.mul(wx, lv, out=tmp))
-        suml2 = colsum(torch.mul(w, lv, out=tmp).mul_(lv))
-        return sumlx, suml2
-
-    L = torch.empty_like(x)
-    sumlx, suml2 = fit(-nmax / mx)
-    L.copy_(lv)
-    scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
-    best = scale * sumlx
+    zero, rmx, w, wx, L, scale, best = _qx_start(x, nmax, x * x if w is None else w)
     for i in range(-9, 10):
         if i == 0:
             continue
-        slx, sl2 = fit(-_f32(nmax + _f32(_f32(0.1) * i)) / mx)
-        better = (sl2 > 0) & (slx * slx > best * sl2)
-        if bool(better.any()):
-            L = torch.where(better, lv, L)
-            scale = torch.where(better, slx / sl2, scale)
-            best = torch.where(better, scale * slx, best)
-    L.masked_fill_(zero, -nmax)
-    return scale.masked_fill(zero, 0), L.add_(nmax)
+        num = torch.tensor(-_f32(nmax + _f32(_f32(0.1) * i)), dtype=torch.float32)
+        L, scale, best = _qx_step(x, w, wx, rmx, num, nmax, L, scale, best)
+    return _qx_finish(zero, scale, L, nmax)
+
+
+def _qx_fit(x, w, wx, iscale, nmax):
+    lv = rne_(x * iscale, -nmax, nmax - 1)
+    return lv, colsum(wx * lv), colsum(w * lv * lv)
+
+
+@kernel
+def _qx_start(x, nmax: int, w):
+    mx = abs_max_signed(x, dim=0)
+    zero = mx.abs() < EPS
+    rmx = torch.reciprocal(torch.where(zero, torch.ones_like(mx), mx))
+    wx = w * x
+    L, sumlx, suml2 = _qx_fit(x, w, wx, rmx * -nmax, nmax)  # eager ``-nmax / mx``
+    scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
+    return zero, rmx, w, wx, L, scale, scale * sumlx
+
+
+@kernel
+def _qx_step(x, w, wx, rmx, num, nmax: int, L, scale, best):
+    """One candidate inverse scale ``num / max`` (num a 0-d tensor) of make_qx."""
+    lv, slx, sl2 = _qx_fit(x, w, wx, rmx * num, nmax)
+    better = (sl2 > 0) & (slx * slx > best * sl2)
+    scale = torch.where(better, slx / sl2, scale)
+    return torch.where(better, lv, L), scale, torch.where(better, scale * slx, best)
+
+
+@kernel
+def _qx_finish(zero, scale, L, nmax: int):
+    return scale.masked_fill(zero, 0), L.masked_fill(zero, -nmax) + nmax
+
+
+@kernel
+def _descent_pass(x, w, wx, L, sumlx, suml2, lo: int, hi: int, guard_new: bool):
+    """One pass of ggml's per-position refinement (make_q3 / make_qp): each position in turn moves
+    to its best level in lo..hi if that raises the weighted fit ``sumlx^2/suml2``. Returns the new
+    (L, sumlx, suml2) and whether any group changed. ``guard_new`` checks the new suml2 (make_q3)
+    rather than the one without the position (make_qp), as the two C functions do."""
+    changed = torch.zeros_like(sumlx, dtype=torch.bool)
+    rows = []
+    for i in range(x.shape[0]):
+        xi, wi, wxi, li = x[i], w[i], wx[i], L[i]
+        slx = sumlx - wxi * li
+        sl2 = suml2 - wi * li * li
+        new_l = rne_(xi * sl2 / slx, lo, hi)
+        slx_new = slx + wxi * new_l
+        sl2_new = sl2 + wi * new_l * new_l
+        ok = (slx > 0) & (new_l != li) & ((sl2_new if guard_new else sl2) > 0)
+        ok &= slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new
+        rows.append(torch.where(ok, new_l, li))
+        sumlx = torch.where(ok, slx_new, sumlx)
+        suml2 = torch.where(ok, sl2_new, suml2)
+        changed |= ok
+    return torch.stack(rows), sumlx, suml2, changed.any()
 
 
 def _coordinate_descent(x, w, wx, L, lo: int, hi: int, passes: int, guard_new: bool):
-    """ggml's per-position refinement shared by make_q3 and make_qp: each position in turn moves to
-    its best level in lo..hi if that raises the weighted fit ``sumlx^2/suml2``. Updates ``L`` in
-    place and returns (sumlx, suml2). ``guard_new`` checks the new suml2 (make_q3) rather than the
-    one without the position (make_qp), as the two C functions do."""
+    """Up to ``passes`` passes of :func:`_descent_pass`; returns (L, sumlx, suml2)."""
     sumlx = colsum(wx * L)
     suml2 = colsum(w * L * L)
     for _ in range(passes):
-        changed = torch.zeros_like(sumlx, dtype=torch.bool)
-        for i in range(x.shape[0]):
-            xi, wi, wxi, li = x[i], w[i], wx[i], L[i]
-            slx = sumlx - wxi * li
-            sl2 = suml2 - wi * li * li
-            new_l = rne_(xi * sl2 / slx, lo, hi)
-            slx_new = slx + wxi * new_l
-            sl2_new = sl2 + wi * new_l * new_l
-            ok = (slx > 0) & (new_l != li) & ((sl2_new if guard_new else sl2) > 0)
-            ok &= slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new
-            L[i] = torch.where(ok, new_l, li)
-            sumlx = torch.where(ok, slx_new, sumlx)
-            suml2 = torch.where(ok, sl2_new, suml2)
-            changed |= ok
+        L, sumlx, suml2, changed = _descent_pass(x, w, wx, L, sumlx, suml2, lo, hi, guard_new)
         # A pass without changes is a fixed point for that group; stop once every group reached one.
-        if not bool(changed.any()):
+        if not bool(changed):
             break
-    return sumlx, suml2
+    return L, sumlx, suml2
 
 
 def make_q3(x: torch.Tensor, nmax: int, max_passes: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,9 +208,9 @@ def make_q3(x: torch.Tensor, nmax: int, max_passes: int = 5) -> tuple[torch.Tens
     L = rne_(x * (-nmax / mx), -nmax, nmax - 1)
     w = x * x
     wx = w * x
-    sumlx, suml2 = _coordinate_descent(x, w, wx, L, -nmax, nmax - 1, max_passes, guard_new=True)
+    L, sumlx, suml2 = _coordinate_descent(x, w, wx, L, -nmax, nmax - 1, max_passes, guard_new=True)
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
-    L.add_(nmax).masked_fill_(zero, 0)
+    L = L.add_(nmax).masked_fill_(zero, 0)
     return scale.masked_fill(zero, 0), L
 
 
@@ -204,7 +239,7 @@ def make_qp(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, 
         iscale = torch.where(better, cand, iscale)
     L = rne_(iscale * x, 0, nmax)
     wx = w * x
-    sumlx, suml2 = _coordinate_descent(x, w, wx, L, 0, nmax, 5, guard_new=False)
+    L, sumlx, suml2 = _coordinate_descent(x, w, wx, L, 0, nmax, 5, guard_new=False)
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
     return scale.masked_fill(zero, 0), L.masked_fill_(zero, 0)
 

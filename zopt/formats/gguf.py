@@ -11,7 +11,10 @@ policy lives in :mod:`gguf_recipes`, the byte layout in :mod:`gguf_writer`, the 
 from __future__ import annotations
 
 import json
+import math
+import os
 import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,10 @@ from .gguf_writer import StreamingGGUFWriter
 ARCHITECTURE = "lumina2"  # ComfyUI-GGUF's name for the Lumina-2 / Z-Image (NextDiT) family
 QUANTIZATION_VERSION = 2  # ggml's GGML_QNT_VERSION
 CHUNK_ELEMENTS = 1 << 22  # rows are quantized in pieces of ~4M weights: bounded memory per step
+# Compile the GGML kernels (ggml_compile) when a conversion quantizes at least this many weights:
+# compiling costs seconds to a minute per type once (then inductor's disk cache), which pays off
+# only on real checkpoints, not on small test models.
+COMPILE_MIN_WEIGHTS = 100_000_000
 
 
 def _ggml_quants():
@@ -56,7 +63,9 @@ def quantize_rows(x, qtype: str):
         return x.to(torch.bfloat16)
     gq = _ggml_quants()
     if gq is not None and _supported_by(gq, qtype):
-        return gq.quantize(x.to(torch.float32), qtype)
+        # bf16/f16 rows go in as they are: quantize() widens each cache-sized piece to float32
+        # itself, which saves a whole-chunk float32 copy (same bytes)
+        return gq.quantize(x if x.dtype in (torch.bfloat16, torch.float16) else x.to(torch.float32), qtype)
     import gguf.quants
 
     try:
@@ -85,14 +94,6 @@ def dequantize_bytes(data, qtype: str, shape: tuple[int, ...], dtype=None):
 
     arr = gguf.quants.dequantize(raw.cpu().numpy(), gguf.GGMLQuantizationType[qtype])
     return torch.from_numpy(np.ascontiguousarray(arr)).reshape(shape).to(dtype).to(raw.device)
-
-
-def _pieces(t, qtype: str):
-    """Yield the stored bytes of 2-D+ tensor ``t`` in row chunks (1-D: in one piece)."""
-    rows = t.reshape(-1, t.shape[-1]) if t.dim() >= 2 else t.reshape(1, -1)
-    step = max(1, CHUNK_ELEMENTS // max(1, rows.shape[1]))
-    for i in range(0, rows.shape[0], step):
-        yield quantize_rows(rows[i : i + step], qtype)
 
 
 def plan_for(src: TensorSource, subtype: str | None, options: dict[str, Any]) -> tuple[TensorSource, list[TensorPlan]]:
@@ -129,14 +130,45 @@ def metadata_for(src: TensorSource, subtype: str, config: dict[str, Any], plans:
     }
 
 
+def _chunks(t, qtype: str):
+    """Row chunks of 2-D+ tensor ``t`` as (rows, qtype) jobs (1-D: one piece)."""
+    rows = t.reshape(-1, t.shape[-1]) if t.dim() >= 2 else t.reshape(1, -1)
+    step = max(1, CHUNK_ELEMENTS // max(1, rows.shape[1]))
+    return [rows[i : i + step] for i in range(0, rows.shape[0], step)]
+
+
+def _warm_up(qtypes: set[str]) -> float:
+    """Compile the kernels of every quantized type in the plan before the workers start (compiling
+    from two threads at once is not supported); returns seconds spent (small when inductor's disk
+    cache has them)."""
+    import time
+
+    import torch
+
+    t0 = time.perf_counter()
+    # 8 rows of 1792 (7 K-blocks): no two sizes coincide, so dynamo does not tie them together
+    x = torch.linspace(-1, 1, 8 * 1792).reshape(8, 1792)
+    for q in sorted(qtypes - set(FLOAT_TYPES)):
+        quantize_rows(x, q)
+    return time.perf_counter() - t0
+
+
 def convert(src: TensorSource, out: Path, subtype: str | None, options: dict[str, Any], progress: bool) -> Path:
     """Write ``src`` as a GGUF file at ``out`` with per-tensor types from recipe ``subtype``.
 
-    Streams: the header is computed from shapes first, then each tensor is read, quantized in row
-    chunks and written; the source hash is computed in a background thread and patched into the
-    header at the end. The output appears at ``out`` only when complete.
+    Streams: the header is computed from shapes first; a reader thread loads the next tensor while
+    row chunks of the current ones are quantized by ``workers`` threads (one torch thread each:
+    coarse-grained parallelism stays efficient when other processes share the cores) and written in
+    order; the source hash is computed in a background thread and patched into the header at the
+    end. The output appears at ``out`` only when complete.
+
+    Options: ``hash_source`` (default True); ``workers`` (default: torch's thread count, at most the
+    CPU count); ``compile`` ("auto": compiled GGML kernels when the plan quantizes at least
+    ``COMPILE_MIN_WEIGHTS`` weights; True/False to force; see ``ggml_compile``).
     """
     import torch
+
+    from . import ggml_compile
 
     rec = gguf_recipes.recipe(subtype)
     config = zimage.check_shapes(src)
@@ -150,30 +182,74 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: dict[str
     meta = metadata_for(src, rec.name, config, plans, "0" * 64 if hash_source else None)
     entries = [(p.name, p.shape, p.qtype) for p in plans]
     total = sum(view.info(p.name).nbytes for p in plans)
+    quantized = sum(math.prod(p.shape) for p in plans if p.qtype not in FLOAT_TYPES)
+    want_compile = options.get("compile", "auto")
+    if isinstance(want_compile, str):
+        want_compile = quantized >= COMPILE_MIN_WEIGHTS if want_compile == "auto" else _truthy(want_compile)
+    workers = max(1, int(options.get("workers", min(torch.get_num_threads(), os.cpu_count() or 1))))
 
     def fetch(name: str):
         # read ahead in a thread: page faults on the next tensor overlap quantizing this one
         return view.get(name).clone()
 
-    with atomic_path(out) as tmp, StreamingGGUFWriter(tmp, entries, meta) as w, progress_bar(
-        total, f"gguf:{rec.name}", unit="B", enabled=progress
-    ) as bar, ThreadPoolExecutor(1) as pool:
-        nxt = pool.submit(fetch, plans[0].name) if plans else None
+    def jobs(reader):
+        """(plan index, future bytes of one row chunk), in file order; reads one tensor ahead."""
+        nxt = reader.submit(fetch, plans[0].name) if plans else None
         for i, p in enumerate(plans):
             t = nxt.result()
-            nxt = pool.submit(fetch, plans[i + 1].name) if i + 1 < len(plans) else None
+            nxt = reader.submit(fetch, plans[i + 1].name) if i + 1 < len(plans) else None
             t = t.reshape(p.shape)
             if not t.is_floating_point():
                 raise ZoptError(f"tensor {p.name} is not floating point ({t.dtype})", src.path)
-            with torch.inference_mode():
-                w.write(p.name, _pieces(t, p.qtype))
-            bar.describe(f"gguf:{rec.name} {i + 1}/{len(plans)} tensors")
-            bar.advance(view.info(p.name).nbytes)
+            for rows in _chunks(t, p.qtype):
+                yield i, pool.submit(_quantize_job, rows, p.qtype)
             del t
-        if hasher is not None:
-            hasher.join()
-            w.patch_string("zopt.source.sha256", digest["sha"])
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ggml_compile.compiled(bool(want_compile)), torch.inference_mode(), atomic_path(out) as tmp, \
+                StreamingGGUFWriter(tmp, entries, meta) as w, \
+                progress_bar(total, f"gguf:{rec.name}", unit="B", enabled=progress) as bar, \
+                ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(workers) as pool:
+            if ggml_compile.enabled():
+                _warm_up({p.qtype for p in plans})
+            window: deque = deque()
+            feed = jobs(reader)
+            ahead = 2 * workers + 1  # chunks in flight: keeps every worker busy across tensor boundaries
+
+            def pieces(i: int):
+                while True:
+                    while len(window) < ahead:
+                        job = next(feed, None)
+                        if job is None:
+                            break
+                        window.append(job)
+                    if not window or window[0][0] != i:
+                        return
+                    yield window.popleft()[1].result()
+
+            for i, p in enumerate(plans):
+                w.write(p.name, pieces(i))
+                bar.describe(f"gguf:{rec.name} {i + 1}/{len(plans)} tensors")
+                bar.advance(view.info(p.name).nbytes)
+            if hasher is not None:
+                hasher.join()
+                w.patch_string("zopt.source.sha256", digest["sha"])
+    finally:
+        torch.set_num_threads(threads)
     return out
+
+
+def _quantize_job(rows, qtype: str):
+    import torch
+
+    with torch.inference_mode():
+        return quantize_rows(rows, qtype)
+
+
+def _truthy(v: str) -> bool:
+    return v.strip().lower() in ("1", "true", "yes", "on")
 
 
 def list_types() -> list[tuple[str, float, str]]:
