@@ -17,6 +17,12 @@ from zopt.formats import ggml_compile
 from zopt.formats import ggml_quants as gq
 
 
+@pytest.fixture(autouse=True)
+def default_compile_setting(monkeypatch):
+    # the suite runs with ZOPT_COMPILE=0 (tests/conftest.py); these tests are about the default
+    monkeypatch.delenv("ZOPT_COMPILE", raising=False)
+
+
 def _data() -> torch.Tensor:
     # rows of 1792 = 7 K-blocks / 56 legacy blocks; shapes chosen so no two dims coincide
     g = torch.Generator().manual_seed(7)

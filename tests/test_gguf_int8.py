@@ -94,6 +94,21 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
 
 
 def test_compile_switch(monkeypatch):
-    for value, on in (("0", False), ("off", False), ("1", True), ("", True)):
+    for value, setting in (("0", False), ("off", False), ("1", True), ("yes", True), ("", None)):
         monkeypatch.setenv("ZOPT_COMPILE", value)
-        assert _compile.enabled() is on
+        assert _compile.env_setting() is setting
+        assert _compile.enabled() is (setting is not False and _compile.cxx_available())
+
+
+def test_no_compiler_means_eager_with_one_warning(monkeypatch):
+    monkeypatch.setenv("ZOPT_COMPILE", "1")
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(_compile, "_warned", [])
+    f = _compile.fused(lambda x: x + 1)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        assert torch.equal(f(torch.zeros(2)), torch.ones(2))
+    assert f._compiled is None  # never tried
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(f(torch.ones(2)), torch.full((2,), 2.0))

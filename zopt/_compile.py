@@ -1,26 +1,58 @@
-"""``torch.compile`` for small hot functions, with an eager fallback.
+"""``torch.compile`` for small hot functions, with an eager fallback; the ``ZOPT_COMPILE`` switch.
 
 Chains of elementwise ops (quantize a block, scale a matmul's output) cost one pass over memory
 per op in eager torch; inductor fuses them into one generated C++ loop. Compilation needs a C++
 compiler (inductor's CPU backend) and takes seconds once per function (cached on disk by torch).
-``ZOPT_COMPILE=0`` turns it off. If compiling fails, zopt warns once per function and runs it
-eagerly from then on: results are the same, only slower.
+Users: the GGUF loader's INT8 backend (:func:`fused`, on by default) and the GGML quantizers
+(:mod:`zopt.formats.ggml_compile`, on for large conversions). ``ZOPT_COMPILE=0`` turns both off,
+``ZOPT_COMPILE=1`` on. Without a compiler, or if compiling fails, zopt warns once and runs
+eagerly: results are the same, only slower.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import shutil
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 OFF_VALUES = ("0", "false", "no", "off")
+ON_VALUES = ("1", "true", "yes", "on")
+
+
+def env_setting() -> bool | None:
+    """``ZOPT_COMPILE``: False (0/false/no/off), True (1/true/yes/on) or None (unset: each user's
+    default applies; the GGUF loader compiles, the GGUF converter only for large checkpoints)."""
+    v = os.environ.get("ZOPT_COMPILE", "").strip().lower()
+    return False if v in OFF_VALUES else True if v in ON_VALUES else None
+
+
+@functools.lru_cache(maxsize=8)
+def _cxx_on_path(cxx: str | None, path: str | None) -> bool:
+    return any(shutil.which(c) for c in ([cxx] if cxx else []) + ["g++", "c++", "clang++"])
+
+
+def cxx_available() -> bool:
+    """A C++ compiler is on PATH (inductor's CPU backend needs one)."""
+    return _cxx_on_path(os.environ.get("CXX"), os.environ.get("PATH"))
 
 
 def enabled() -> bool:
-    """Whether :func:`fused` functions try ``torch.compile`` (``ZOPT_COMPILE`` not 0/false/no/off)."""
-    return os.environ.get("ZOPT_COMPILE", "1").strip().lower() not in OFF_VALUES
+    """Whether :func:`fused` functions try ``torch.compile``: not turned off by ``ZOPT_COMPILE``
+    and a C++ compiler is there."""
+    return env_setting() is not False and cxx_available()
+
+
+_warned: list[bool] = []
+
+
+def _no_compiler_warning() -> None:
+    if not _warned:
+        _warned.append(True)
+        warnings.warn("zopt: no C++ compiler found (g++, c++ or clang++), so torch.compile cannot fuse "
+                      "kernels; running eagerly (slower). ZOPT_COMPILE=0 silences this.", RuntimeWarning, stacklevel=3)
 
 
 class _Fused:
@@ -31,7 +63,10 @@ class _Fused:
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self._failed or not enabled():
+        if self._failed or env_setting() is False:
+            return self.fn(*args, **kwargs)
+        if not cxx_available():
+            _no_compiler_warning()
             return self.fn(*args, **kwargs)
         if self._compiled is None:
             import torch

@@ -16,35 +16,17 @@ Without a C++ compiler, or if compiling fails, zopt warns once and stays eager.
 from __future__ import annotations
 
 import functools
-import os
-import shutil
 import threading
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from .._compile import cxx_available, env_setting
+
 _lock = threading.Lock()
 _wanted: list[bool] = []  # stack of compiled() requests; empty: off unless ZOPT_COMPILE=1
 _broken: dict[str, str] = {}  # set once compilation failed or is impossible: stays eager
-
-
-def _env() -> bool | None:
-    v = os.environ.get("ZOPT_COMPILE", "").strip().lower()
-    if v in ("0", "false", "no", "off"):
-        return False
-    if v in ("1", "true", "yes", "on"):
-        return True
-    return None
-
-
-@functools.lru_cache(maxsize=8)
-def _cxx_on_path(cxx: str | None, path: str | None) -> bool:
-    return any(shutil.which(c) for c in ([cxx] if cxx else []) + ["g++", "c++", "clang++"])
-
-
-def _cxx_available() -> bool:
-    return _cxx_on_path(os.environ.get("CXX"), os.environ.get("PATH"))
 
 
 def _give_up(reason: str) -> None:
@@ -58,12 +40,12 @@ def _give_up(reason: str) -> None:
 
 def enabled() -> bool:
     """Whether :func:`kernel` functions currently run compiled."""
-    env = _env()
+    env = env_setting()
     if env is False or _broken:
         return False
     if not (env or (_wanted and _wanted[-1])):
         return False
-    if not _cxx_available():
+    if not cxx_available():
         _give_up("no C++ compiler found")
         return False
     return True
