@@ -189,8 +189,9 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: dict[str
     workers = max(1, int(options.get("workers", min(torch.get_num_threads(), os.cpu_count() or 1))))
 
     def fetch(name: str):
-        # read ahead in a thread: page faults on the next tensor overlap quantizing this one
-        return view.get(name).clone()
+        # read ahead in a thread: reading the next tensor overlaps quantizing this one (sources
+        # return fresh buffers; contiguous() only copies a strided view)
+        return view.get(name).contiguous()
 
     def jobs(reader):
         """(plan index, future bytes of one row chunk), in file order; reads one tensor ahead."""
