@@ -80,6 +80,7 @@ def test_without_compiler_warns_once_and_stays_eager(monkeypatch):
 def test_compile_failure_falls_back_to_eager(monkeypatch):
     monkeypatch.delenv("ZOPT_COMPILE", raising=False)
     monkeypatch.setattr(ggml_compile, "_broken", {})
+    monkeypatch.setattr(ggml_compile, "cxx_available", lambda: True)  # a compiler that then fails
 
     def broken_compile(fn, **kw):
         def run(*a):
