@@ -116,6 +116,22 @@ class TensorSource(ABC):
         self.close()
 
 
+def read_at(fd: int, buf: Any, offset: int, path: Path) -> None:
+    """Fill the writable buffer ``buf`` with the file's bytes from ``offset`` (positional reads:
+    safe from several threads, no memory map whose pages would count as resident)."""
+    view, done = memoryview(buf).cast("B"), 0
+    while done < len(view):  # a read returns at most ~2 GB on Linux
+        if hasattr(os, "preadv"):
+            n = os.preadv(fd, [view[done:]], offset + done)
+        else:
+            chunk = os.pread(fd, min(len(view) - done, 1 << 30), offset + done)
+            n = len(chunk)
+            view[done:done + n] = chunk
+        if n <= 0:
+            raise CorruptFile(f"truncated while reading at byte {offset + done}", path)
+        done += n
+
+
 # --------------------------------------------------------------------------------------------
 # safetensors
 
@@ -185,22 +201,8 @@ class SafetensorsFile(TensorSource):
         # alive, and one large positional read per tensor streams faster than faulting in the
         # pages of a memory map one by one (measured in docs/checkpoints.md).
         flat = torch.empty(info.nbytes, dtype=torch.uint8)
-        self._read_into(flat.numpy(), offset)
+        read_at(self._fh.fileno(), flat.numpy(), offset, self.path)
         return flat.view(tdtype).reshape(info.shape)
-
-    def _read_into(self, buf, offset: int) -> None:
-        view, fd = memoryview(buf).cast("B"), self._fh.fileno()
-        done = 0
-        while done < len(view):  # a read returns at most ~2 GB on Linux
-            if hasattr(os, "preadv"):
-                n = os.preadv(fd, [view[done:]], offset + done)  # positional: safe from several threads
-            else:
-                chunk = os.pread(fd, min(len(view) - done, 1 << 30), offset + done)
-                n = len(chunk)
-                view[done:done + n] = chunk
-            if n <= 0:
-                raise CorruptFile(f"truncated while reading at byte {offset + done}", self.path)
-            done += n
 
     def close(self) -> None:
         self._fh.close()
@@ -323,10 +325,7 @@ class GGUFSource(TensorSource):
 
         buf = np.empty(t.data.shape, dtype=t.data.dtype)
         with builtins.open(self.path, "rb") as f:  # this module's open() opens checkpoints
-            f.seek(int(t.data_offset))
-            n = f.readinto(memoryview(buf).cast("B"))
-        if n != buf.nbytes:
-            raise CorruptFile(f"tensor {t.name} is truncated", self.path)
+            read_at(f.fileno(), buf, int(t.data_offset), self.path)
         return buf
 
     def get(self, name: str):

@@ -164,19 +164,13 @@ class GGUFLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, qtype={self.qtype}, cached={self._cached is not None}"
 
 
-@fused
-def _rows_to_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float (n, k) -> (INT8 codes (n, k), float32 row scales (n,)): round to nearest per row."""
-    amax = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
-    q = torch.round(w * (int_mm.QMAX / amax)).clamp(-int_mm.QMAX, int_mm.QMAX).to(torch.int8)
-    return q, (amax / int_mm.QMAX).squeeze(1)
+_rows_to_int8 = fused(int_mm.quantize_rows)
 
 
 @fused
 def _q8_0_rows_to_int8(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q8_0 codes (n, k) with a scale per 32 (n, k/32) -> per-row INT8 codes and row scales."""
-    w = (q.view(q.shape[0], -1, 32) * scale.unsqueeze(-1)).view(q.shape)
-    return _rows_to_int8.fn(w)
+    return int_mm.quantize_rows((q.view(q.shape[0], -1, 32) * scale.unsqueeze(-1)).view(q.shape))
 
 
 class GGUFInt8Linear(nn.Module):

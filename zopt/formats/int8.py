@@ -19,17 +19,12 @@ from typing import Any
 from ..checkpoint import TensorSource
 from . import lowbit_common as C
 
-QMAX = 127
-
 
 def quantize_int8(w):
     """Float ``(out, in)`` -> (I8 codes, F32 per-row scales) with ``w ~= q * scale``."""
-    import torch
+    from .int_mm import quantize_rows
 
-    w = w.float()
-    scale = (w.abs().amax(dim=1) / QMAX).clamp_min(1e-12)
-    q = torch.round(w / scale[:, None]).clamp(-QMAX, QMAX).to(torch.int8)
-    return q, scale
+    return quantize_rows(w)
 
 
 def quantize_tokens(x):

@@ -17,6 +17,14 @@ from .._compile import fused
 QMAX = 127
 
 
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float weight (out, in) -> (INT8 codes, float32 per-row scales (out,)), ``w ~= q * scale``:
+    symmetric round to nearest per output row."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / QMAX).clamp_min(1e-12)
+    return torch.round(w / scale[:, None]).clamp(-QMAX, QMAX).to(torch.int8), scale
+
+
 @fused
 def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` (rows, k) -> (INT8 codes (rows, k), float32 scales (rows, 1)), ``x ~= codes * scales``."""
