@@ -23,8 +23,8 @@ from gguf import quants as gguf_quants
 from gguf.constants import GGMLQuantizationType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's zopt, not an installed one
-from zopt.formats import ggml_compile  # noqa: E402
-from zopt.formats import ggml_quants as gq  # noqa: E402
+from zopt.formats.gguf import compile as ggml_compile  # noqa: E402
+from zopt.formats.gguf import quants as gq  # noqa: E402
 
 CLOCK = time.perf_counter
 

@@ -2,7 +2,7 @@
 
 Converts the embedded tiny Z-Image transformer to every ``gguf:TYPE``, loads each file with
 diffusers (``from_single_file`` + ``GGUFQuantizationConfig(compute_dtype=float32)``, offline) and
-with ``zopt.formats.gguf_loader.load`` (float32; the exact ``torch-dequant`` backend and the
+with ``zopt.formats.gguf.loader.load`` (float32; the exact ``torch-dequant`` backend and the
 default ``int-mm-cpu`` one), runs one forward pass on fixed inputs and prints
 a markdown table of ||out - ref|| / ||ref|| against the bf16 weights run in float32. The table in
 docs/gguf.md is this script's output.
@@ -50,7 +50,7 @@ def main() -> None:
     from diffusers import GGUFQuantizationConfig, ZImageTransformer2DModel
 
     from zopt.formats import convert, gguf_recipes
-    from zopt.formats.gguf_loader import load
+    from zopt.formats.gguf.loader import load
     from zopt.formats.plain import load_source
     from zopt.models import tiny_pipeline_dir
 

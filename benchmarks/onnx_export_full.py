@@ -58,7 +58,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from zopt import checkpoint
-    from zopt.formats.onnx_export import export
+    from zopt.formats.onnx.export import export
     from zopt.models import write_synthetic
 
     data = Path(args.data)
@@ -87,7 +87,7 @@ def main() -> None:
         import onnxruntime as ort
         import torch
 
-        from zopt.formats.onnx_graph import graph_inputs
+        from zopt.formats.onnx.graph import graph_inputs
         from zopt.formats.plain import load_source
 
         m = load_source(src, dtype=torch.float32).eval()

@@ -36,8 +36,8 @@ def main() -> None:
 
     from zopt import checkpoint, formats
     from zopt.formats.onnx import file_bytes
-    from zopt.formats.onnx_graph import graph_inputs
-    from zopt.formats.tensorrt import calibration_feeds, qdq_model
+    from zopt.formats.onnx.graph import graph_inputs
+    from zopt.formats.onnx.tensorrt import calibration_feeds, qdq_model
     from zopt.models import tiny_pipeline_dir, write_synthetic
 
     if args.size == "tiny":

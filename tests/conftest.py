@@ -12,7 +12,7 @@ _REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("ZOPT_CACHE", str(_REPO / ".pytest_cache" / "zopt-cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # torch.compile costs 10-20 s per model on first use; the compiled paths have their own tests
-# (tests/test_gguf_int8.py), every other test runs them eagerly
+# (tests/formats/gguf/test_gguf_int8.py), every other test runs them eagerly
 os.environ.setdefault("ZOPT_COMPILE", "0")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 

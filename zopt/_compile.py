@@ -4,7 +4,7 @@ Chains of elementwise ops (quantize a block, scale a matmul's output) cost one p
 per op in eager torch; inductor fuses them into one generated C++ loop. Compilation needs a C++
 compiler (inductor's CPU backend) and takes seconds once per function (cached on disk by torch).
 Users: the GGUF loader's INT8 backend (:func:`fused`, on by default) and the GGML quantizers
-(:mod:`zopt.formats.ggml_compile`, on for large conversions). ``ZOPT_COMPILE=0`` turns both off,
+(:mod:`zopt.formats.gguf.compile`, on for large conversions). ``ZOPT_COMPILE=0`` turns both off,
 ``ZOPT_COMPILE=1`` on. Without a compiler, or if compiling fails, zopt warns once and runs
 eagerly: results are the same, only slower.
 """

@@ -110,7 +110,7 @@ def plan(specs: list[str], backend: str, hw) -> list[Planned]:
     """Decide, per format spec, which backends run here; the rest are kept with a reason."""
     from ..errors import MissingDependency, UnsupportedFormat
     from ..formats import module_for, parse_spec
-    from ..runtime import backends
+    from ..platform import backends
 
     rows: list[Planned] = []
     for spec in specs:
@@ -220,7 +220,7 @@ def _record(common: dict[str, Any], row: Planned, role: str, result: dict[str, A
 def sweep(cfg: BenchConfig, display=None) -> list[dict[str, Any]]:
     """Run the whole sweep described by ``cfg``; write records under ``cfg.out``; return them."""
     from .. import checkpoint
-    from ..runtime.hardware import detect
+    from ..platform.hardware import detect
     from .display import SweepDisplay
     from .metrics import bits_per_weight
 

@@ -17,8 +17,8 @@ def _gib(n: int) -> str:
 def run(args) -> int:
     import json
 
-    from ..runtime.fakes import fake
-    from ..runtime.hardware import detect
+    from ..platform.fakes import fake
+    from ..platform.hardware import detect
     from ..runtime.matrix import attention_report, format_report
 
     hw = fake(args.hardware) if args.hardware else detect()

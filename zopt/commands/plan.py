@@ -17,9 +17,9 @@ def run(args) -> int:
     import json
 
     from ..errors import ZoptError
+    from ..platform.fakes import fake
+    from ..platform.hardware import detect
     from ..runtime import planner
-    from ..runtime.fakes import fake
-    from ..runtime.hardware import detect
     from .generate import parse_resolution
 
     w, h = parse_resolution(args.resolution)

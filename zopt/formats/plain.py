@@ -88,7 +88,7 @@ def load(path: Path, device: str = "cpu", backend: str | None = None, dtype: Any
 
 
 def _register_backends() -> None:
-    from ..runtime.backends import register
+    from ..platform.backends import register
 
     for fmt in ("bf16", "fp16", "fp32"):
         register(fmt, "torch", 10, (), "eager PyTorch on any device")

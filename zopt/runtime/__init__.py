@@ -4,15 +4,15 @@ from __future__ import annotations
 
 
 def detect():
-    """Detect the hardware at hand (see :func:`zopt.runtime.hardware.detect`)."""
-    from .hardware import detect as _detect
+    """Detect the hardware at hand (see :func:`zopt.platform.hardware.detect`)."""
+    from ..platform.hardware import detect as _detect
 
     return _detect()
 
 
 def select(format: str, hardware=None, prefer: str | None = None):
-    """Best backend for ``format`` on ``hardware`` (see :func:`zopt.runtime.backends.select`)."""
-    from .backends import select as _select
+    """Best backend for ``format`` on ``hardware`` (see :func:`zopt.platform.backends.select`)."""
+    from ..platform.backends import select as _select
 
     return _select(format, hardware, prefer)
 
@@ -27,7 +27,7 @@ def prepare(model="tiny", **kwargs):
 
 def plan(hardware=None, width: int = 1024, height: int = 1024, batch: int = 1):
     """Format / offload / attention recommendation for ``hardware`` (see :func:`zopt.runtime.planner.plan`)."""
-    from .hardware import detect as _detect
+    from ..platform.hardware import detect as _detect
     from .planner import plan as _plan
 
     return _plan(hardware or _detect(), width, height, batch)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UnsupportedFormat, ZoptError
-from .backends import (
+from ..platform.backends import (
     Requirement,
     needs_any,
     needs_cc,
@@ -24,7 +24,7 @@ from .backends import (
     needs_package,
     needs_rocm_arch,
 )
-from .hardware import Hardware
+from ..platform.hardware import Hardware
 
 
 @dataclass(frozen=True)

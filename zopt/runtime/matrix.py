@@ -9,14 +9,14 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from .hardware import Hardware
+from ..platform.hardware import Hardware
 
 
 def format_report(hw: Hardware) -> dict[str, Any]:
     """For every format: module status, selected backend + reason, and each backend's availability."""
     from ..errors import UnsupportedFormat
     from ..formats import FORMATS
-    from .backends import availability, format_status, select
+    from ..platform.backends import availability, format_status, select
 
     out: dict[str, Any] = {}
     for fmt in FORMATS:
@@ -56,9 +56,9 @@ def _cell(entry: dict[str, Any]) -> str:
 
 
 def markdown() -> str:
-    """The hardware x format matrix over the simulated records in :mod:`zopt.runtime.fakes`."""
+    """The hardware x format matrix over the simulated records in :mod:`zopt.platform.fakes`."""
     from ..formats import FORMATS
-    from .fakes import FAKES
+    from ..platform.fakes import FAKES
 
     reports = {name: format_report(hw) for name, hw in FAKES.items()}
     lines = [
@@ -82,7 +82,7 @@ def markdown() -> str:
         lines.append(f"| {name} | {hw.device}: {hw.device_name} | {hw.total_memory / 1024**3:.0f} GiB | {cc} | "
                      f"{', '.join(sorted(hw.packages)) or '-'} | {', '.join(hw.ort_providers) or '-'} |")
     lines += ["", "## Backends", "", "| format | backend | priority | requires | description |", "|---|---|---|---|---|"]
-    from .backends import backends_for
+    from ..platform.backends import backends_for
 
     for fmt in FORMATS:
         for b in backends_for(fmt):

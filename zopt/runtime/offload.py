@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass
 
 from ..errors import ZoptError
-from .hardware import Hardware
+from ..platform.hardware import Hardware
 
 MODES = ("none", "model", "group-stream", "group", "sequential", "disk")
 GIB = 1024**3

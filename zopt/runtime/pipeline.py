@@ -155,7 +155,7 @@ def runtime_hardware(device: str, hw=None):
     when ``device`` asks for CPU on a machine with an accelerator."""
     import dataclasses
 
-    from .hardware import detect
+    from ..platform.hardware import detect
 
     hw = hw or detect()
     if device in ("auto", hw.torch_device, hw.device):
@@ -216,8 +216,8 @@ def prepare(model: str | os.PathLike = "tiny", *, device: str = "auto", offload:
     from diffusers import ZImagePipeline
 
     from ..families import zimage
+    from ..platform import backends as B
     from . import attention as A
-    from . import backends as B
     from . import offload as O
     from .planner import _key, _param_split, activation_bytes, shape_for
 

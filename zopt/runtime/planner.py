@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from .hardware import Hardware
+from ..platform.hardware import Hardware
 from .offload import GIB, Footprint, choose, device_bytes
 
 TEXT_ENCODER_PARAMS = 4_022_468_096  # Qwen3-4B, the Z-Image text encoder
@@ -211,7 +211,7 @@ class Plan:
 def _backend_note(spec: str, hw: Hardware) -> tuple[str | None, str | None]:
     """(backend name, None) when ``spec`` runs on ``hw``; (None, why) when it cannot; a build note else."""
     from ..errors import UnsupportedFormat
-    from .backends import format_status, select
+    from ..platform.backends import format_status, select
 
     fmt = spec.split(":")[0]
     if format_status(fmt) == "not in this build":

@@ -1,0 +1,286 @@
+"""GGUF: convert any Z-Image source to a GGUF file (F32 ... Q2_K and K-quant recipes), load any
+Z-Image GGUF (zopt's, ComfyUI-style, stable-diffusion.cpp-style) as a working model.
+
+Files are written in the original/ComfyUI key layout (fused qkv, no prefix) with 2-D pad tokens
+and ``general.architecture = "lumina2"`` (what ComfyUI-GGUF's loader detects Z-Image as), so
+ComfyUI-GGUF, diffusers' ``from_single_file`` and stable-diffusion.cpp read them. The per-tensor
+policy lives in :mod:`gguf_recipes`, the byte layout in :mod:`gguf_writer`, the loader in
+:mod:`gguf_loader`; see ``docs/gguf.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from ..._io import atomic_path
+from ...checkpoint import TensorSource
+from ...errors import ZoptError
+from ...families import zimage
+from ...progress import progress_bar
+from . import recipes as gguf_recipes
+from .recipes import FILE_TYPE, FLOAT_TYPES, TensorPlan
+from .writer import StreamingGGUFWriter
+
+ARCHITECTURE = "lumina2"  # ComfyUI-GGUF's name for the Lumina-2 / Z-Image (NextDiT) family
+QUANTIZATION_VERSION = 2  # ggml's GGML_QNT_VERSION
+CHUNK_ELEMENTS = 1 << 22  # rows are quantized in pieces of ~4M weights: bounded memory per step
+# Compile the GGML kernels (ggml_compile) when a conversion quantizes at least this many weights:
+# compiling costs seconds to a minute per type once (then inductor's disk cache), which pays off
+# only on real checkpoints, not on small test models.
+COMPILE_MIN_WEIGHTS = 100_000_000
+
+
+def _ggml_quants():
+    """zopt's torch block quantizers, or None where this build lacks them."""
+    try:
+        from . import quants as ggml_quants
+    except ImportError:
+        return None
+    return ggml_quants
+
+
+def _supported_by(gq, qtype: str) -> bool:
+    sup = getattr(gq, "SUPPORTED", ())
+    return qtype in sup or any(getattr(s, "name", None) == qtype for s in sup)
+
+
+def quantize_rows(x, qtype: str):
+    """Float rows ``x`` (..., row) -> stored bytes of GGML type ``qtype`` (a uint8 tensor/array)."""
+    import torch
+
+    if qtype == "F32":
+        return x.to(torch.float32)
+    if qtype == "F16":
+        return x.to(torch.float16)
+    if qtype == "BF16":
+        return x.to(torch.bfloat16)
+    gq = _ggml_quants()
+    if gq is not None and _supported_by(gq, qtype):
+        # bf16/f16 rows go in as they are: quantize() widens each cache-sized piece to float32
+        # itself, which saves a whole-chunk float32 copy (same bytes)
+        return gq.quantize(x if x.dtype in (torch.bfloat16, torch.float16) else x.to(torch.float32), qtype)
+    import gguf.quants
+
+    try:
+        return gguf.quants.quantize(x.to(torch.float32).numpy(), gguf.GGMLQuantizationType[qtype])
+    except NotImplementedError:
+        raise ZoptError(f"GGUF type {qtype} needs zopt's block quantizers (zopt.formats.gguf.quants)") from None
+
+
+def dequantize_bytes(data, qtype: str, shape: tuple[int, ...], dtype=None):
+    """Stored bytes of GGML type ``qtype`` -> a float tensor of ``shape`` (torch order)."""
+    import numpy as np
+    import torch
+
+    dtype = dtype or torch.float32
+    if isinstance(data, torch.Tensor):
+        raw = data.contiguous().reshape(-1).view(torch.uint8)
+    else:
+        raw = torch.as_tensor(np.ascontiguousarray(data)).reshape(-1).view(torch.uint8)
+    if qtype in FLOAT_TYPES:
+        return raw.view({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[qtype]) \
+            .reshape(shape).to(dtype)
+    gq = _ggml_quants()
+    if gq is not None and _supported_by(gq, qtype):
+        return gq.dequantize(raw, qtype, shape, dtype)
+    import gguf.quants
+
+    arr = gguf.quants.dequantize(raw.cpu().numpy(), gguf.GGMLQuantizationType[qtype])
+    return torch.from_numpy(np.ascontiguousarray(arr)).reshape(shape).to(dtype).to(raw.device)
+
+
+def plan_for(src: TensorSource, subtype: str | None, options: dict[str, Any]) -> tuple[TensorSource, list[TensorPlan]]:
+    """(original-layout view of ``src``, per-tensor plan) — decided from shapes, before any data."""
+    view = zimage.as_original(src)
+    shapes = {n: _file_shape(n, view.info(n).shape) for n in view.names()}
+    plans = gguf_recipes.plan(shapes, subtype, options.get("keep", ()), options.get("quantize", ()))
+    return view, plans
+
+
+def _file_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    # pad tokens are (1, dim) in the model; 1-D copies (stable-diffusion.cpp) are stored 2-D again
+    return (1, shape[0]) if name.endswith("_pad_token") and len(shape) == 1 else tuple(shape)
+
+
+def metadata_for(src: TensorSource, subtype: str, config: dict[str, Any], plans: list[TensorPlan],
+                 sha256: str | None) -> dict[str, Any]:
+    from ... import __version__
+
+    rec = gguf_recipes.recipe(subtype)
+    det = zimage.detect(src)
+    return {
+        "general.architecture": ARCHITECTURE,
+        "general.type": "model",
+        "general.name": det.variant,
+        "general.file_type": FILE_TYPE[rec.name],
+        "general.quantization_version": QUANTIZATION_VERSION,
+        "zopt.version": __version__,
+        "zopt.recipe": rec.name,
+        "zopt.source.name": _source_name(src.path),
+        "zopt.source.sha256": sha256 or "",
+        "zopt.bits_per_weight": round(gguf_recipes.bits_per_weight(plans), 4),
+        "zopt.config": json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True),
+    }
+
+
+def _chunks(t, qtype: str):
+    """Row chunks of 2-D+ tensor ``t`` as (rows, qtype) jobs (1-D: one piece)."""
+    rows = t.reshape(-1, t.shape[-1]) if t.dim() >= 2 else t.reshape(1, -1)
+    step = max(1, CHUNK_ELEMENTS // max(1, rows.shape[1]))
+    return [rows[i : i + step] for i in range(0, rows.shape[0], step)]
+
+
+def _warm_up(qtypes: set[str]) -> float:
+    """Compile the kernels of every quantized type in the plan before the workers start (compiling
+    from two threads at once is not supported); returns seconds spent (small when inductor's disk
+    cache has them)."""
+    import time
+
+    import torch
+
+    t0 = time.perf_counter()
+    # 8 rows of 1792 (7 K-blocks): no two sizes coincide, so dynamo does not tie them together
+    x = torch.linspace(-1, 1, 8 * 1792).reshape(8, 1792)
+    for q in sorted(qtypes - set(FLOAT_TYPES)):
+        quantize_rows(x, q)
+    return time.perf_counter() - t0
+
+
+def convert(src: TensorSource, out: Path, subtype: str | None, options: dict[str, Any], progress: bool) -> Path:
+    """Write ``src`` as a GGUF file at ``out`` with per-tensor types from recipe ``subtype``.
+
+    Streams: the header is computed from shapes first; a reader thread loads the next tensor while
+    row chunks of the current ones are quantized by ``workers`` threads (one torch thread each:
+    coarse-grained parallelism stays efficient when other processes share the cores) and written in
+    order; the source hash is computed in a background thread and patched into the header at the
+    end. The output appears at ``out`` only when complete.
+
+    Options: ``hash_source`` (default True); ``workers`` (default: torch's thread count, at most the
+    CPU count); ``compile`` ("auto": compiled GGML kernels when the plan quantizes at least
+    ``COMPILE_MIN_WEIGHTS`` weights; True/False to force; see ``ggml_compile``).
+    """
+    import torch
+
+    from . import compile as ggml_compile
+
+    rec = gguf_recipes.recipe(subtype)
+    config = zimage.check_shapes(src)
+    view, plans = plan_for(src, rec.name, options)
+    hash_source = options.get("hash_source", True)
+    digest: dict[str, str] = {}
+    hasher = None
+    if hash_source:
+        hasher = threading.Thread(target=lambda: digest.setdefault("sha", src.sha256()), daemon=True)
+        hasher.start()
+    meta = metadata_for(src, rec.name, config, plans, "0" * 64 if hash_source else None)
+    entries = [(p.name, p.shape, p.qtype) for p in plans]
+    total = sum(view.info(p.name).nbytes for p in plans)
+    quantized = sum(math.prod(p.shape) for p in plans if p.qtype not in FLOAT_TYPES)
+    want_compile = options.get("compile", "auto")
+    if isinstance(want_compile, str):
+        want_compile = quantized >= COMPILE_MIN_WEIGHTS if want_compile == "auto" else _truthy(want_compile)
+    workers = max(1, int(options.get("workers", min(torch.get_num_threads(), os.cpu_count() or 1))))
+
+    def fetch(name: str):
+        # read ahead in a thread: reading the next tensor overlaps quantizing this one (sources
+        # return fresh buffers; contiguous() only copies a strided view)
+        return view.get(name).contiguous()
+
+    def jobs(reader):
+        """(plan index, future bytes of one row chunk), in file order; reads one tensor ahead."""
+        nxt = reader.submit(fetch, plans[0].name) if plans else None
+        for i, p in enumerate(plans):
+            t = nxt.result()
+            nxt = reader.submit(fetch, plans[i + 1].name) if i + 1 < len(plans) else None
+            t = t.reshape(p.shape)
+            if not t.is_floating_point():
+                raise ZoptError(f"tensor {p.name} is not floating point ({t.dtype})", src.path)
+            for rows in _chunks(t, p.qtype):
+                yield i, pool.submit(_quantize_job, rows, p.qtype)
+            del t
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ggml_compile.compiled(bool(want_compile)), torch.inference_mode(), atomic_path(out) as tmp, \
+                StreamingGGUFWriter(tmp, entries, meta) as w, \
+                progress_bar(total, f"gguf:{rec.name}", unit="B", enabled=progress) as bar, \
+                ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(workers) as pool:
+            if ggml_compile.enabled():
+                _warm_up({p.qtype for p in plans})
+            window: deque = deque()
+            feed = jobs(reader)
+            ahead = 2 * workers + 1  # chunks in flight: keeps every worker busy across tensor boundaries
+
+            def pieces(i: int):
+                while True:
+                    while len(window) < ahead:
+                        job = next(feed, None)
+                        if job is None:
+                            break
+                        window.append(job)
+                    if not window or window[0][0] != i:
+                        return
+                    yield window.popleft()[1].result()
+
+            for i, p in enumerate(plans):
+                w.write(p.name, pieces(i))
+                bar.describe(f"gguf:{rec.name} {i + 1}/{len(plans)} tensors")
+                bar.advance(view.info(p.name).nbytes)
+            if hasher is not None:
+                hasher.join()
+                w.patch_string("zopt.source.sha256", digest["sha"])
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _quantize_job(rows, qtype: str):
+    import torch
+
+    with torch.inference_mode():
+        return quantize_rows(rows, qtype)
+
+
+def _truthy(v: str) -> bool:
+    return v.strip().lower() in ("1", "true", "yes", "on")
+
+
+def list_types() -> list[tuple[str, float, str]]:
+    """(subtype, effective bits per weight on the full-size layout, summary) for every recipe."""
+    return gguf_recipes.list_types()
+
+
+def load(path: Path, device: str = "cpu", backend: str | None = None, dtype: Any = None, **kw: Any):
+    """Load a Z-Image GGUF as a ``ZImageTransformer2DModel`` dequantizing on the fly (see gguf_loader)."""
+    from .loader import load as _load
+
+    return _load(path, device=device, backend=backend, dtype=dtype, **kw)
+
+
+def _register_backends() -> None:
+    from ...platform.backends import needs_device, register
+
+    register("gguf", "int-mm-cpu", 20, (needs_device("cpu"),),
+             "INT8 weights re-quantized per row from the GGUF values, dynamic INT8 activations, "
+             "torch._int_mm (oneDNN) with INT32 accumulation")
+    register("gguf", "torch-dequant", 10, (),
+             "keeps GGUF blocks in memory, dequantizes each Linear weight exactly on the fly in torch (any device)")
+
+
+_register_backends()
+
+
+def _source_name(path) -> str:
+    """A readable source name (a diffusers ``transformer/`` folder goes by its parent's name)."""
+    if not path:
+        return ""
+    p = Path(path)
+    return p.parent.name if p.name == "transformer" and p.parent.name else p.name

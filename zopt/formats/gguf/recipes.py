@@ -1,0 +1,250 @@
+"""GGUF types and per-tensor recipes for Z-Image, as data.
+
+A *subtype* (``--to gguf:Q4_K_M``) names a base GGML type plus the rules that raise some tensors
+above it. :func:`plan` turns a source's tensor names and shapes into one GGML type per tensor,
+before any data is read, so the whole GGUF header can be written first.
+
+Order of decisions for one tensor (first that applies wins):
+
+1. the user's ``keep`` / ``quantize`` regexes;
+2. ``zimage.SENSITIVE`` (pad tokens, norms, biases, embedders, final layer, adaLN) -> F32 or BF16;
+3. small tensors (< ``SMALL_NUMEL`` elements) and 1-D tensors -> F32;
+4. the recipe's bump rules (:data:`BUMPS`: attention qkv, ``feed_forward.w2``, ``attention.out``
+   in chosen blocks) -> a higher type;
+5. the recipe's base type;
+6. if the row length is not a multiple of the chosen type's block size: :data:`ROW_FALLBACK`.
+
+Names are matched in the original (ComfyUI) layout the GGUF file is written in.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ...errors import UnsupportedFormat
+from ...families import zimage
+
+# GGML type -> (block size, bytes per block); the numbers of ggml.c's type traits.
+TYPE_LAYOUT: dict[str, tuple[int, int]] = {
+    "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
+    "Q8_0": (32, 34), "Q5_1": (32, 24), "Q5_0": (32, 22), "Q4_1": (32, 20), "Q4_0": (32, 18),
+    "Q6_K": (256, 210), "Q5_K": (256, 176), "Q4_K": (256, 144), "Q3_K": (256, 110), "Q2_K": (256, 84),
+}
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+# llama.cpp's LLAMA_FTYPE numbers, written to general.file_type so tools can name the file.
+FILE_TYPE: dict[str, int] = {
+    "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
+    "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17,
+    "Q6_K": 18, "BF16": 32,
+    # uniform K types have no ftype of their own; the _S recipe is the closest (also nearly uniform)
+    "Q3_K": 11, "Q4_K": 14, "Q5_K": 16,
+}
+
+# Rows whose length is not a multiple of the block size: the closest type with 32-wide blocks,
+# then (row not a multiple of 32 either) BF16 — never a silently wrong file.
+ROW_FALLBACK: dict[str, str] = {
+    "Q6_K": "Q8_0", "Q5_K": "Q5_1", "Q4_K": "Q5_0", "Q3_K": "Q4_1", "Q2_K": "Q4_0",
+    "Q8_0": "BF16", "Q5_1": "BF16", "Q5_0": "BF16", "Q4_1": "BF16", "Q4_0": "BF16",
+}
+
+SMALL_NUMEL = 1 << 16  # below this a tensor is kept in float: quantizing it saves nothing
+
+# Which main blocks count as "edge" blocks that get more bits: llama.cpp's use_more_bits (the
+# first and last eighth, and every third block in between), which spreads the extra bits where
+# errors compound; refiner blocks always count (they see raw, un-normalized inputs first).
+
+
+def more_bits_block(i: int, n: int) -> bool:
+    """llama.cpp's ``use_more_bits(i_layer, n_layers)``."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def edge_block(i: int, n: int) -> bool:
+    """The first and last eighth of the main blocks (at least the first and the last)."""
+    k = max(1, n // 8)
+    return i < k or i >= n - k
+
+
+@dataclass(frozen=True)
+class Bump:
+    """Give tensors matching ``pattern`` type ``to`` in blocks chosen by ``where``."""
+
+    pattern: str
+    to: str
+    where: str  # "all" | "more_bits" (llama.cpp's set, + refiners) | "edge" (+ refiners)
+    why: str
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    base: str
+    bumps: tuple[Bump, ...] = field(default=())
+    summary: str = ""
+
+
+QKV, W2, OUT = r"\.attention\.qkv\.weight$", r"\.feed_forward\.w2\.weight$", r"\.attention\.out\.weight$"
+_V = "carries the values (llama.cpp raises attn_v / attn_qkv: the most quantization-sensitive projection)"
+_D = "feed_forward.w2 is the FFN down-projection (llama.cpp's ffn_down): its errors sum over the wide hidden dim"
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("F32", "F32", summary="everything float32 (lossless from bf16, twice the size)"),
+    Recipe("F16", "F16", summary="weights float16; sensitive tensors keep BF16/F32"),
+    Recipe("BF16", "BF16", summary="weights bfloat16 (lossless from a bf16 source); norms/biases F32"),
+    Recipe("Q8_0", "Q8_0", summary="8-bit, 32-weight blocks with one f16 scale"),
+    Recipe("Q5_1", "Q5_1", summary="5-bit + scale and min per 32"),
+    Recipe("Q5_0", "Q5_0", summary="5-bit, scale per 32"),
+    Recipe("Q4_1", "Q4_1", summary="4-bit + scale and min per 32"),
+    Recipe("Q4_0", "Q4_0", summary="4-bit, scale per 32"),
+    Recipe("Q5_K", "Q5_K", summary="uniform 5-bit K-quant (256-blocks, 6-bit sub-scales)"),
+    Recipe("Q4_K", "Q4_K", summary="uniform 4-bit K-quant"),
+    Recipe("Q3_K", "Q3_K", summary="uniform 3-bit K-quant"),
+    Recipe("Q6_K", "Q6_K", summary="6-bit K-quant everywhere (as llama.cpp's Q6_K)"),
+    Recipe("Q5_K_M", "Q5_K", (
+        Bump(QKV, "Q6_K", "more_bits", _V), Bump(W2, "Q6_K", "more_bits", _D),
+    ), "Q5_K; qkv and w2 Q6_K in the first/last eighth, every third block and refiners"),
+    Recipe("Q5_K_S", "Q5_K", summary="Q5_K everywhere quantized"),
+    Recipe("Q4_K_M", "Q4_K", (
+        Bump(QKV, "Q6_K", "more_bits", _V), Bump(W2, "Q6_K", "more_bits", _D),
+        Bump(QKV, "Q5_K", "all", _V),
+    ), "Q4_K; qkv Q5_K, and qkv/w2 Q6_K in the first/last eighth, every third block and refiners"),
+    Recipe("Q4_K_S", "Q4_K", (
+        Bump(W2, "Q5_K", "edge", _D),
+    ), "Q4_K; w2 Q5_K in the first/last eighth and refiners"),
+    Recipe("Q3_K_L", "Q3_K", (
+        Bump(QKV, "Q5_K", "all", _V), Bump(W2, "Q5_K", "all", _D),
+        Bump(OUT, "Q4_K", "all", "attention.out mixes all heads back into the stream"),
+    ), "Q3_K; qkv and w2 Q5_K, attention.out Q4_K"),
+    Recipe("Q3_K_M", "Q3_K", (
+        Bump(QKV, "Q5_K", "edge", _V), Bump(QKV, "Q4_K", "all", _V),
+        Bump(W2, "Q5_K", "edge", _D), Bump(W2, "Q4_K", "more_bits", _D),
+        Bump(OUT, "Q4_K", "all", "attention.out mixes all heads back into the stream"),
+    ), "Q3_K; qkv Q4_K (Q5_K at the edges), w2 Q4_K/Q5_K in chosen blocks, attention.out Q4_K"),
+    Recipe("Q3_K_S", "Q3_K", summary="Q3_K everywhere quantized"),
+    Recipe("Q2_K", "Q2_K", (
+        Bump(QKV, "Q4_K", "edge", _V), Bump(QKV, "Q3_K", "all", _V), Bump(W2, "Q3_K", "all", _D),
+        Bump(OUT, "Q3_K", "all", "attention.out mixes all heads back into the stream"),
+    ), "Q2_K; qkv, w2 and attention.out Q3_K (qkv Q4_K at the edges)"),
+)}
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    name: str  # name in the GGUF file
+    shape: tuple[int, ...]  # torch order (rows first)
+    qtype: str  # GGML type name
+    reason: str
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.shape, self.qtype)
+
+
+def tensor_nbytes(shape: tuple[int, ...], qtype: str) -> int:
+    block, size = TYPE_LAYOUT[qtype]
+    n = 1
+    for s in shape:
+        n *= s
+    return n // block * size
+
+
+def recipe(subtype: str | None) -> Recipe:
+    key = (subtype or "Q8_0").upper()
+    if key not in RECIPES:
+        raise UnsupportedFormat(f"unknown GGUF type {subtype!r}; known: {', '.join(RECIPES)}")
+    return RECIPES[key]
+
+
+def _block_choice(where: str, name: str, n_layers: int) -> bool:
+    if where == "all":
+        return True
+    b = zimage.block_index(name)
+    if b is None:
+        return False
+    kind, i = b
+    if kind != "layers":  # refiners always count as blocks that get more bits
+        return True
+    return more_bits_block(i, n_layers) if where == "more_bits" else edge_block(i, n_layers)
+
+
+def choose(name: str, shape: tuple[int, ...], rec: Recipe, n_layers: int,
+           keep: Iterable[str] = (), quantize: Iterable[str] = ()) -> tuple[str, str]:
+    """(GGML type, reason) for one tensor named ``name`` (original layout) of ``shape``."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    float_keep = "F32" if rec.base == "F32" or len(shape) < 2 else "BF16"
+    if any(re.search(p, name) for p in keep):
+        return float_keep, "kept by --keep"
+    forced = any(re.search(p, name) for p in quantize)
+    if not forced:
+        rule = zimage.sensitive_reason(name)
+        if len(shape) < 2:
+            # 1-D (and the 2-D pad tokens, via the rule) stay F32: loaders such as diffusers'
+            # only decode F32/F16 outside Linear layers, and they are too small to matter
+            return "F32", f"sensitive: {rule.reason}" if rule else "1-D tensor: quantizing saves nothing"
+        if rule is not None:
+            return ("F32" if rec.base == "F32" else rule.keep), f"sensitive: {rule.reason}"
+        if numel < SMALL_NUMEL:
+            return "F32", "small tensor: quantizing saves nothing"
+    qtype, reason = rec.base, f"{rec.name} base type"
+    if not forced:
+        for b in rec.bumps:
+            if re.search(b.pattern, name) and _block_choice(b.where, name, n_layers):
+                qtype, reason = b.to, f"{rec.name} bump ({b.where}): {b.why}"
+                break
+    while len(shape) >= 1 and shape[-1] % TYPE_LAYOUT[qtype][0] != 0:
+        nxt = ROW_FALLBACK[qtype]
+        reason = f"row length {shape[-1]} not a multiple of {TYPE_LAYOUT[qtype][0]}: {qtype} -> {nxt}"
+        qtype = nxt
+    return qtype, reason
+
+
+def plan(shapes: dict[str, tuple[int, ...]], subtype: str | None, keep: Iterable[str] = (),
+         quantize: Iterable[str] = ()) -> list[TensorPlan]:
+    """One :class:`TensorPlan` per tensor of ``shapes`` (original-layout names, file order)."""
+    rec = recipe(subtype)
+    layers = [b[1] for n in shapes if (b := zimage.block_index(n)) and b[0] == "layers"]
+    n_layers = max(layers) + 1 if layers else 1
+    keep, quantize = tuple(keep), tuple(quantize)
+    out = []
+    for n, s in shapes.items():
+        qtype, why = choose(n, s, rec, n_layers, keep, quantize)
+        out.append(TensorPlan(n, tuple(s), qtype, why))
+    return out
+
+
+def bits_per_weight(plans: list[TensorPlan]) -> float:
+    """Effective bits per parameter of a plan (all tensors, float ones included)."""
+    params = sum(_numel(p.shape) for p in plans)
+    return 8 * sum(p.nbytes for p in plans) / max(1, params)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def full_size_shapes() -> dict[str, tuple[int, ...]]:
+    """Original-layout names and shapes of the full 6.15B model, from its config (no weights)."""
+    shapes = zimage.expected_shapes(zimage.FULL_CONFIG)
+    out: dict[str, tuple[int, ...]] = {}
+    for n, s in shapes.items():
+        if ".attention.to_k." in n or ".attention.to_v." in n:
+            continue
+        if ".attention.to_q." in n:
+            out[zimage.to_original_name(n.replace(".to_q.", ".qkv."))] = (3 * s[0], *s[1:])
+            continue
+        out[zimage.to_original_name(n)] = s
+    return out
+
+
+def list_types() -> list[tuple[str, float, str]]:
+    """(subtype, effective bits per weight on the full-size model, summary) for every recipe."""
+    shapes = full_size_shapes()
+    return [(name, bits_per_weight(plan(shapes, name)), r.summary) for name, r in RECIPES.items()]

@@ -1,0 +1,182 @@
+"""INT4 weights: group-wise (64 or 128 along the input dimension), asymmetric, two codes per byte.
+
+A quantized Linear stores
+
+* ``<name>.weight`` — U8 ``(out, in/2)``: code of column ``2j`` in the low nibble, ``2j+1`` in
+  the high nibble;
+* ``<name>.weight_scale`` — F16 ``(out, in/group)``;
+* ``<name>.weight_zero`` — U8 ``(out, in/group)``, integer zero point in [0, 15];
+
+and ``w ~= (code - zero) * scale``. Each group's range is chosen by a **clipping search**: the
+group's min and max are shrunk by factors 1.0, 0.95, ... and the factor with the least squared
+reconstruction error is kept (1.0 is plain round-to-nearest, so the search never does worse).
+Kernel ``torch-dequant``: unpack and dequantize one layer at a time, matmul in the activation dtype.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ...checkpoint import TensorSource
+from ...errors import ZoptError
+from . import common as C
+
+GROUP_SIZES = (64, 128)
+DEFAULT_GROUP = 128
+CLIP_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
+
+def _grid(mn, mx):
+    """Scale (rounded to F16, as stored) and integer zero point for ranges [mn, mx]."""
+    import torch
+
+    scale = ((mx - mn) / 15).clamp_min(1e-8).to(torch.float16).float()
+    zero = torch.round(-mn / scale).clamp(0, 15)
+    return scale, zero
+
+
+def _codes(g, scale, zero):
+    import torch
+
+    return torch.round(g / scale[..., None] + zero[..., None]).clamp(0, 15)
+
+
+def _sq_error(g, scale, zero, buf):
+    """Per-group squared reconstruction error of ``g`` on grid (scale, zero); ``buf`` is scratch."""
+    import torch
+
+    s, z = scale[..., None], zero[..., None]
+    torch.div(g, s, out=buf)
+    buf.add_(z).round_().clamp_(0, 15).sub_(z).mul_(s).sub_(g)
+    return buf.square_().sum(-1)
+
+
+def quantize_int4(w, group: int = DEFAULT_GROUP, clip_search: bool = True):
+    """Float ``(out, in)`` -> (packed U8 ``(out, in/2)``, F16 scales, U8 zeros), groups of ``group``."""
+    import torch
+
+    rows, cols = w.shape
+    g = w.detach().float().reshape(rows, cols // group, group)
+    mn, mx = g.amin(-1), g.amax(-1)
+    best_f = torch.ones_like(mn)
+    if clip_search:
+        buf = torch.empty_like(g)
+        best_err = None
+        for f in CLIP_FACTORS:
+            err = _sq_error(g, *_grid(mn * f, mx * f), buf)
+            if best_err is None:
+                best_err = err
+                continue
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_f = torch.where(better, torch.full_like(best_f, f), best_f)
+        del buf
+    scale, zero = _grid(mn * best_f, mx * best_f)
+    q = _codes(g, scale, zero).to(torch.uint8).reshape(rows, cols)
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)
+    return packed.contiguous(), scale.to(torch.float16), zero.to(torch.uint8)
+
+
+def dequantize_int4(packed, scale, zero, dtype=None):
+    """Inverse of :func:`quantize_int4`: the dense ``(out, in)`` weight in ``dtype`` (default F32)."""
+    import torch
+
+    rows = packed.shape[0]
+    codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(rows, scale.shape[1], -1)
+    dt = dtype or torch.float32
+    w = (codes.to(dt) - zero.to(dt)[..., None]) * scale.to(dt)[..., None]
+    return w.reshape(rows, -1)
+
+
+def _int4_linear_class():
+    import torch.nn.functional as F
+
+    Base = C.lowbit_linear_base()
+
+    def dequant_kernel(m, x):
+        return F.linear(x, dequantize_int4(m.weight, m.weight_scale, m.weight_zero, x.dtype))
+
+    class Int4Linear(Base):
+        KERNELS = {"torch-dequant": dequant_kernel}
+
+        def __init__(self, packed, scale, zero, backend: str):
+            super().__init__(packed.shape[1] * 2, packed.shape[0], backend)
+            self.register_buffer("weight", packed.contiguous())
+            self.register_buffer("weight_scale", scale.contiguous())
+            self.register_buffer("weight_zero", zero.contiguous())
+
+        def dequantize(self, dtype=None):
+            return dequantize_int4(self.weight, self.weight_scale, self.weight_zero, dtype)
+
+    return Int4Linear
+
+
+_CLS = None
+
+
+def int4_linear(packed, scale, zero, backend: str = "torch-dequant"):
+    global _CLS
+    _CLS = _CLS or _int4_linear_class()
+    return _CLS(packed, scale, zero, backend)
+
+
+class Int4Scheme(C.Scheme):
+    format = "int4"
+    storage = "INT4"
+
+    def __init__(self, group: int = DEFAULT_GROUP, clip_search: bool = True):
+        if group not in GROUP_SIZES:
+            raise ZoptError(f"int4 group_size must be one of {GROUP_SIZES}, not {group!r}")
+        self.group, self.clip_search = group, bool(clip_search)
+        self.storage = f"INT4_G{group}"
+
+    def options(self) -> dict[str, Any]:
+        return {"group_size": self.group, "clip_search": self.clip_search, "scales": "F16", "zeros": "U8",
+                "packing": "low nibble = even column"}
+
+    def unsupported(self, shape):
+        if shape[1] % self.group:
+            return f"in_features {shape[1]} is not a multiple of the group size {self.group}"
+        return None
+
+    def parts(self, name, shape):
+        out, inp = shape
+        return [(name, "U8", (out, inp // 2)), (name + "_scale", "F16", (out, inp // self.group)),
+                (name + "_zero", "U8", (out, inp // self.group))]
+
+    def quantize(self, w):
+        return C.quantize_rows(quantize_int4, w, self.group, self.clip_search)
+
+    def module(self, parts, shape, backend):
+        get = {k.rsplit(".", 1)[-1]: v for k, v in parts.items()}
+        return int4_linear(get["weight"], get["weight_scale"], get["weight_zero"], backend)
+
+
+def scheme_from_options(options: dict[str, Any]) -> Int4Scheme:
+    return Int4Scheme(int(options.get("group_size", DEFAULT_GROUP)), options.get("clip_search", True))
+
+
+def convert(src: TensorSource, out: Path, subtype: str | None, options: dict[str, Any], progress: bool) -> Path:
+    if subtype:  # int4:g64
+        options = {**options, "group_size": int(str(subtype).lower().lstrip("g"))}
+    scheme = scheme_from_options(options)
+    return C.convert_lowbit(src, out, scheme, f"g{scheme.group}", options, progress)
+
+
+def load(path: Path, device: str = "cpu", backend: str | None = None, dtype: Any = None):
+    return C.load_lowbit(path, lambda m: scheme_from_options(m["options"]), device, backend, dtype)
+
+
+def list_types() -> list[tuple[str, float, str]]:
+    return [(f"g{g}", 4 + 24 / g, f"INT4 asymmetric, groups of {g}, F16 scale + U8 zero per group")
+            for g in GROUP_SIZES]
+
+
+def _register_backends() -> None:
+    from ...platform.backends import register
+
+    register("int4", "torch-dequant", 10, (), "INT4 unpacked and dequantized per layer, matmul in the activation dtype")
+
+
+_register_backends()
