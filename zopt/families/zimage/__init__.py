@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import TensorInfo, TensorSource
-from ..errors import ShapeMismatch, UnknownArchitecture
+from ...checkpoint import TensorInfo, TensorSource
+from ...errors import ShapeMismatch, UnknownArchitecture
 
 FAMILY = "zimage"
 ORIGINAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
