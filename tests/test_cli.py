@@ -145,3 +145,17 @@ def test_import_zopt_stays_light():
     code = "import sys, zopt, zopt.cli; print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'onnxruntime') if m in sys.modules))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("args", [["plan"], ["doctor"], ["--help"], ["plan", "--help"]])
+def test_closed_pipe_exits_quietly(args):
+    """`zopt plan | head -1`: the reader is gone before zopt writes; no error message, no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to stdout now fails with EPIPE, deterministically
+    try:
+        r = subprocess.run([sys.executable, "-m", "zopt.cli", *args], stdout=write_end, stderr=subprocess.PIPE,
+                           text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, timeout=300)
+    finally:
+        os.close(write_end)
+    assert r.stderr == ""
+    assert r.returncode in (0, 1)  # 1 as rich does on a closed pipe; argparse's help ignores the failed write

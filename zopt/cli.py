@@ -40,7 +40,32 @@ def _top_parser() -> argparse.ArgumentParser:
     return p
 
 
+BROKEN_PIPE_EXIT = 1  # what rich's Console exits with on a closed pipe; Python's docs suggest the same
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit status (a reader that closed the pipe early is not an error)."""
+    try:
+        try:
+            return _main(argv)
+        finally:  # also on SystemExit (--help): output still buffered would fail at interpreter exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+        return BROKEN_PIPE_EXIT
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so Python's flush at exit does not raise on the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout replaced by an object without a descriptor
+        pass
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if debug:
@@ -68,6 +93,8 @@ def _run(mod, args, debug: bool) -> int:
 
     try:
         return int(mod.run(args) or 0)
+    except BrokenPipeError:
+        raise  # the reader went away (`zopt plan | head`): main() exits quietly
     except ZoptError as e:
         if debug:
             raise
