@@ -102,6 +102,15 @@ class SweepDisplay:
             Console(stderr=True, highlight=False).print(line)
 
 
+# A latency figure whose p90 is more than this many times its median is marked noisy: the machine was
+# busy or the runs disagree, and the median alone would be published as more exact than it is.
+NOISY_SPREAD = 1.25
+# Below this many parameters a source is a test-sized model whose size, memory and latency do not carry
+# over to the full 6.15B-parameter transformer.
+FULL_SIZE_PARAMS = 1_000_000_000
+MIB, GIB = 2**20, 2**30
+
+
 def _fmt(v: Any, spec: str = ".3g", suffix: str = "") -> str:
     if v is None:
         return "-"
@@ -110,55 +119,140 @@ def _fmt(v: Any, spec: str = ".3g", suffix: str = "") -> str:
     return f"{v}{suffix}"
 
 
-def _mb(v: Any) -> str:
-    return "-" if v is None else f"{v / 1e6:.1f}"
+def latency_spread(rec: dict[str, Any]) -> float | None:
+    """p90 / median of the per-step latency, or None when either is missing."""
+    med, p90 = get_path(rec, "metrics.latency.step_ms.median"), get_path(rec, "metrics.latency.step_ms.p90")
+    return p90 / med if med and p90 is not None else None
 
 
-def table_rows(records: list[dict[str, Any]]) -> list[list[str]]:
-    """One row of display strings per record (reference first)."""
-    rows = []
-    for r in sorted(records, key=lambda r: (r["role"] != "reference", r["status"] != "ok", r["label"])):
-        m = r.get("metrics") or {}
-        q = m.get("quality") or {}
-        lp = q.get("lpips")
-        rows.append([
-            r["label"], r.get("backend") or "-", r["status"],
-            _mb(m.get("artifact_bytes")), _fmt(m.get("bits_per_weight"), ".2f"), _fmt(m.get("load_s"), ".2f"),
-            _mb(get_path(m, "memory.peak_bytes")), _fmt(get_path(m, "latency.step_ms.median"), ".1f"),
-            _fmt(get_path(m, "latency.step_ms.p90"), ".1f"), _fmt(get_path(m, "latency.image_s.median"), ".2f"),
-            _fmt(q.get("rel_l2_mean"), ".2e"), _fmt(q.get("cosine_min"), ".5f"), _fmt(q.get("psnr_db"), ".1f"),
-            _fmt(q.get("ssim"), ".4f"), _fmt(lp, ".4f") if lp is not None else ("n/a" if q else "-"),
-        ])
-    return rows
+def is_noisy(rec: dict[str, Any]) -> bool:
+    """The step latency of ``rec`` spreads beyond NOISY_SPREAD (p90 / median)."""
+    spread = latency_spread(rec)
+    return spread is not None and spread > NOISY_SPREAD
 
 
-COLUMNS = ["run", "backend", "status", "size MB", "bits/w", "load s", "peak MB", "step ms", "p90 ms", "image s",
-           "rel L2", "cos min", "PSNR dB", "SSIM", "LPIPS"]
+def need_bytes(rec: dict[str, Any]) -> int | None:
+    """Memory the run needed in total: the allocator's reserve on CUDA, RSS baseline + peak above it on CPU."""
+    mem = get_path(rec, "metrics.memory") or {}
+    if mem.get("peak_bytes") is None:
+        return None
+    total = mem["peak_bytes"] + (mem.get("baseline_bytes") or 0)
+    return max(total, mem.get("cuda_max_reserved") or 0)
 
 
-def print_table(records: list[dict[str, Any]], console=None) -> None:
-    """The results table on stdout, plus one line per run that did not succeed."""
+def byte_unit(values: list[int | None]) -> tuple[str, int]:
+    """GiB when the largest value reaches 1 GiB, else MiB: one unit per column, named in its header."""
+    return ("GiB", GIB) if max((v or 0 for v in values), default=0) >= GIB else ("MiB", MIB)
+
+
+def _bytes(v: int | None, unit: tuple[str, int]) -> str:
+    return "-" if v is None else f"{v / unit[1]:.{2 if unit[0] == 'GiB' else 1}f}"
+
+
+def is_small_model(records: list[dict[str, Any]]) -> bool:
+    params = next((get_path(r, "source.params") for r in records if get_path(r, "source.params")), None)
+    return bool(records) and (get_path(records[0], "source.spec") == "tiny"
+                              or (params is not None and params < FULL_SIZE_PARAMS))
+
+
+def ordered(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Reference first, then successful runs, then the rest; by label within each group."""
+    return sorted(records, key=lambda r: (r["role"] != "reference", r["status"] != "ok", r["label"]))
+
+
+def columns(records: list[dict[str, Any]], wide: bool = False) -> list[tuple[str, Any]]:
+    """(header, cell function) of the table's columns; the compact set fits 100 terminal columns."""
+    size_u = byte_unit([get_path(r, "metrics.artifact_bytes") for r in records])
+    mem_u = byte_unit([need_bytes(r) for r in records])
+    has_lpips = any(get_path(r, "metrics.quality.lpips") is not None for r in records)
+    q = lambda path, spec: lambda r: _fmt(get_path(r, f"metrics.quality.{path}"), spec)  # noqa: E731
+
+    def step(r):
+        cell = _fmt(get_path(r, "metrics.latency.step_ms.median"), ".1f")
+        return "~" + cell if is_noisy(r) else cell
+
+    def lpips(r):
+        v = get_path(r, "metrics.quality.lpips")
+        return _fmt(v, ".4f") if v is not None else ("n/a" if get_path(r, "metrics.quality") else "-")
+
+    cols: list[tuple[str, Any, bool]] = [  # (header, cell, in the compact table)
+        ("run", lambda r: r["label"], True),
+        ("backend", lambda r: r.get("backend") or "-", False),
+        ("status", lambda r: r["status"], True),
+        (f"size\n{size_u[0]}", lambda r: _bytes(get_path(r, "metrics.artifact_bytes"), size_u), True),
+        ("bits/w", lambda r: _fmt(get_path(r, "metrics.bits_per_weight"), ".2f"), True),
+        ("load\ns", lambda r: _fmt(get_path(r, "metrics.load_s"), ".2f"), False),
+        (f"peak\n{mem_u[0]}", lambda r: _bytes(need_bytes(r), mem_u), True),
+        ("step\nms", step, True),
+        ("p90\nms", lambda r: _fmt(get_path(r, "metrics.latency.step_ms.p90"), ".1f"), False),
+        ("image\ns", lambda r: _fmt(get_path(r, "metrics.latency.image_s.median"), ".2f"), True),
+        ("rel L2", q("rel_l2_mean", ".2e"), True),
+        ("cos\nmin", q("cosine_min", ".5f"), False),
+        ("PSNR\ndB", q("psnr_db", ".1f"), True),
+        ("SSIM", q("ssim", ".4f"), wide or not has_lpips),  # LPIPS, when measured, takes its place
+        ("LPIPS", lpips, wide or has_lpips),
+    ]
+    return [(h, f) for h, f, compact in cols if wide or compact]
+
+
+def table_rows(records: list[dict[str, Any]], wide: bool = False) -> list[list[str]]:
+    """One row of display strings per record, in ``ordered`` order."""
+    cols = columns(records, wide)
+    return [[f(r) for _, f in cols] for r in ordered(records)]
+
+
+def footnotes(records: list[dict[str, Any]]) -> list[str]:
+    """What the table's figures mean and where they do not carry over, one sentence each."""
+    notes = ["Sizes and memory in binary units (1 MiB = 2^20 bytes, 1 GiB = 2^30). peak = the total memory the "
+             "run needed (CPU: process RSS incl. Python and the whole pipeline; CUDA: the allocator's reserve). "
+             "PSNR 100 dB = identical to the reference."]
+    noisy = [r for r in ordered(records) if r["status"] == "ok" and is_noisy(r)]
+    if noisy:
+        which = ", ".join(f"{r['label']} {latency_spread(r):.1f}x" for r in noisy)
+        notes.append(f"~ noisy latency: p90 more than {NOISY_SPREAD:g}x the median ({which}); the median is not a "
+                     "reliable figure: rerun on an idle machine with more --repeats.")
+    if is_small_model(records):
+        params = next((get_path(r, "source.params") for r in records if get_path(r, "source.params")), None)
+        n = f"{params / 1e6:.1f}M-parameter" if params else "small"
+        notes.append(f"Test-sized model ({n}): bits/w and size are inflated by the tensors every format keeps in "
+                     "BF16/F32 (norms, embedders, final layer), a far larger share of this model than of the full "
+                     "6.15B one; memory and latency are dominated by Python, text encoder and VAE. Compare formats "
+                     "with each other here, not with full-size figures.")
+    return notes
+
+
+# the compact table's status column stays narrow; the full status and reason follow the table
+STATUS_TEXT = {"missing_dependency": "no pkg", "unsupported": "unsup."}
+
+
+def print_table(records: list[dict[str, Any]], console=None, wide: bool = False) -> None:
+    """The results table on stdout (100 columns unless ``wide``), then notes and failed runs' reasons."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     if console is None:
         console = Console()
-        if not console.is_terminal:  # logs and pipes: do not squeeze the table into 80 columns
-            console = Console(width=180)
+        if not console.is_terminal:  # logs and pipes: never squeeze the table below its natural width
+            console = Console(width=200 if wide else 100)
     hw = records[0]["hardware"] if records else {}
     s = records[0]["settings"] if records else {}
     title = (f"zopt bench — {hw.get('device_name', '?')} ({hw.get('device', '?')}), "
              f"{s.get('steps')} steps at {s.get('width')}x{s.get('height')}, "
              f"{len(s.get('prompts', []))} prompts x {len(s.get('seeds', []))} seeds")
-    t = Table(title=title, header_style="bold")
-    for c in COLUMNS:
-        t.add_column(c, justify="left" if c in ("run", "backend", "status") else "right", no_wrap=c == "run")
-    by_label = {r["label"]: r for r in records}
-    for row in table_rows(records):
-        style = STATUS_STYLE.get(by_label[row[0]]["status"], "")
-        row[2] = f"[{style}]{row[2]}[/{style}]"
+    t = Table(title=title, header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    heads = [h for h, _ in columns(records, wide)]
+    for h in heads:
+        t.add_column(h, justify="left" if h in ("run", "backend", "status") else "right", no_wrap=h == "run")
+    status_col = heads.index("status")
+    for r, row in zip(ordered(records), table_rows(records, wide), strict=True):
+        style = STATUS_STYLE.get(r["status"], "")
+        text = row[status_col] if wide else STATUS_TEXT.get(row[status_col], row[status_col])
+        row[status_col] = f"[{style}]{text}[/{style}]"
         t.add_row(*row, style="dim" if style == "dim" else None)
     console.print(t)
+    for note in footnotes(records):
+        console.print(f"  {note}", highlight=False, markup=False)
     for r in records:
         if r["status"] != "ok" and r.get("message"):
             console.print(f"  {r['label']}: {r['status']} — {r['message']}", highlight=False, markup=False)

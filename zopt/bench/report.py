@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .display import COLUMNS, table_rows
+from .display import columns, ordered, table_rows
 from .metrics import PSNR_CAP_DB
 from .schema import get_path
 
@@ -172,11 +172,10 @@ def plots(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
 
 def _table_html(records: list[dict[str, Any]]) -> str:
-    head = "".join(f"<th>{_esc(c)}</th>" for c in COLUMNS)
-    by_label = {r["label"]: r for r in records}
+    head = "".join(f"<th>{_esc(h)}</th>".replace("\n", "<br>") for h, _ in columns(records, wide=True))
     body = []
-    for row in table_rows(records):
-        status = by_label[row[0]]["status"]
+    for rec, row in zip(ordered(records), table_rows(records, wide=True), strict=True):
+        status = rec["status"]
         cls = "ok" if status == "ok" else ("dim" if status in ("skipped", "unsupported") else "bad")
         cells = [f"<td>{_esc(v)}</td>" for v in row]
         cells[2] = f'<td class="{cls}">{_esc(row[2])}</td>'

@@ -33,6 +33,8 @@ def add_arguments(p) -> None:
                         "report and gate")
     p.add_argument("--no-report", action="store_true", help="do not write the HTML report")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
+    p.add_argument("--wide", action="store_true",
+                   help="every column in the results table (default: the ones that fit 100 columns)")
     p.add_argument("--baseline", default=None, metavar="OLD.json",
                    help="compare with these records and exit 3 if a metric regressed (4 if nothing is comparable)")
     p.add_argument("--max-regression", default=None, metavar="LIMITS",
@@ -111,7 +113,7 @@ def run(args) -> int:
             cfg.prompts = prompts
         records = sweep(cfg)
         root = out
-    print_table(records)
+    print_table(records, wide=args.wide)
     if not args.no_report and records:
         from ..bench.report import write_html
 
