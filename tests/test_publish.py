@@ -157,3 +157,19 @@ def test_records_match_by_format_type_and_source():
                          variant("c.gguf", "gguf", "Q6_K"), variant("d", "fp8", None, sha="s2")], recs)
     assert got["a.gguf"] is recs[1] and got["b"] is recs[2]
     assert "c.gguf" not in got and "d" not in got
+
+
+def test_card_marks_noisy_latency(variants):
+    """A step latency whose p90 is far above its median is published as noisy, not as a plain figure."""
+    from zopt.bench.display import NOISY_SPREAD
+    from zopt.card import variant_rows
+    from zopt.publish import describe_variant, match_records
+
+    described = [describe_variant(v) for v in variants]
+    sha = described[0].source_sha256
+    steady, noisy = _record("bf16", sha, 48.25, 12.5, 300 << 20), _record("fp16", sha, 39.5, 11.0, 200 << 20)
+    noisy["metrics"]["latency"]["step_ms"]["p90"] = 11.0 * 3
+    assert steady["metrics"]["latency"]["step_ms"]["p90"] / 12.5 <= NOISY_SPREAD < 3
+    rows = {row[0]: " | ".join(row) for row in variant_rows(described, match_records(described, [steady, noisy]))}
+    assert "| 11.0 (noisy: p90 3.0x median) |" in rows["`tiny-fp16`"]
+    assert "| 12.5 |" in rows["`tiny-bf16`"] and "noisy" not in rows["`tiny-bf16`"]

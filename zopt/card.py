@@ -35,17 +35,28 @@ def front_matter(variants, repo_id: str | None, license: str | None, base_model:
 
 def variant_rows(variants, matched: dict[str, dict[str, Any]]) -> list[list[str]]:
     """One table row per variant: identity columns, then CARD_METRICS from its benchmark record."""
-    from .publish import CARD_METRICS, _get
+    from .publish import CARD_METRICS
 
     rows = []
     for v in variants:
         rec = matched.get(v.name)
         bpw = f"{v.bits_per_weight:.2f}" if v.bits_per_weight else "n/a"
         row = [f"`{v.name}`", v.spec, _size(v.bytes), bpw]
-        row += [fmt(_get(rec, path)) if rec else "not measured" for _, path, fmt in CARD_METRICS]
+        row += [_cell(rec, path, fmt) if rec else "not measured" for _, path, fmt in CARD_METRICS]
         row.append(rec.get("hardware_fingerprint", "?") if rec else "")
         rows.append(row)
     return rows
+
+
+def _cell(rec: dict[str, Any], path: str, fmt) -> str:
+    """A measured figure; a step latency whose p90 spreads far above its median is marked, not stated as fact."""
+    from .bench.display import is_noisy, latency_spread
+    from .bench.schema import get_path
+
+    text = fmt(get_path(rec, path))
+    if path.startswith("metrics.latency.step_ms") and is_noisy(rec):
+        text += f" (noisy: p90 {latency_spread(rec):.1f}x median)"
+    return text
 
 
 def _usage(v, repo: str) -> str:
