@@ -70,5 +70,6 @@ def test_tiny_sweep_end_to_end(tmp_path, capsys):
     report = out / "report.html"
     assert report.is_file()
     if CHROMIUM.exists() and shutil.which("chromium"):
-        # 2 prompts x (reference + bf16) images; size-vs-quality, latency-vs-memory, per-step plots
-        check_renders(report, tmp_path, n_images=2 * prompts, n_plots=3)
+        # per prompt: reference and bf16 images and bf16's difference map; quality vs size, quality vs
+        # latency, latency vs memory, per-step error
+        check_renders(report, tmp_path, n_images=3 * prompts, n_plots=4)

@@ -1,10 +1,11 @@
-"""The HTML report: one self-contained file (no network, no external files) with the results
-table, plots (size vs quality, latency vs memory, per-step error) as inline SVG from matplotlib,
-and an image grid: the reference next to every format at the same prompt and seed (PNG, base64).
+"""The HTML report: one self-contained file (no network, no external files) that answers which format to
+pick per memory budget, then shows the results table, the plots (inline SVG from ``plots``) and an image
+grid: the reference next to every format at the same prompt and seed, each with its difference map
+(PNG data URIs). Clicking an image shows reference, format and difference side by side, enlarged.
 
-A tiny inline script counts, once the page has loaded, the images the browser decoded and the
-plots it drew, and writes the counts onto ``<body>`` (``data-images-loaded`` ...): a headless
-browser's DOM dump then shows whether the report really renders.
+A tiny inline script counts, once the page has loaded, the images the browser decoded and the plots it
+drew, and writes the counts onto ``<body>`` (``data-images-loaded`` ...): a headless browser's DOM dump
+then shows whether the report really renders.
 """
 
 from __future__ import annotations
@@ -13,35 +14,50 @@ import base64
 import html
 import io
 import os
-import re
 from pathlib import Path
 from typing import Any
 
-from .display import columns, ordered, table_rows
+from .display import columns, footnotes, is_noisy, latency_spread, ordered, table_rows
 from .metrics import PSNR_CAP_DB
 from .schema import get_path
 
-THUMB_MAX = 384  # grid images are downscaled to this many pixels on the long side
+THUMB_MAX = 512  # grid images are downscaled to this many pixels on the long side
+DIFF_FULL_SCALE = 32  # a pixel differing by this many 8-bit levels (or more) is the brightest colour
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1400px;
-color:#1d2330;padding:0 16px}
-h1{font-size:22px;margin-bottom:4px} h2{font-size:17px;margin-top:28px;border-bottom:1px solid #dde;padding-bottom:4px}
-.meta{color:#556;font-size:13px;line-height:1.5}
-table.results{border-collapse:collapse;font-size:13px;margin-top:8px}
-table.results th,table.results td{padding:4px 8px;border-bottom:1px solid #e6e8ef;text-align:right;white-space:nowrap}
-table.results th{background:#f3f5fa;position:sticky;top:0}
+color:#1d2330;padding:0 16px;line-height:1.45}
+h1{font-size:24px;margin-bottom:4px} h2{font-size:19px;margin-top:32px;border-bottom:1px solid #dde;padding-bottom:4px}
+.meta{color:#556;font-size:13px;line-height:1.5;overflow-wrap:anywhere}
+.note{color:#445;font-size:13.5px;margin:6px 0;max-width:980px}
+.scroll{overflow-x:auto}
+table.results,table.pick{border-collapse:collapse;font-size:13.5px;margin-top:8px}
+table.results th,table.results td,table.pick th,table.pick td{padding:5px 9px;border-bottom:1px solid #e6e8ef}
+table.results th,table.results td{text-align:right;white-space:nowrap}
+table.results th,table.pick th{background:#f3f5fa;vertical-align:bottom}
 table.results td:nth-child(-n+3),table.results th:nth-child(-n+3){text-align:left}
+table.pick td,table.pick th{text-align:left;vertical-align:top} table.pick td:first-child{white-space:nowrap;font-weight:600}
+table.pick td:nth-child(2){white-space:nowrap}
 .ok{color:#18794e;font-weight:600} .bad{color:#c0392b;font-weight:600} .dim{color:#99a}
-.plots{display:flex;flex-wrap:wrap;gap:16px} .plot{flex:1 1 420px;max-width:660px}
-.plot svg{width:100%;height:auto}
-
-.prompt{font-size:14px;margin:14px 0 6px;color:#334}
-.tiles{display:flex;flex-wrap:wrap;gap:10px}
-figure.tile{margin:0;width:200px;font-size:11.5px;color:#556;text-align:center}
-figure.tile img{display:block;width:200px;height:auto;border:1px solid #ccd}
-figure.tile.ref img{border:2px solid #2b59c3} figure.tile b{color:#1d2330;word-break:break-word}
-ul.fail li{font-size:13px;margin:2px 0}
+td.noisy{color:#b35c00;font-weight:600}
+.plots{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,560px),1fr));gap:20px}
+.plot svg{width:100%;height:auto} .plot p{font-size:13px;color:#445;margin:2px 0 0}
+.prompt{font-size:15px;margin:18px 0 8px;color:#334}
+.tiles{display:grid;grid-template-columns:repeat(auto-fill,minmax(172px,1fr));gap:12px}
+figure.tile{margin:0;font-size:12.5px;color:#445;text-align:center}
+figure.tile img{display:block;width:100%;height:auto;border:1px solid #ccd;cursor:zoom-in}
+figure.tile img.diff{margin-top:4px;background:#000}
+figure.tile .nodiff{margin-top:4px;aspect-ratio:1;display:flex;align-items:center;justify-content:center;
+border:1px dashed #ccd;color:#778;font-size:12px;padding:6px}
+figure.tile.ref img.shot{border:2px solid #2b59c3} figure.tile b{color:#1d2330;word-break:break-word}
+.scale{display:inline-block;width:160px;height:11px;vertical-align:middle;border:1px solid #ccd;
+background:linear-gradient(90deg,#000004,#3b0f70,#8c2981,#de4968,#fe9f6d,#fcfdbf)}
+ul.fail li{font-size:13.5px;margin:2px 0}
+#zoom{position:fixed;inset:0;background:rgba(12,14,22,.9);display:flex;flex-wrap:wrap;gap:14px;align-items:center;
+justify-content:center;z-index:10;cursor:zoom-out;padding:16px;overflow:auto}
+#zoom[hidden]{display:none}
+#zoom figure{margin:0;color:#eef;text-align:center;font-size:14px}
+#zoom img{width:min(31vw,84vh,1024px);height:auto;image-rendering:pixelated;background:#000}
 """
 
 SCRIPT = """
@@ -55,6 +71,27 @@ window.addEventListener('load', function () {
   document.body.setAttribute('data-plots', String(plots.length));
   document.body.setAttribute('data-plot-marks', String(marks));
 });
+// click an image: reference, this format and its difference map side by side; click or Esc closes
+var zoom = document.getElementById('zoom');
+function closeZoom() { zoom.hidden = true; zoom.textContent = ''; }
+function pane(src, caption) {
+  var f = document.createElement('figure'), i = document.createElement('img'), c = document.createElement('figcaption');
+  i.src = src; c.textContent = caption; f.appendChild(i); f.appendChild(c); zoom.appendChild(f);
+}
+document.addEventListener('click', function (e) {
+  if (!zoom.hidden) { closeZoom(); return; }
+  var fig = e.target.closest && e.target.closest('figure.tile');
+  if (!fig || e.target.tagName !== 'IMG') { return; }
+  var ref = fig.parentNode.querySelector('figure.ref img.shot');
+  if (ref) { pane(ref.src, 'reference'); }
+  if (!fig.classList.contains('ref')) {
+    pane(fig.querySelector('img.shot').src, fig.getAttribute('data-label'));
+    var d = fig.querySelector('img.diff');
+    if (d) { pane(d.src, 'difference (' + d.getAttribute('data-stats') + ')'); }
+  }
+  zoom.hidden = false;
+});
+document.addEventListener('keydown', function (e) { if (e.key === 'Escape') { closeZoom(); } });
 """
 
 
@@ -62,125 +99,97 @@ def _esc(v: Any) -> str:
     return html.escape(str(v), quote=True)
 
 
-def _png_data_uri(path: Path) -> str | None:
+def _uri(im) -> str:
+    im.thumbnail((THUMB_MAX, THUMB_MAX))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _read_rgb(path: Path):
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            im.thumbnail((THUMB_MAX, THUMB_MAX))
-            buf = io.BytesIO()
-            im.save(buf, format="PNG", optimize=True)
+            return im.convert("RGB")
     except OSError:
         return None
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _svg(fig) -> str:
-    import matplotlib.pyplot as plt
+def difference_map(image, reference) -> tuple[Any, int, float] | None:
+    """(heat map image, max and mean absolute difference in 8-bit levels) of two same-size RGB images.
 
-    buf = io.StringIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight")
-    plt.close(fig)
-    text = buf.getvalue()
-    text = re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.S)  # creator/date RDF: noise here
-    return text[text.index("<svg"):]  # drop the XML prolog and doctype: inline SVG in HTML
+    The largest difference over the channels of each pixel is coloured on a fixed square-root scale (magma,
+    black = identical, brightest = DIFF_FULL_SCALE levels or more), so maps of different formats compare
+    directly.
+    """
+    import matplotlib
+    import numpy as np
+    from PIL import Image
+
+    if image is None or reference is None or image.size != reference.size:
+        return None
+    d = np.abs(np.asarray(image, dtype=np.int16) - np.asarray(reference, dtype=np.int16)).max(axis=-1)
+    # square root: a difference of one level is already visible, large ones still stand out
+    rgb = matplotlib.colormaps["magma"](np.sqrt(np.clip(d / DIFF_FULL_SCALE, 0.0, 1.0)))[..., :3]
+    return Image.fromarray((rgb * 255).round().astype(np.uint8)), int(d.max()), float(d.mean())
 
 
 def _ok_variants(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r["role"] == "variant" and r["status"] == "ok"]
 
 
-ANNOTATE_MAX = 5  # up to this many points carry their label; more get a legend (labels would collide)
-MARKERS = "osD^vP*Xh<>p"
-
-
-def _style(labels: list[str]):
-    """One colour and marker per run label, the same in every plot."""
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab20" if len(labels) > 10 else "tab10"]
-    return {lbl: (cmap(i % cmap.N), MARKERS[i % len(MARKERS)]) for i, lbl in enumerate(labels)}
-
-
-def _finish(ax, title: str, n_points: int) -> None:
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3, which="both")
-    if n_points > ANNOTATE_MAX or title.startswith("Per-step"):
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
-
-
-def plots(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """(title, inline SVG) for each plot that has data to show."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    matplotlib.rcParams["svg.fonttype"] = "none"  # text stays text: small and searchable
-    matplotlib.rcParams["svg.hashsalt"] = "zopt-bench"
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    out = []
-    ok = _ok_variants(records)
-    style = _style([r["label"] for r in records if r["status"] == "ok"])
-
-    def point(ax, label, x, y, n, yerr=None):
-        color, marker = style[label]
-        ax.errorbar([x], [y], yerr=yerr, fmt=marker, color=color, capsize=3, markersize=7, zorder=3, label=label)
-        if n <= ANNOTATE_MAX:
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
-
-    pts = [(r["label"], get_path(r, "metrics.bits_per_weight"), get_path(r, "metrics.quality.psnr_db")) for r in ok]
-    pts = [p for p in pts if p[1] is not None and p[2] is not None]
-    if pts:
-        fig, ax = plt.subplots(figsize=(6.2, 4.0))
-        for label, bits, ps in pts:
-            point(ax, label, bits, ps, len(pts))
-        ax.set_xlabel("effective bits per weight (artifact bytes x 8 / params)")
-        ax.set_ylabel(f"PSNR vs reference, dB ({PSNR_CAP_DB:g} = identical)")
-        ax.margins(0.15)
-        _finish(ax, "Size vs quality", len(pts))
-        out.append(("Size vs quality", _svg(fig)))
-    lat = [(r["label"], get_path(r, "metrics.memory.peak_bytes"), get_path(r, "metrics.latency.step_ms.median"),
-            get_path(r, "metrics.latency.step_ms.p90")) for r in records if r["status"] == "ok"]
-    lat = [p for p in lat if p[1] is not None and p[2] is not None]
-    if lat:
-        fig, ax = plt.subplots(figsize=(6.2, 4.0))
-        for label, mem, med, p90 in lat:
-            point(ax, label, mem / 1e6, med, len(lat), yerr=[[0], [max(0.0, (p90 or med) - med)]])
-        ax.set_xlabel("peak memory above baseline, MB")
-        ax.set_ylabel("ms per denoising step (median, bar to p90)")
-        ax.margins(0.15)
-        _finish(ax, "Latency vs memory", len(lat))
-        out.append(("Latency vs memory", _svg(fig)))
-    curves = [(r["label"], get_path(r, "metrics.quality.per_step") or []) for r in ok]
-    curves = [(lbl, c) for lbl, c in curves if c]
-    if curves:
-        fig, ax = plt.subplots(figsize=(6.2, 4.0))
-        floor = 1e-8  # log axis: an exact match (0) is drawn at the floor
-        for label, c in curves:
-            color, marker = style[label]
-            ax.plot([s["step"] + 1 for s in c], [max(floor, s["rel_l2"]) for s in c], marker=marker, color=color,
-                    label=label)
-        ax.set_yscale("log")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.set_xlabel("denoising step")
-        ax.set_ylabel("relative L2 of transformer output")
-        _finish(ax, "Per-step error vs reference (same inputs)", len(curves))
-        out.append(("Per-step error", _svg(fig)))
-    return out
-
-
 def _table_html(records: list[dict[str, Any]]) -> str:
-    head = "".join(f"<th>{_esc(h)}</th>".replace("\n", "<br>") for h, _ in columns(records, wide=True))
+    heads = [h for h, _ in columns(records, wide=True)]
+    head = "".join(f"<th>{_esc(h)}</th>".replace("\n", "<br>") for h in heads)
+    step = heads.index("step\nms")
     body = []
     for rec, row in zip(ordered(records), table_rows(records, wide=True), strict=True):
         status = rec["status"]
         cls = "ok" if status == "ok" else ("dim" if status in ("skipped", "unsupported") else "bad")
         cells = [f"<td>{_esc(v)}</td>" for v in row]
         cells[2] = f'<td class="{cls}">{_esc(row[2])}</td>'
+        if is_noisy(rec):
+            cells[step] = (f'<td class="noisy" title="noisy: p90 is {latency_spread(rec):.1f}x the median">'
+                           f"{_esc(row[step])}</td>")
         body.append(f'<tr class="{"dim" if cls == "dim" else ""}">{"".join(cells)}</tr>')
-    return f'<table class="results"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    notes = "".join(f"<p class='note'>{_esc(n)}</p>" for n in footnotes(records))
+    return (f'<div class="scroll"><table class="results"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>{notes}')
+
+
+def _pick_html(records: list[dict[str, Any]]) -> str:
+    from .pick import candidates, full_size_params, pick_rows
+
+    if not candidates(records):
+        return "<p>No format ran successfully with a quality measurement: nothing to choose from.</p>"
+    rows, scaled = pick_rows(records)
+    device = get_path(records[0], "settings.device") or "?"
+    if scaled:
+        params = next((get_path(r, "source.params") for r in records if get_path(r, "source.params")), 0) or 0
+        basis = (f"This is a {params / 1e6:.1f}M-parameter test model, so its memory is mostly Python, text "
+                 f"encoder and VAE. Each budget is scaled by its size relative to the full "
+                 f"{full_size_params() / 1e9:.2f}B-parameter transformer and compared with the transformer's "
+                 "weights alone. Read it as a relative ranking (the order in which formats drop out as memory "
+                 "shrinks), not as a measurement of the full-size model.")
+    else:
+        basis = (f"Each budget is compared with the memory each run needed in total on this machine ({device}; "
+                 "the peak column of the table).")
+    basis += (" Best quality: highest PSNR against the reference (ties: smaller, then faster). Fastest: lowest "
+              "median ms per denoising step among the formats that fit (~ marks a noisy figure).")
+    body = "".join("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return (f"<p class='note'>{_esc(basis)}</p><div class='scroll'><table class='pick'><thead><tr><th>budget</th>"
+            "<th>fits</th><th>best quality</th><th>fastest</th></tr></thead>"
+            f"<tbody>{body}</tbody></table></div>")
+
+
+def _caption(c: dict[str, Any], k: int) -> str:
+    per = get_path(c, "metrics.quality.per_image") or []
+    if k < len(per) and per[k].get("psnr_db") is not None:
+        p = per[k]["psnr_db"]
+        ssim = per[k].get("ssim")
+        return "identical" if p >= PSNR_CAP_DB else f"PSNR {p:.1f} dB" + (f" · SSIM {ssim:.3f}" if ssim else "")
+    return ""
 
 
 def _grid_html(records: list[dict[str, Any]], root: Path) -> str:
@@ -188,24 +197,48 @@ def _grid_html(records: list[dict[str, Any]], root: Path) -> str:
     if ref is None or not ref["images"]:
         return "<p>No reference images (the reference run did not succeed).</p>"
     cols = [ref] + [r for r in _ok_variants(records) if r["images"]]
-    sections = []
+    sections = [f"<p class='note'>Under each image, its difference from the reference: <span class='scale'></span> "
+                f"black = same pixel, brightest = {DIFF_FULL_SCALE} or more of 255 levels in some channel (square-root "
+                "scale: a difference of one level already shows). Click any "
+                "image to compare reference, format and difference enlarged.</p>"]
     for k, im in enumerate(ref["images"]):
+        ref_rgb = _read_rgb(root / im["path"])
         tiles = []
         for c in cols:
             if k >= len(c["images"]):
                 continue
-            uri = _png_data_uri(root / c["images"][k]["path"])
-            per = get_path(c, "metrics.quality.per_image") or []
-            cap = "reference" if c is ref else ""
-            if k < len(per) and per[k].get("psnr_db") is not None:
-                p = per[k]["psnr_db"]
-                cap = "identical" if p >= PSNR_CAP_DB else f"PSNR {p:.1f} dB · SSIM {per[k]['ssim']:.3f}"
-            img = f'<img alt="{_esc(c["label"])}, seed {_esc(im["seed"])}" src="{uri}">' if uri else "(missing)"
-            tiles.append(f'<figure class="tile{" ref" if c is ref else ""}">{img}<figcaption><b>{_esc(c["label"])}'
-                         f'</b><br>{_esc(cap)}</figcaption></figure>')
+            rgb = ref_rgb if c is ref else _read_rgb(root / c["images"][k]["path"])
+            alt = f'{_esc(c["label"])}, seed {_esc(im["seed"])}'
+            shot = f'<img class="shot" alt="{alt}" src="{_uri(rgb.copy())}">' if rgb is not None else "(missing)"
+            if c is ref:
+                diff, cap = '<div class="nodiff">below each format: where it differs from this image</div>', ["reference"]
+            else:
+                dm = difference_map(rgb, ref_rgb)
+                cap = [t for t in [_caption(c, k)] if t]
+                if dm is None:
+                    diff = '<div class="nodiff">no difference map (image missing or of another size)</div>'
+                else:
+                    stats = "no pixel differs" if dm[1] == 0 else f"max {dm[1]}, mean {dm[2]:.1f} of 255"
+                    diff = (f'<img class="diff" alt="difference of {alt} from the reference" '
+                            f'data-stats="{_esc(stats)}" src="{_uri(dm[0])}">')
+                    cap.append(f"Δ {stats}")
+            tiles.append(f'<figure class="tile{" ref" if c is ref else ""}" data-label="{_esc(c["label"])}">{shot}'
+                         f'{diff}<figcaption><b>{_esc(c["label"])}</b><br>{"<br>".join(map(_esc, cap))}'
+                         "</figcaption></figure>")
         sections.append(f'<div class="prompt">“{_esc(im["prompt"])}” · seed {_esc(im["seed"])}</div>'
                         f'<div class="tiles">{"".join(tiles)}</div>')
     return "".join(sections)
+
+
+def _plots_html(records: list[dict[str, Any]]) -> str:
+    from .plots import plots
+
+    out = []
+    for title, svg, front in plots(records):
+        cap = (f"<p>Dotted line: the Pareto frontier, runs that no other run beats on both axes: "
+               f"{_esc(', '.join(front))}.</p>" if len(front) > 1 else "")
+        out.append(f'<div class="plot" data-title="{_esc(title)}">{svg}{cap}</div>')
+    return "".join(out)
 
 
 def render_html(records: list[dict[str, Any]], root: str | os.PathLike) -> str:
@@ -225,23 +258,24 @@ def render_html(records: list[dict[str, Any]], root: str | os.PathLike) -> str:
         f"{len(s.get('prompts', []))} prompts x {len(s.get('seeds', []))} seeds, warmup {_esc(s.get('warmup'))}, "
         f"repeats {_esc(s.get('repeats'))}, device {_esc(s.get('device'))}",
     ]
-    plot_html = "".join(f'<div class="plot" data-title="{_esc(t)}">{svg}</div>' for t, svg in plots(records))
+    plot_html = _plots_html(records)
     fails = [r for r in records if r["status"] != "ok"]
     fail_html = "".join(f"<li><b>{_esc(r['label'])}</b>: {_esc(r['status'])} — {_esc(r.get('message') or '')}</li>"
                         for r in fails)
     lp = next((get_path(r, "metrics.quality.lpips_status") for r in records
                if get_path(r, "metrics.quality.lpips_status")), None)
-    notes = f"<p class='meta'>LPIPS: {_esc(lp)}</p>" if lp and lp != "ok" else ""
+    notes = f"<p class='note'>LPIPS: {_esc(lp)}</p>" if lp and lp != "ok" else ""
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
         f"<title>zopt bench {_esc(first.get('run_id', ''))}</title><style>{CSS}</style></head><body>"
         f"<h1>zopt bench</h1><div class='meta'>{'<br>'.join(meta)}</div>"
+        f"<h2 id='pick'>Which to pick</h2>{_pick_html(records)}"
         f"<h2>Results</h2>{_table_html(records)}{notes}"
         f"<h2>Plots</h2><div class='plots'>{plot_html or '<p>No successful runs to plot.</p>'}</div>"
         f"<h2>Images (same prompt, seed and initial noise)</h2>{_grid_html(records, root)}"
         + (f"<h2>Runs that did not complete</h2><ul class='fail'>{fail_html}</ul>" if fails else "")
-        + f"<script>{SCRIPT}</script></body></html>\n"
+        + f"<div id='zoom' hidden></div><script>{SCRIPT}</script></body></html>\n"
     )
 
 
