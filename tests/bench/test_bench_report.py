@@ -152,11 +152,12 @@ def test_pick_per_memory_budget(tmp_path):
     }
     text = render_html(recs, tmp_path)
     section = text[text.index("<h2 id='pick'>"):text.index("<h2>Results")]
-    assert ("<td>16 GiB</td><td>4 of 5</td><td>gguf:Q8_0@torch-dequant (PSNR 48.0 dB, 1400.0 ms/step)</td>"
-            "<td>fp8@scaled-mm (PSNR 45.0 dB, 600.0 ms/step)</td>") in section
-    assert "<td>24 GiB</td><td>5 of 5</td><td>bf16@torch (identical to the reference, 1000.0 ms/step)</td>" in section
-    assert "<td>12 GiB</td><td>2 of 5</td><td>gguf:Q4_K_M@torch-dequant (PSNR 36.0 dB, 1500.0 ms/step)</td>" \
-           "<td>the same</td>" in section
+    sub = "<br><span class='sub'>"
+    assert (f"<td>16 GiB</td><td>4 of 5</td><td>gguf:Q8_0@torch-dequant{sub}PSNR 48.0 dB, 1400.0 ms/step</span></td>"
+            f"<td>fp8@scaled-mm{sub}PSNR 45.0 dB, 600.0 ms/step</span></td>") in section
+    assert f"<td>24 GiB</td><td>5 of 5</td><td>bf16@torch{sub}identical to the reference, 1000.0 ms/step" in section
+    assert (f"<td>12 GiB</td><td>2 of 5</td><td>gguf:Q4_K_M@torch-dequant{sub}PSNR 36.0 dB, 1500.0 ms/step</span>"
+            "</td><td>the same</td>") in section
     assert "<td>6 GiB</td><td>0 of 5</td><td>nothing measured fits" in section
     assert "relative ranking" not in section
 

@@ -80,16 +80,16 @@ def _describe(rec: dict[str, Any]) -> str:
 
 
 def pick_rows(records: list[dict[str, Any]]) -> tuple[list[list[str]], bool]:
-    """Display rows (budget, fits, best quality, fastest) and whether budgets were scaled."""
+    """Display rows (budget, fits, best quality, fastest; a cell's second line after "\\n") and whether
+    budgets were scaled."""
     found, scaled = picks(records)
     n = len(candidates(records))
     rows = []
     for p in found:
-        budget = f"{p.budget_gib:g} GiB" + (f" (weights ≤ {p.limit_bytes / 2**20:.1f} MiB here)" if scaled else "")
+        budget = f"{p.budget_gib:g} GiB" + (f"\nweights ≤ {p.limit_bytes / 2**20:.1f} MiB here" if scaled else "")
         if p.best is None:
             rows.append([budget, f"0 of {n}", "nothing measured fits: try offloading (zopt plan --vram)", ""])
             continue
-        fast = ("the same" if p.fastest is p.best
-                else f"{p.fastest['label']} ({_describe(p.fastest)})")
-        rows.append([budget, f"{len(p.fits)} of {n}", f"{p.best['label']} ({_describe(p.best)})", fast])
+        fast = "the same" if p.fastest is p.best else f"{p.fastest['label']}\n{_describe(p.fastest)}"
+        rows.append([budget, f"{len(p.fits)} of {n}", f"{p.best['label']}\n{_describe(p.best)}", fast])
     return rows, scaled

@@ -130,7 +130,11 @@ def _log_if_wide(ax, xs: list[float], axis: str = "x") -> None:
     """A log axis when values span more than a decade: one slow run must not squash all others together."""
     xs = [x for x in xs if x and x > 0]
     if xs and max(xs) / min(xs) > 10:
+        import matplotlib.ticker
+
         (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+        which = ax.xaxis if axis == "x" else ax.yaxis
+        which.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))  # 100, not 10^2
 
 
 def _lossless_axis(ax, finite: list[float], row: float | None) -> None:

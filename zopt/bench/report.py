@@ -37,7 +37,7 @@ table.results th,table.results td{text-align:right;white-space:nowrap}
 table.results th,table.pick th{background:#f3f5fa;vertical-align:bottom}
 table.results td:nth-child(-n+3),table.results th:nth-child(-n+3){text-align:left}
 table.pick td,table.pick th{text-align:left;vertical-align:top} table.pick td:first-child{white-space:nowrap;font-weight:600}
-table.pick td:nth-child(2){white-space:nowrap}
+table.pick td:nth-child(2){white-space:nowrap} table.pick .sub{color:#556;font-weight:400;font-size:12.5px}
 .ok{color:#18794e;font-weight:600} .bad{color:#c0392b;font-weight:600} .dim{color:#99a}
 td.noisy{color:#b35c00;font-weight:600}
 .plots{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,560px),1fr));gap:20px}
@@ -53,10 +53,10 @@ figure.tile.ref img.shot{border:2px solid #2b59c3} figure.tile b{color:#1d2330;w
 .scale{display:inline-block;width:160px;height:11px;vertical-align:middle;border:1px solid #ccd;
 background:linear-gradient(90deg,#000004,#3b0f70,#8c2981,#de4968,#fe9f6d,#fcfdbf)}
 ul.fail li{font-size:13.5px;margin:2px 0}
-#zoom{position:fixed;inset:0;background:rgba(12,14,22,.9);display:flex;flex-wrap:wrap;gap:14px;align-items:center;
+#zoom{position:fixed;inset:0;background:rgba(12,14,22,.97);display:flex;flex-wrap:wrap;gap:14px;align-items:center;
 justify-content:center;z-index:10;cursor:zoom-out;padding:16px;overflow:auto}
 #zoom[hidden]{display:none}
-#zoom figure{margin:0;color:#eef;text-align:center;font-size:14px}
+#zoom figure{margin:0;color:#eef;text-align:center;font-size:14px} #zoom p{flex-basis:100%;text-align:center;color:#aab;margin:0}
 #zoom img{width:min(31vw,84vh,1024px);height:auto;image-rendering:pixelated;background:#000}
 """
 
@@ -89,7 +89,8 @@ document.addEventListener('click', function (e) {
     var d = fig.querySelector('img.diff');
     if (d) { pane(d.src, 'difference (' + d.getAttribute('data-stats') + ')'); }
   }
-  zoom.hidden = false;
+  var hint = document.createElement('p'); hint.textContent = 'click anywhere or press Esc to close';
+  zoom.appendChild(hint); zoom.hidden = false;
 });
 document.addEventListener('keydown', function (e) { if (e.key === 'Escape') { closeZoom(); } });
 """
@@ -177,7 +178,9 @@ def _pick_html(records: list[dict[str, Any]]) -> str:
                  "the peak column of the table).")
     basis += (" Best quality: highest PSNR against the reference (ties: smaller, then faster). Fastest: lowest "
               "median ms per denoising step among the formats that fit (~ marks a noisy figure).")
-    body = "".join("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join("<td>" + "<br><span class='sub'>".join(map(_esc, c.split("\n", 1)))
+                                    + ("</span>" if "\n" in c else "") + "</td>" for c in row) + "</tr>"
+                   for row in rows)
     return (f"<p class='note'>{_esc(basis)}</p><div class='scroll'><table class='pick'><thead><tr><th>budget</th>"
             "<th>fits</th><th>best quality</th><th>fastest</th></tr></thead>"
             f"<tbody>{body}</tbody></table></div>")
@@ -188,7 +191,7 @@ def _caption(c: dict[str, Any], k: int) -> str:
     if k < len(per) and per[k].get("psnr_db") is not None:
         p = per[k]["psnr_db"]
         ssim = per[k].get("ssim")
-        return "identical" if p >= PSNR_CAP_DB else f"PSNR {p:.1f} dB" + (f" · SSIM {ssim:.3f}" if ssim else "")
+        return "identical" if p >= PSNR_CAP_DB else f"PSNR {p:.1f} dB" + (f" · SSIM {ssim:.4f}" if ssim else "")
     return ""
 
 
