@@ -51,7 +51,7 @@ def svg(fig) -> str:
 
 def short_labels(records: list[dict[str, Any]]) -> dict[str, str]:
     """Plot labels: the format spec alone when only one backend ran it, else SPEC@BACKEND."""
-    specs = [r["format"]["spec"] for r in records if r["role"] == "variant"]
+    specs = [r["format"]["spec"] for r in records if r["role"] == "variant" and r["status"] == "ok"]
     return {r["label"]: (r["format"]["spec"] if r["role"] == "variant" and specs.count(r["format"]["spec"]) == 1
                          else r["label"]) for r in records}
 
@@ -126,6 +126,32 @@ def place_labels(ax, points: list[tuple[float, float, str, str]], offsets=OFFSET
         taken.append((best[2].x0 - 1, best[2].y0 - 1, best[2].x1 + 1, best[2].y1 + 1))
 
 
+def label_line_ends(ax, ends: list[tuple[float, float, str, str]], gap_pt: float = 8.0) -> None:
+    """Write each (x, y, text, colour) right of its line's last point, moved up or down just enough that
+    no two labels overlap, with a thin leader where a label had to move."""
+    fig = ax.figure
+    fig.canvas.draw()
+    px_per_pt = fig.dpi / 72.0
+    height = LABEL_PT * 1.25 * px_per_pt
+    pts = sorted((ax.transData.transform((x, y))[1], k) for k, (x, y, _, _) in enumerate(ends))
+    want = [p[0] for p in pts]
+    pos = list(want)
+    for i in range(1, len(pos)):  # push up what overlaps the label below it
+        pos[i] = max(pos[i], pos[i - 1] + height)
+    box = ax.get_window_extent()
+    top = box.y1 - height / 2
+    if pos and pos[-1] > top:  # then down from the top edge, keeping the order
+        pos[-1] = top
+        for i in range(len(pos) - 2, -1, -1):
+            pos[i] = min(pos[i], pos[i + 1] - height)
+    for (y_disp, k), y_lab in zip(pts, pos, strict=True):
+        x, y, text, colour = ends[k]
+        dy = (y_lab - y_disp) / px_per_pt
+        ax.annotate(text, (x, y), xytext=(gap_pt + (6 if abs(dy) > 2 else 0), dy), textcoords="offset points",
+                    ha="left", va="center", fontsize=LABEL_PT, color=colour,
+                    arrowprops={"arrowstyle": "-", "color": colour, "lw": 0.6, "alpha": 0.6} if abs(dy) > 2 else None)
+
+
 def _log_if_wide(ax, xs: list[float], axis: str = "x") -> None:
     """A log axis when values span more than a decade: one slow run must not squash all others together."""
     xs = [x for x in xs if x and x > 0]
@@ -160,7 +186,7 @@ def _quality_points(ok: list[dict[str, Any]], xpath) -> tuple[list, list[float],
     return [(r, x, row if y >= PSNR_CAP_DB else y) for r, x, y in pts], finite, row
 
 
-def _quality_plot(records, ok, style, names, title, xlabel, xpath, xerr=None) -> tuple[str, str, list[str]] | None:
+def _quality_plot(ok, style, names, title, xlabel, xpath, xerr=None) -> tuple[str, str, list[str]] | None:
     import matplotlib.pyplot as plt
 
     pts, finite, row = _quality_points(ok, xpath)
@@ -251,8 +277,9 @@ def _per_step_plot(ok, style, names) -> tuple[str, str, list[str]] | None:
     title = "Per-step error vs reference (same inputs)"
     ax.set_title(title)
     ax.grid(True, alpha=0.3, which="both")
-    place_labels(ax, ends, offsets=[(8, 0), (8, 7), (8, -7), (8, 14), (8, -14), (20, 10), (20, -10), (20, 20),
-                                    (20, -20), (30, 0), (30, 28), (30, -28)])
+    if not any(s["rel_l2"] == 0 for _, c in curves for s in c):
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    label_line_ends(ax, ends)
     return title, svg(fig), []
 
 
@@ -272,9 +299,9 @@ def plots(records: list[dict[str, Any]]) -> list[tuple[str, str, list[str]]]:
         return [[0], [max(0.0, (p90 or med) - med)]]
 
     out = [
-        _quality_plot(records, ok, style, names, "Quality vs size", f"file size, {size_name} (smaller is better)",
+        _quality_plot(ok, style, names, "Quality vs size", f"file size, {size_name} (smaller is better)",
                       size),
-        _quality_plot(records, ok, style, names, "Quality vs latency",
+        _quality_plot(ok, style, names, "Quality vs latency",
                       "ms per denoising step, median; bar to p90 (lower is better)",
                       lambda r: get_path(r, "metrics.latency.step_ms.median"), xerr=latency_err),
         _latency_memory_plot(records, style, names),

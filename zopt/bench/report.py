@@ -197,8 +197,10 @@ def _caption(c: dict[str, Any], k: int) -> str:
 
 def _grid_html(records: list[dict[str, Any]], root: Path) -> str:
     ref = next((r for r in records if r["role"] == "reference" and r["status"] == "ok"), None)
-    if ref is None or not ref["images"]:
-        return "<p>No reference images (the reference run did not succeed).</p>"
+    if ref is None:
+        return "<p>No images: the reference run did not succeed.</p>"
+    if not ref["images"]:
+        return "<p>No images: the reference run saved none.</p>"
     cols = [ref] + [r for r in _ok_variants(records) if r["images"]]
     sections = [f"<p class='note'>Under each image, its difference from the reference: <span class='scale'></span> "
                 f"black = same pixel, brightest = {DIFF_FULL_SCALE} or more of 255 levels in some channel (square-root "
