@@ -97,3 +97,21 @@ def test_small_model_caveat_and_total_memory():
     assert any("Test-sized model (9.0M-parameter)" in n and "bits/w" in n for n in notes)
     _, table = render([rec])
     assert "MiB" in "\n".join(table[:6])
+
+
+def test_cli_table_on_a_pipe(tmp_path, capsys):
+    """`zopt bench --results` on a pipe: the compact table in 100 columns, `--wide` adds the other columns."""
+    import json
+
+    from zopt.bench.schema import results_document
+    from zopt.cli import main
+
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(results_document(full_size_records())))
+    assert main(["bench", "--results", str(results), "--no-report"]) == 0
+    compact = capsys.readouterr().out
+    assert max(map(len, compact.splitlines())) <= 100 and "…" not in compact
+    assert "gguf:Q4_K_M@torch-dequant" in compact and "p90" not in compact.split("Sizes and memory")[0]
+    assert main(["bench", "--results", str(results), "--no-report", "--wide"]) == 0
+    wide = capsys.readouterr().out
+    assert "p90" in wide and "missing_dependency" in wide and "…" not in wide
