@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import textwrap
 import time
 from typing import Any
 
@@ -251,12 +252,13 @@ def print_table(records: list[dict[str, Any]], console=None, wide: bool = False)
         row[status_col] = f"[{style}]{text}[/{style}]"
         t.add_row(*row, style="dim" if style == "dim" else None)
     console.print(t)
-    for note in footnotes(records):
-        console.print(f"  {note}", highlight=False, markup=False)
-    for r in records:
-        if r["status"] != "ok" and r.get("message"):
-            console.print(f"  {r['label']}: {r['status']} — {r['message']}", highlight=False, markup=False)
+    lines = footnotes(records)
+    lines += [f"{r['label']}: {r['status']} — {r['message']}" for r in records if r["status"] != "ok" and r.get("message")]
     lp = next((get_path(r, "metrics.quality.lpips_status") for r in records
                if get_path(r, "metrics.quality.lpips_status")), None)
     if lp and lp != "ok":
-        console.print(f"  LPIPS {lp}", highlight=False, markup=False)
+        lines.append(f"LPIPS {lp}")
+    for line in lines:  # indented, and wrapped lines keep the indent
+        console.print(textwrap.fill(line, width=max(40, console.width - 1), initial_indent="  ",
+                                    subsequent_indent="  ", break_on_hyphens=False, break_long_words=False),
+                      soft_wrap=True, markup=False, highlight=False)
