@@ -53,11 +53,11 @@ figure.tile.ref img.shot{border:2px solid #2b59c3} figure.tile b{color:#1d2330;w
 .scale{display:inline-block;width:160px;height:11px;vertical-align:middle;border:1px solid #ccd;
 background:linear-gradient(90deg,#000004,#3b0f70,#8c2981,#de4968,#fe9f6d,#fcfdbf)}
 ul.fail li{font-size:13.5px;margin:2px 0}
-#zoom{position:fixed;inset:0;background:rgba(12,14,22,.97);display:flex;flex-wrap:wrap;gap:14px;align-items:center;
+#zoom{position:fixed;inset:0;background:#0c0e16;display:flex;flex-wrap:wrap;gap:14px;align-items:center;align-content:center;
 justify-content:center;z-index:10;cursor:zoom-out;padding:16px;overflow:auto}
 #zoom[hidden]{display:none}
 #zoom figure{margin:0;color:#eef;text-align:center;font-size:14px} #zoom p{flex-basis:100%;text-align:center;color:#aab;margin:0}
-#zoom img{width:min(31vw,84vh,1024px);height:auto;image-rendering:pixelated;background:#000}
+#zoom img{width:min(calc((100vw - 90px) / 3),84vh,1024px);height:auto;image-rendering:pixelated;background:#000}
 """
 
 SCRIPT = """
