@@ -43,7 +43,7 @@ td.noisy{color:#b35c00;font-weight:600}
 .plots{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,560px),1fr));gap:20px}
 .plot svg{width:100%;height:auto} .plot p{font-size:13px;color:#445;margin:2px 0 0}
 .prompt{font-size:15px;margin:18px 0 8px;color:#334}
-.tiles{display:grid;grid-template-columns:repeat(auto-fill,minmax(172px,1fr));gap:12px}
+.tiles{display:grid;grid-template-columns:repeat(auto-fill,minmax(210px,1fr));gap:12px}
 figure.tile{margin:0;font-size:12.5px;color:#445;text-align:center}
 figure.tile img{display:block;width:100%;height:auto;border:1px solid #ccd;cursor:zoom-in}
 figure.tile img.diff{margin-top:4px;background:#000}
