@@ -19,7 +19,7 @@ from typing import Any
 
 from ._io import atomic_path, sha256_file
 from .card import CARD_METRICS, _get  # noqa: F401  (the card's columns, also read by callers of publish)
-from .errors import ChecksumMismatch, CorruptFile, SourceNotFound, ZoptError
+from .errors import ChecksumMismatch, CorruptFile, SourceNotFound, UnknownArchitecture, ZoptError
 
 PUBLISH_MANIFEST = "zopt-publish.json"
 MANIFEST_VERSION = 1
@@ -46,11 +46,11 @@ class Variant:
 
 
 def _params(config: dict[str, Any]) -> int | None:
-    from .families import zimage
+    from .families import for_config
 
     try:
-        return sum(_prod(s) for s in zimage.expected_shapes(config).values())
-    except (KeyError, TypeError, ValueError):
+        return sum(_prod(s) for s in for_config(config).expected_shapes(config).values())
+    except (KeyError, TypeError, ValueError, UnknownArchitecture):
         return None
 
 
@@ -94,9 +94,9 @@ def describe_variant(path: str | os.PathLike) -> Variant:
         except json.JSONDecodeError:
             raise CorruptFile("zopt.config metadata is not valid JSON", p) from None
         if not config:
-            from .families import zimage
+            from .families import detect
 
-            config = zimage.infer_config(src)
+            config = detect(src).infer_config(src)
         params = _params(config) if config else src.num_params()
         size = p.stat().st_size
         bpw = float(md["zopt.bits_per_weight"]) if "zopt.bits_per_weight" in md else (8 * size / params if params else None)
