@@ -91,7 +91,11 @@ def imports_of(mod: str) -> list[tuple[str, int]]:
     package = mod if _is_package(mod) else mod.rpartition(".")[0]
     out = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module" \
+                and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+            if (t := _known(node.args[0].value)) is not None:  # importlib.import_module("zopt.x.y")
+                out.append((t, node.lineno))
+        elif isinstance(node, ast.Import):
             for a in node.names:
                 if (t := _known(a.name)) is not None:
                     out.append((t, node.lineno))
@@ -255,10 +259,11 @@ def test_only_families_name_zimage_classes():
     ("from ..formats import FORMATS\n", "zopt.formats"),
     ("def f():\n    from ..formats.gguf import loader\n", "zopt.formats.gguf.loader"),
     ("import zopt.runtime.pipeline as P\n", "zopt.runtime.pipeline"),
+    ("import importlib\nimportlib.import_module('zopt.bench.worker')\n", "zopt.bench.worker"),
 ])
 def test_the_walker_sees_lazy_and_relative_imports(tmp_path, monkeypatch, src, expected):
-    """The checks above are only as good as the walker: a function-level relative import of a
-    higher layer must show up as an edge."""
+    """The checks above are only as good as the walker: a function-level relative import, an
+    absolute import and an ``importlib`` call by literal name must each show up as an edge."""
     monkeypatch.setitem(MODULES, "zopt.platform.hardware", tmp_path / "hardware.py")
     (tmp_path / "hardware.py").write_text(src)
     assert [t for t, _ in imports_of("zopt.platform.hardware")] == [expected]

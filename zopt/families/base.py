@@ -10,7 +10,8 @@ A family answers, for its checkpoints:
 * **classes**: the diffusers model and pipeline classes, and an empty model for a config;
 * **ONNX graph hooks**: the tensor-in / tensor-out module traced for export, its constant tables
   and example inputs;
-* **built-in models**: sources zopt builds itself (``tiny``) and a streamed synthetic checkpoint.
+* **built-in models**: sources zopt builds itself (``tiny``), seeded random models of any config
+  and a streamed synthetic checkpoint.
 
 Formats, the runtime and the bench reach a family through :mod:`zopt.families` (by name, by a
 config's class name, or detected from tensor names), never by importing its classes.
@@ -61,15 +62,6 @@ class Family(ABC):
     @abstractmethod
     def detect(self, source: list[str] | TensorSource, metadata: dict[str, str] | None = None) -> Detection:
         """Recognize this family from tensor names; raise UnknownArchitecture otherwise."""
-
-    def matches(self, source: list[str] | TensorSource) -> bool:
-        from ..errors import UnknownArchitecture
-
-        try:
-            self.detect(source)
-        except UnknownArchitecture:
-            return False
-        return True
 
     @abstractmethod
     def to_diffusers_name(self, name: str) -> str:
@@ -166,6 +158,10 @@ class Family(ABC):
     def builtin_sources(self) -> dict[str, Callable[[], Path]]:
         """Source names zopt builds itself (e.g. ``tiny``) -> a function returning the built folder."""
         return {}
+
+    @abstractmethod
+    def random_model(self, config: dict[str, Any], seed: int):
+        """The real model class at ``config``, every parameter drawn from ``seed`` (for tests and benchmarks)."""
 
     @abstractmethod
     def write_synthetic(self, out: str | os.PathLike, size: str = "full", seed: int = 0, prefix: str = "",

@@ -22,10 +22,6 @@ from typing import Any
 from ..errors import ZoptError
 from ..quiet import quiet_libraries
 
-__all__ = ["GenerateRequest", "RuntimeChoice", "GeneratedImage", "prepare", "build_pipeline", "run", "make_jobs",
-           "quiet_libraries", "resolve_base", "load_transformer", "runtime_hardware", "default_dtype",
-           "initial_latents", "request_dict"]
-
 
 @dataclass
 class GenerateRequest:

@@ -77,6 +77,11 @@ class ZImageFamily(Family):
     def builtin_sources(self) -> dict[str, Callable[[], Path]]:
         return {"tiny": _tiny_pipeline}
 
+    def random_model(self, config: dict[str, Any], seed: int):
+        from .tiny import build_tiny_transformer
+
+        return build_tiny_transformer(seed, config)
+
     def write_synthetic(self, out: str | os.PathLike, size: str = "full", seed: int = 0, prefix: str = "",
                         progress: bool = True) -> Path:
         from .synthetic import write_synthetic
