@@ -1,8 +1,8 @@
 """The import graph of ``zopt`` only looks down.
 
 Every module's imports are read with ``ast`` (module level, function level and ``TYPE_CHECKING``
-blocks alike: a lazy import is still a dependency) and checked against one declared order, lowest
-first. A module may import modules of its own layer or of a lower one; an import of a higher layer
+blocks alike, plus ``importlib.import_module`` of a literal name: a lazy import is still a
+dependency) and checked against one declared order, lowest first. A module may import modules of its own layer or of a lower one; an import of a higher layer
 is an *upward edge* and fails the test, as does any import cycle whose modules belong to different
 packages (each top-level module of ``zopt`` counts as its own package).
 
@@ -14,8 +14,8 @@ The order follows the data flow of the design (source -> family -> platform -> p
   ``zopt.models`` is kept there as the old address of the tiny/synthetic builders.
 * ``platform`` (hardware, backend registry) sits below ``policy`` and ``formats``: formats declare
   their kernels to it, never the other way round.
-* ``lora`` joins ``formats``: merging into a state dict and run-time branches both act on a loaded
-  format's modules.
+* ``lora`` joins ``policy``: reading LoRA files and merging them is per-tensor data that converters
+  consume, and the run-time branches are attached by the formats above it.
 * ``publish`` and ``card`` share a layer (the card renders what publishing assembled).
 * The facade ``zopt/__init__.py`` is the top: nothing inside the package imports it; the version
   lives in the leaf ``zopt._version``.
@@ -39,8 +39,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("checkpoint", ("zopt.checkpoint",)),
     ("families", ("zopt.families", "zopt.models")),
     ("platform", ("zopt.platform",)),
-    ("policy", ("zopt.policy",)),
-    ("formats", ("zopt.formats", "zopt.lora")),
+    ("policy", ("zopt.policy", "zopt.lora")),
+    ("formats", ("zopt.formats",)),
     ("runtime", ("zopt.runtime",)),
     ("bench", ("zopt.bench",)),
     ("publish", ("zopt.publish", "zopt.card")),
