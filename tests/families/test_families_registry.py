@@ -63,6 +63,17 @@ def test_empty_model_is_the_family_class_on_meta():
     assert all(p.device.type == "meta" for p in model.parameters())
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == fam.expected_shapes(zimage.TINY_CONFIG)
     assert fam.pipeline_class().__name__ == fam.pipeline_class_name
+    assert families.for_model(model) is fam  # by class: a diffusers config has no _class_name until saved
+
+
+def test_stand_in_modules_are_known_by_their_config():
+    class StandIn(torch.nn.Module):  # e.g. the ONNX runtime module, configured from its artifact
+        config = {"_class_name": "ZImageTransformer2DModel", "dim": 384}
+
+    assert families.for_model(StandIn()) is zimage.ZIMAGE
+    StandIn.config = {"_class_name": "FluxTransformer2DModel"}
+    with pytest.raises(UnknownArchitecture, match="FluxTransformer2DModel"):
+        families.for_model(StandIn())
 
 
 def test_tiny_is_resolved_by_the_entry_points_not_the_read_path(tmp_path, monkeypatch, tiny_dir):

@@ -15,7 +15,7 @@ from ..errors import UnknownArchitecture
 from .base import Detection, Family, SensitiveRule
 
 __all__ = ["FAMILIES", "DEFAULT", "Detection", "Family", "SensitiveRule", "names", "get", "detect",
-           "for_config", "resolve_source"]
+           "for_config", "for_model", "resolve_source"]
 
 # name -> "module:attribute" of its Family object
 FAMILIES: dict[str, str] = {
@@ -64,6 +64,20 @@ def for_config(config: dict[str, Any]) -> Family:
         if fam.model_class_name == cls:
             return fam
     raise UnknownArchitecture(f"no model family has the class {cls!r}")
+
+
+def for_model(model: Any) -> Family:
+    """The family of a loaded transformer: by its class (or a base class), else by its config.
+
+    (A diffusers model's ``config`` carries no ``_class_name`` until saved; stand-ins such as the
+    ONNX runtime module carry their artifact's config, which does.)
+    """
+    classes = {c.__name__ for c in type(model).__mro__}
+    for name in FAMILIES:
+        fam = get(name)
+        if fam.model_class_name in classes:
+            return fam
+    return for_config(dict(getattr(model, "config", None) or {}))
 
 
 def resolve_source(source: Any) -> Any:

@@ -209,7 +209,7 @@ def prepare(model: str | os.PathLike = "tiny", *, device: str = "auto", offload:
     import torch
 
     from ..families import detect as detect_family
-    from ..families import for_config, resolve_source
+    from ..families import for_config, for_model, resolve_source
     from ..platform import backends as B
     from . import attention as A
     from . import offload as O
@@ -257,7 +257,7 @@ def prepare(model: str | os.PathLike = "tiny", *, device: str = "auto", offload:
     transformer = load_transformer(model, dev if off.mode == "none" else "cpu", dtype=dtype, backend=sel.name)
     if parts is None:
         base_dir = resolve_base(model, dict(transformer.config), base)
-        family = for_config(dict(transformer.config))
+        family = for_model(transformer)
         parts = family.pipeline_class().from_pretrained(base_dir, transformer=None).components
         for name in ("vae", "text_encoder"):
             parts[name].to(dtype=dtype)
@@ -283,7 +283,7 @@ def build_pipeline(model: str | os.PathLike = "tiny", *, device: str = "cpu", dt
     """
     import torch
 
-    from ..families import for_config
+    from ..families import for_model
 
     if transformer is None:
         pipe, _ = prepare(model, device=device, offload=offload, attention=attention, backend=backend,
@@ -292,7 +292,7 @@ def build_pipeline(model: str | os.PathLike = "tiny", *, device: str = "cpu", dt
     dtype = dtype or default_dtype(device)
     base_dir = resolve_base(model, dict(transformer.config), base)
     quiet_libraries()
-    pipe = for_config(dict(transformer.config)).pipeline_class().from_pretrained(base_dir, transformer=transformer)
+    pipe = for_model(transformer).pipeline_class().from_pretrained(base_dir, transformer=transformer)
     for name in ("vae", "text_encoder"):
         getattr(pipe, name).to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
