@@ -1,6 +1,6 @@
 """GGUF conversion of the full-size (6.15B, 12.3 GB bf16) synthetic checkpoint: zopt vs stable-diffusion.cpp.
 
-Writes the synthetic checkpoint with ``zopt.models.write_synthetic`` if absent, then converts it to
+Writes the synthetic checkpoint (``zopt.families.zimage.synthetic.write_synthetic``) if absent, then converts it to
 Q8_0 and Q4_K_M with zopt and to q8_0 and q4_K with stable-diffusion.cpp's converter
 (``stable-diffusion-cpp-python``'s ``convert``; skipped with a message if not installed). Every run
 is its own subprocess; it reports wall time, source throughput and its peak RSS (ru_maxrss).
@@ -69,7 +69,7 @@ def main() -> None:
     data.mkdir(parents=True, exist_ok=True)
     src = data / "zimage-full-synth.safetensors"
     if not src.exists():
-        from zopt.models import write_synthetic
+        from zopt.families.zimage.synthetic import write_synthetic
 
         print(f"writing the full-size synthetic checkpoint to {src} ...", flush=True)
         write_synthetic(src, "full")

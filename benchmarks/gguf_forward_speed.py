@@ -74,7 +74,7 @@ def weight_bytes(model) -> int:
 
 def prepare(work: Path, types) -> Path:
     from zopt import formats
-    from zopt.models import build_tiny_transformer
+    from zopt.families.zimage.tiny import build_tiny_transformer
 
     folder = work / "medium-48m"
     if not (folder / "config.json").exists():

@@ -49,10 +49,10 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from diffusers import GGUFQuantizationConfig, ZImageTransformer2DModel
 
+    from zopt.families.zimage.tiny import tiny_pipeline_dir
     from zopt.formats import convert, gguf_recipes
     from zopt.formats.gguf.loader import load
     from zopt.formats.plain import load_source
-    from zopt.models import tiny_pipeline_dir
 
     src = tiny_pipeline_dir() / "transformer"
     ref = forward(load_source(src, dtype=torch.float32))

@@ -32,7 +32,7 @@ def folder_bytes(p: Path) -> int:
 
 def make_source(size: str, tmp: Path) -> Path:
     from zopt.families import zimage
-    from zopt.models import build_tiny_transformer, tiny_pipeline_dir
+    from zopt.families.zimage.tiny import build_tiny_transformer, tiny_pipeline_dir
 
     if size == "tiny":
         return tiny_pipeline_dir() / "transformer"

@@ -3,7 +3,7 @@
     python benchmarks/onnx_export_full.py                       # full size, bf16 weights
     python benchmarks/onnx_export_full.py --size medium --precision fp32 --check
 
-The source is a seeded synthetic checkpoint (``zopt.models.write_synthetic``, bf16, original
+The source is a seeded synthetic checkpoint (``zopt.families.zimage.synthetic.write_synthetic``, bf16, original
 layout) in /work/bench-data, written on first use. The export streams: peak memory is the trace of
 a weight-free skeleton plus one tensor, whatever the model size. ``--check`` (medium/tiny only)
 runs onnxruntime once and compares with the eager model in fp32.
@@ -58,8 +58,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from zopt import checkpoint
+    from zopt.families.zimage.synthetic import write_synthetic
     from zopt.formats.onnx.export import export
-    from zopt.models import write_synthetic
 
     data = Path(args.data)
     data.mkdir(parents=True, exist_ok=True)

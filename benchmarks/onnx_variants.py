@@ -35,10 +35,11 @@ def main() -> None:
     import torch
 
     from zopt import checkpoint, formats
+    from zopt.families.zimage.synthetic import write_synthetic
+    from zopt.families.zimage.tiny import tiny_pipeline_dir
     from zopt.formats.onnx import file_bytes
     from zopt.formats.onnx.graph import graph_inputs
     from zopt.formats.onnx.tensorrt import calibration_feeds, qdq_model
-    from zopt.models import tiny_pipeline_dir, write_synthetic
 
     if args.size == "tiny":
         src_path = tiny_pipeline_dir() / "transformer"

@@ -29,7 +29,7 @@ import ctypes, gc, json, sys, torch
 torch.set_grad_enabled(False)
 torch.set_num_threads(2)
 from zopt.families import zimage
-from zopt.models import build_tiny_transformer
+from zopt.families.zimage.tiny import build_tiny_transformer
 
 def trim():
     gc.collect()

@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
     """The embedded tiny pipeline folder (model_index.json, transformer/, vae/, ...)."""
-    from zopt.models import tiny_pipeline_dir
+    from zopt.families.zimage.tiny import tiny_pipeline_dir
 
     return tiny_pipeline_dir()
 

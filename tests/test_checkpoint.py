@@ -156,7 +156,7 @@ def test_hub_offline_fails_fast(monkeypatch, tmp_path):
 
 def test_sparse_full_size_header_counts_params(tmp_path):
     """A full-size header over a sparse file: only headers are read, parameters are exact."""
-    from zopt.models import synthetic_header, synthetic_layout
+    from zopt.families.zimage.synthetic import synthetic_header, synthetic_layout
 
     header, data_bytes = synthetic_header(synthetic_layout(zimage.FULL_CONFIG))
     path = tmp_path / "full.safetensors"

@@ -10,18 +10,19 @@ Public verbs (heavy packages are imported only when a verb is called)::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 __all__ = ["__version__", "open", "convert", "load", "detect", "ZoptError"]
 
+from ._version import __version__
 from .errors import ZoptError
 
 
 def open(source, *, allow_pickle: bool = False):  # noqa: A001
-    """Open a checkpoint lazily (see :func:`zopt.checkpoint.open`)."""
+    """Open a checkpoint lazily (see :func:`zopt.checkpoint.open`); ``"tiny"`` is the embedded model."""
     from .checkpoint import open as _open
+    from .families import resolve_source
 
-    return _open(source, allow_pickle=allow_pickle)
+    # built-in names become folders here, so the read path only ever sees files
+    return _open(resolve_source(source), allow_pickle=allow_pickle)
 
 
 def convert(source, to: str, out, *, options: dict | None = None, progress: bool = True, allow_pickle: bool = False):

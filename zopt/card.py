@@ -5,6 +5,27 @@ from __future__ import annotations
 from typing import Any
 
 
+def _get(d: Any, path: str) -> Any:
+    from .bench.schema import get_path
+
+    return get_path(d, path)
+
+
+# Card table columns: header, record path, formatter. The test compares the card to records
+# through these same formatters, so what the card says is what was measured.
+def _fmt(v: Any, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+CARD_METRICS: tuple[tuple[str, str, Any], ...] = (
+    ("PSNR vs ref (dB)", "metrics.quality.psnr_db", lambda v: _fmt(v, ".2f")),
+    ("SSIM", "metrics.quality.ssim", lambda v: _fmt(v, ".4f")),
+    ("rel. L2 / step", "metrics.quality.rel_l2_mean", lambda v: _fmt(v, ".4f")),
+    ("latency / step (ms)", "metrics.latency.step_ms.median", lambda v: _fmt(v, ".1f")),
+    ("peak memory (MiB)", "metrics.memory.peak_bytes", lambda v: "n/a" if v is None else f"{v / 2**20:.0f}"),
+)
+
+
 def _size(n: int) -> str:
     """Binary units, as in the bench table and report."""
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
@@ -36,8 +57,6 @@ def front_matter(variants, repo_id: str | None, license: str | None, base_model:
 
 def variant_rows(variants, matched: dict[str, dict[str, Any]]) -> list[list[str]]:
     """One table row per variant: identity columns, then CARD_METRICS from its benchmark record."""
-    from .publish import CARD_METRICS
-
     rows = []
     for v in variants:
         rec = matched.get(v.name)
@@ -108,8 +127,6 @@ or `zopt generate --model {v.name} --base PATH_TO_Z_IMAGE_PIPELINE --prompt "a l
 
 
 def render_card(variants, matched, reference, *, repo_id, license, base_model, zopt_version) -> str:
-    from .publish import CARD_METRICS
-
     repo = repo_id or "USER/REPO"
     head = ["file", "format", "size", "bits/weight"] + [h for h, _, _ in CARD_METRICS] + ["measured on"]
     lines = [front_matter(variants, repo_id, license, base_model)]

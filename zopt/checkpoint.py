@@ -445,16 +445,13 @@ def open(source: str | os.PathLike, *, allow_pickle: bool = False) -> TensorSour
 
     ``source`` is a diffusers folder (the pipeline folder, its ``transformer/`` or a model folder,
     single or sharded), a single ``.safetensors`` file (original/ComfyUI or diffusers layout), a
-    ``.gguf`` file, ``tiny`` (the embedded default), or a Hub id ``owner/name[@revision]``.
+    ``.gguf`` file, or a Hub id ``owner/name[@revision]``. Built-in model names are resolved to
+    folders before this is called (:func:`zopt.families.resolve_source`).
     Pickle files are refused unless ``allow_pickle`` (then loaded with ``weights_only=True``).
     """
     spec = os.fspath(source)
     path = Path(spec).expanduser()
     if not path.exists():
-        if spec == "tiny":
-            from .models import tiny_pipeline_dir
-
-            return open(tiny_pipeline_dir() / "transformer")
         if _HUB_ID.match(spec) and not spec.startswith((".", "/")):
             return open(_resolve_hub(spec), allow_pickle=allow_pickle)
         raise SourceNotFound("no such file or folder", path)

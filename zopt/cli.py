@@ -25,7 +25,7 @@ COMMANDS: dict[str, str] = {
 
 
 def _top_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     p = argparse.ArgumentParser(
         prog="zopt",

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ._io import atomic_path, sha256_file
-from .errors import ChecksumMismatch, CorruptFile, SourceNotFound, ZoptError
+from .card import CARD_METRICS, _get  # noqa: F401  (the card's columns, also read by callers of publish)
+from .errors import ChecksumMismatch, CorruptFile, SourceNotFound, UnknownArchitecture, ZoptError
 
 PUBLISH_MANIFEST = "zopt-publish.json"
 MANIFEST_VERSION = 1
@@ -45,11 +46,11 @@ class Variant:
 
 
 def _params(config: dict[str, Any]) -> int | None:
-    from .families import zimage
+    from .families import for_config
 
     try:
-        return sum(_prod(s) for s in zimage.expected_shapes(config).values())
-    except (KeyError, TypeError, ValueError):
+        return sum(_prod(s) for s in for_config(config).expected_shapes(config).values())
+    except (KeyError, TypeError, ValueError, UnknownArchitecture):
         return None
 
 
@@ -93,9 +94,9 @@ def describe_variant(path: str | os.PathLike) -> Variant:
         except json.JSONDecodeError:
             raise CorruptFile("zopt.config metadata is not valid JSON", p) from None
         if not config:
-            from .families import zimage
+            from .families import detect
 
-            config = zimage.infer_config(src)
+            config = detect(src).infer_config(src)
         params = _params(config) if config else src.num_params()
         size = p.stat().st_size
         bpw = float(md["zopt.bits_per_weight"]) if "zopt.bits_per_weight" in md else (8 * size / params if params else None)
@@ -147,27 +148,6 @@ def reference_record(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     return next((r for r in records if r.get("role") == "reference" and r.get("status") == "ok"), None)
 
 
-def _get(d: Any, path: str) -> Any:
-    from .bench.schema import get_path
-
-    return get_path(d, path)
-
-
-# Card table columns: header, record path, formatter. The test compares the card to records
-# through these same formatters, so what the card says is what was measured.
-def _fmt(v: Any, spec: str) -> str:
-    return "n/a" if v is None else format(v, spec)
-
-
-CARD_METRICS: tuple[tuple[str, str, Any], ...] = (
-    ("PSNR vs ref (dB)", "metrics.quality.psnr_db", lambda v: _fmt(v, ".2f")),
-    ("SSIM", "metrics.quality.ssim", lambda v: _fmt(v, ".4f")),
-    ("rel. L2 / step", "metrics.quality.rel_l2_mean", lambda v: _fmt(v, ".4f")),
-    ("latency / step (ms)", "metrics.latency.step_ms.median", lambda v: _fmt(v, ".1f")),
-    ("peak memory (MiB)", "metrics.memory.peak_bytes", lambda v: "n/a" if v is None else f"{v / 2**20:.0f}"),
-)
-
-
 # ---------------------------------------------------------------------------------------------
 # assembling
 
@@ -211,7 +191,7 @@ def assemble(
     mode: str = "link",
 ) -> Path:
     """Build the repository folder at ``out`` (atomically) and return it."""
-    from . import __version__
+    from ._version import __version__
     from .card import render_card
 
     if not variants:

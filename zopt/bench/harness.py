@@ -150,7 +150,7 @@ def plan(specs: list[str], backend: str, hw) -> list[Planned]:
 
 
 def cache_key(source_sha: str, spec: str, options: dict[str, Any]) -> str:
-    from .. import __version__
+    from .._version import __version__
 
     blob = json.dumps({"source": source_sha, "spec": spec, "options": options, "zopt": __version__},
                       sort_keys=True, default=str)
@@ -181,7 +181,7 @@ def software_versions() -> dict[str, Any]:
     import importlib.metadata as md
     import platform
 
-    from .. import __version__
+    from .._version import __version__
 
     out: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(), "zopt": __version__}
     for pkg in ("torch", "diffusers", "transformers", "numpy", "safetensors", "gguf", "onnxruntime", "onnx",
@@ -220,13 +220,14 @@ def _record(common: dict[str, Any], row: Planned, role: str, result: dict[str, A
 def sweep(cfg: BenchConfig, display=None) -> list[dict[str, Any]]:
     """Run the whole sweep described by ``cfg``; write records under ``cfg.out``; return them."""
     from .. import checkpoint
+    from ..families import resolve_source
     from ..platform.hardware import detect
     from .display import SweepDisplay
     from .metrics import bits_per_weight
 
     hw = detect()
     device = hw.torch_device if cfg.device == "auto" else cfg.device
-    src = checkpoint.open(cfg.source)
+    src = checkpoint.open(resolve_source(cfg.source))
     source = {"spec": str(cfg.source), "sha256": src.sha256(), "params": int(src.num_params())}
     src_bytes = sum(f.stat().st_size for f in src.files)
     ref_dtype = "fp32" if device == "cpu" else "bf16"

@@ -140,7 +140,12 @@ def _run(spec: dict[str, Any], metrics: dict[str, Any], result: dict[str, Any]) 
 
     # import the model code before the baseline: load time and memory are the model's, not Python's
     import diffusers  # noqa: F401
-    from diffusers import ZImagePipeline, ZImageTransformer2DModel  # noqa: F401
+
+    from ..families import DEFAULT, get
+
+    family = get(DEFAULT)
+    family.model_class()
+    family.pipeline_class()
 
     emit(phase="load")
     with PeakMemory(device) as mem:

@@ -14,16 +14,17 @@ def add_arguments(p) -> None:
 
 
 def describe(src) -> dict:
-    from ..families import zimage
+    from ..families import detect
 
-    det = zimage.detect(src)
+    family = detect(src)
+    det = family.detect(src)
     infos = src.infos()
     hist_params: Counter = Counter()
     hist_bytes: Counter = Counter()
     for i in infos:
         hist_params[i.dtype] += i.numel
         hist_bytes[i.dtype] += i.nbytes
-    cfg = zimage.infer_config(src)
+    cfg = family.infer_config(src)
     return {
         "path": str(src.path),
         "kind": src.kind,
@@ -43,14 +44,15 @@ def describe(src) -> dict:
 
 def run(args) -> int:
     from .. import checkpoint
-    from ..families import zimage
+    from ..families import detect, resolve_source
 
-    src = checkpoint.open(args.source, allow_pickle=args.allow_pickle)
+    src = checkpoint.open(resolve_source(args.source), allow_pickle=args.allow_pickle)
     d = describe(src)
+    family = detect(src)
     if args.tensors:
         d["tensor_list"] = [
             {"name": i.name, "shape": list(i.shape), "dtype": i.dtype, "bytes": i.nbytes,
-             "sensitive": (r.reason if (r := zimage.sensitive_reason(i.name)) else None)}
+             "sensitive": (r.reason if (r := family.sensitive_reason(i.name)) else None)}
             for i in src.infos()
         ]
     if args.json:

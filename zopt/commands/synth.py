@@ -13,9 +13,9 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..models import write_synthetic
+    from ..families import DEFAULT, get
 
-    out = write_synthetic(args.out, size=args.size, seed=args.seed, prefix=args.prefix,
+    out = get(DEFAULT).write_synthetic(args.out, size=args.size, seed=args.seed, prefix=args.prefix,
                           progress=not args.no_progress)
     print(f"wrote {out} ({out.stat().st_size / 1e9:.2f} GB)")
     return 0

@@ -5,7 +5,7 @@ A format module provides
 * ``convert(source: TensorSource, out: Path, subtype: str | None, options: dict, progress: bool) -> Path``
   writing a self-describing artifact (atomically), reading the source through the one read path;
 * ``load(path: Path, device: str = "cpu", backend: str | None = None, dtype=None) -> torch.nn.Module``
-  rebuilding a working ``ZImageTransformer2DModel`` from the artifact alone;
+  rebuilding a working transformer module of its family from the artifact alone;
 * optionally ``list_types() -> list[tuple[str, float, str]]`` (subtype, bits/weight, summary).
 
 Nothing here imports a format module until it is used, so ``import zopt`` stays fast.
@@ -83,10 +83,12 @@ def convert(source: Any, to: str, out: str | os.PathLike, *, options: dict[str, 
             progress: bool = True, allow_pickle: bool = False) -> Path:
     """Convert ``source`` (path, hub id, ``tiny`` or an open TensorSource) to format spec ``to`` at ``out``."""
     from .. import checkpoint
+    from ..families import resolve_source
 
     info, sub = parse_spec(to)
     mod = module_for(info)
-    src = source if isinstance(source, checkpoint.TensorSource) else checkpoint.open(source, allow_pickle=allow_pickle)
+    src = source if isinstance(source, checkpoint.TensorSource) else \
+        checkpoint.open(resolve_source(source), allow_pickle=allow_pickle)
     opts = dict(options or {})
     if info.name in ("bf16", "fp16", "fp32", "int8", "int8_w8a8"):
         opts.setdefault("format", info.name)
@@ -145,7 +147,10 @@ def artifact_format(path: str | os.PathLike) -> str:
 
 
 def load(path: str | os.PathLike, device: str = "cpu", backend: str | None = None, dtype: Any = None):
-    """Load any artifact (or source checkpoint) as a ready ``ZImageTransformer2DModel``-like module."""
+    """Load any artifact (or source checkpoint) as a ready transformer module of its family."""
+    from ..families import resolve_source
+
+    path = resolve_source(path)
     fmt = artifact_format(path)
     if fmt in ("tiny", "safetensors"):
         from .plain import load_source

@@ -21,9 +21,9 @@ MANIFEST_VERSION = 1
 
 def source_provenance(src: Any, hash_source: bool = True) -> dict[str, Any]:
     """Provenance of a TensorSource: path, kind, layout and (optionally) sha256 of its files."""
-    from ..families import zimage
+    from ..families import detect
 
-    det = zimage.detect(src)
+    det = detect(src).detect(src)
     prov: dict[str, Any] = {
         "path": os.fspath(src.path),
         "kind": src.kind,
@@ -37,7 +37,10 @@ def source_provenance(src: Any, hash_source: bool = True) -> dict[str, Any]:
 
 
 def write_config(folder: Path, config: dict[str, Any]) -> None:
-    cfg = {"_class_name": "ZImageTransformer2DModel", **{k: v for k, v in config.items() if k != "_class_name"}}
+    from ..families import for_config
+
+    cls = for_config(config).model_class_name
+    cfg = {"_class_name": cls, **{k: v for k, v in config.items() if k != "_class_name"}}
     (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
@@ -53,7 +56,8 @@ def write_manifest(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Hash every file in ``folder`` and write ``zopt-manifest.json`` beside them."""
-    from .. import __version__
+    from .._version import __version__
+    from ..families import for_config
 
     files = {}
     for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
@@ -66,7 +70,7 @@ def write_manifest(
         "options": options,
         "zopt_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "family": "zimage",
+        "family": for_config(config).name,
         "source": source,
         "config": config,
         "tensors": tensors,

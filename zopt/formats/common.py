@@ -1,4 +1,4 @@
-"""Helpers format loaders share: build an empty Z-Image model and fill it tensor by tensor."""
+"""Helpers format loaders share: build an empty model of a config's family and fill it tensor by tensor."""
 
 from __future__ import annotations
 
@@ -6,15 +6,10 @@ from typing import Any
 
 
 def empty_model(config: dict[str, Any]):
-    """A ``ZImageTransformer2DModel`` for ``config`` on the meta device (no memory)."""
-    import torch
-    from diffusers import ZImageTransformer2DModel
+    """The model of ``config``'s family (its ``_class_name``) on the meta device (no memory)."""
+    from ..families import for_config
 
-    kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
-    with torch.device("meta"):
-        model = ZImageTransformer2DModel(**kwargs)
-    model.register_to_config(**{k: v for k, v in config.items() if k.startswith("_") and k != "_class_name"})
-    return model.eval()
+    return for_config(config).empty_model(config)
 
 
 def set_tensor(model, name: str, value) -> None:

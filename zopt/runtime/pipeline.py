@@ -1,4 +1,4 @@
-"""Build a ``ZImagePipeline`` around any transformer variant and generate images.
+"""Build the family's diffusers pipeline around any transformer variant and generate images.
 
 :func:`prepare` is the one path from "a variant on disk" to "a pipeline running on this machine":
 hardware detection, backend selection, offload and attention choice, each with a reason, recorded
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ZoptError
+from ..quiet import quiet_libraries
 
 
 @dataclass
@@ -103,8 +104,12 @@ def default_dtype(device: str):
 
 def resolve_base(model: str | os.PathLike, transformer_config: dict[str, Any], base: str | None) -> Path:
     """Which pipeline folder supplies text encoder, tokenizer, VAE and scheduler."""
-    from ..families import zimage
-    from ..models import tiny_pipeline_dir
+    from ..families import for_config
+
+    family = for_config(transformer_config)
+
+    def tiny_pipeline_dir() -> Path:
+        return family.builtin_sources()["tiny"]()
 
     if base and base != "tiny":
         p = Path(base)
@@ -116,7 +121,7 @@ def resolve_base(model: str | os.PathLike, transformer_config: dict[str, Any], b
     p = Path(model)
     if p.is_dir() and (p / "model_index.json").exists():
         return p
-    tiny = zimage.TINY_CONFIG
+    tiny = family.config_for("tiny")
     if all(transformer_config.get(k) == tiny[k] for k in ("dim", "n_layers", "cap_feat_dim", "n_heads")):
         return tiny_pipeline_dir()
     manifest = (p / "zopt-manifest.json") if p.is_dir() else None
@@ -128,17 +133,6 @@ def resolve_base(model: str | os.PathLike, transformer_config: dict[str, Any], b
     raise ZoptError(
         "cannot tell which text encoder and VAE go with this transformer; pass --base PIPELINE_FOLDER", model
     )
-
-
-def quiet_libraries() -> None:
-    """Silence diffusers/transformers progress bars and advice; zopt reports progress itself."""
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    dlog.disable_progress_bar()
-    dlog.set_verbosity_error()
-    tlog.disable_progress_bar()
-    tlog.set_verbosity_error()
 
 
 DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -206,22 +200,23 @@ def prepare(model: str | os.PathLike = "tiny", *, device: str = "auto", offload:
             attention: str | None = "auto", backend: str | None = None, dtype=None, base: str | None = None,
             hardware=None, width: int = 1024, height: int = 1024, batch: int = 1,
             disk_dir: str | os.PathLike | None = None):
-    """Load ``model`` (any variant) into a ready ``ZImagePipeline`` on this machine.
+    """Load ``model`` (any variant) into a ready pipeline of its family on this machine.
 
     Decides device, backend (``backends.select``), offload mode (``offload.choose`` from free memory
     and the loaded sizes) and attention kernel (``attention.choose``); ``attention=None`` leaves the
     model's default. Returns ``(pipe, RuntimeChoice)``; the choice is also ``pipe.zopt_runtime``.
     """
     import torch
-    from diffusers import ZImagePipeline
 
-    from ..families import zimage
+    from ..families import detect as detect_family
+    from ..families import for_config, for_model, resolve_source
     from ..platform import backends as B
     from . import attention as A
     from . import offload as O
     from .planner import _key, _param_split, activation_bytes, shape_for
 
     t0 = time.perf_counter()
+    model = resolve_source(model)
     hw = runtime_hardware(device, hardware)
     dev = hw.torch_device
     dtype = dtype or default_dtype(dev)
@@ -233,18 +228,20 @@ def prepare(model: str | os.PathLike = "tiny", *, device: str = "auto", offload:
     from .. import checkpoint
 
     try:
-        config = zimage.infer_config(checkpoint.open(model)) if fmt in ("bf16", "fp16", "fp32") else None
+        src = checkpoint.open(model) if fmt in ("bf16", "fp16", "fp32") else None
+        config = detect_family(src).infer_config(src) if src is not None else None
     except ZoptError:
         config = None
+    family = for_config(config or {})
     base_dir = resolve_base(model, config or {}, base) if (config or base or os.fspath(model) == "tiny") else None
     quiet_libraries()
     parts = None
     if base_dir is not None:
-        parts = ZImagePipeline.from_pretrained(base_dir, transformer=None).components
+        parts = family.pipeline_class().from_pretrained(base_dir, transformer=None).components
         for name in ("vae", "text_encoder"):
             parts[name].to(dtype=dtype)
     t_bytes = _transformer_estimate(model, fmt, elem, config)
-    act_cfg = config or zimage.FULL_CONFIG
+    act_cfg = config or family.default_config
     quant, other, block, nonblock, largest = _param_split(_key(act_cfg))
     total = quant + other  # block / non-block / largest-matrix shares of the parameters, applied to bytes
     fp = O.Footprint(
@@ -260,11 +257,12 @@ def prepare(model: str | os.PathLike = "tiny", *, device: str = "auto", offload:
     transformer = load_transformer(model, dev if off.mode == "none" else "cpu", dtype=dtype, backend=sel.name)
     if parts is None:
         base_dir = resolve_base(model, dict(transformer.config), base)
-        parts = ZImagePipeline.from_pretrained(base_dir, transformer=None).components
+        family = for_model(transformer)
+        parts = family.pipeline_class().from_pretrained(base_dir, transformer=None).components
         for name in ("vae", "text_encoder"):
             parts[name].to(dtype=dtype)
     parts["transformer"] = transformer
-    pipe = ZImagePipeline(**parts)
+    pipe = family.pipeline_class()(**parts)
     if att is not None:
         A.apply(pipe.transformer, att.name)
     O.apply(pipe, off.mode, dev, disk_dir=disk_dir or (Path(os.fspath(base_dir)).parent / ".zopt-offload"))
@@ -279,12 +277,13 @@ def prepare(model: str | os.PathLike = "tiny", *, device: str = "auto", offload:
 
 def build_pipeline(model: str | os.PathLike = "tiny", *, device: str = "cpu", dtype=None, base: str | None = None,
                    backend: str | None = None, transformer=None, offload: str = "none", attention: str | None = None):
-    """A ready ``ZImagePipeline`` whose transformer is ``model`` (any artifact or source).
+    """A ready pipeline of the model's family whose transformer is ``model`` (any artifact or source).
 
     With ``transformer`` given, that module is used as is (no selection, no offload).
     """
     import torch
-    from diffusers import ZImagePipeline
+
+    from ..families import for_model
 
     if transformer is None:
         pipe, _ = prepare(model, device=device, offload=offload, attention=attention, backend=backend,
@@ -293,7 +292,7 @@ def build_pipeline(model: str | os.PathLike = "tiny", *, device: str = "cpu", dt
     dtype = dtype or default_dtype(device)
     base_dir = resolve_base(model, dict(transformer.config), base)
     quiet_libraries()
-    pipe = ZImagePipeline.from_pretrained(base_dir, transformer=transformer)
+    pipe = for_model(transformer).pipeline_class().from_pretrained(base_dir, transformer=transformer)
     for name in ("vae", "text_encoder"):
         getattr(pipe, name).to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)

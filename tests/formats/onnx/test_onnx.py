@@ -59,9 +59,10 @@ def test_graph_rewrite_matches_eager(eager_fp32):
     """The tensor-in rewrite (real RoPE, index padding, masks) equals the list-based eager forward."""
     import torch
 
-    from zopt.formats.onnx.graph import ZImageGraph, graph_inputs
+    from zopt.families import for_config
+    from zopt.formats.onnx.graph import graph_inputs
 
-    g = ZImageGraph(eager_fp32).eval()
+    g = for_config(dict(eager_fp32.config)).graph_module(eager_fp32).eval()
     for b, h, w, n in SHAPES[::2]:
         args = graph_inputs(dict(eager_fp32.config), b, h, w, n, seed=3)
         with torch.no_grad():

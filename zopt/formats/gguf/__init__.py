@@ -111,7 +111,7 @@ def _file_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def metadata_for(src: TensorSource, subtype: str, config: dict[str, Any], plans: list[TensorPlan],
                  sha256: str | None) -> dict[str, Any]:
-    from ... import __version__
+    from ..._version import __version__
 
     rec = gguf_recipes.recipe(subtype)
     det = zimage.detect(src)

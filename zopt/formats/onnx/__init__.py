@@ -17,7 +17,6 @@ Both quantized subtypes touch only the MatMuls whose weight is not precision-sen
 
 from __future__ import annotations
 
-import contextlib
 import re
 import shutil
 from pathlib import Path
@@ -27,6 +26,7 @@ from ..._io import atomic_path
 from ...checkpoint import TensorSource
 from ...errors import MissingDependency, UnsupportedFormat
 from ...families import zimage
+from ...quiet import quiet_logging
 from ..artifact import read_manifest, source_provenance, verify_manifest, write_config, write_manifest
 from .export import DATA_NAME, MODEL_NAME, OPSET, export
 
@@ -77,16 +77,8 @@ def quantizable_matmuls(model, keep: list[str] = (), quantize: list[str] = ()) -
     return body, other
 
 
-@contextlib.contextmanager
-def _quiet_logging():
-    """onnxruntime's quantizers log advice and per-node notes through ``logging``; zopt reports itself."""
-    import logging
-
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(logging.NOTSET)
+# onnxruntime's quantizers log advice and per-node notes through ``logging``; zopt reports itself
+_quiet_logging = quiet_logging
 
 
 def quantize_int8(fp32_model: Path, out_model: Path, options: dict[str, Any]) -> dict[str, Any]:

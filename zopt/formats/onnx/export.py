@@ -1,7 +1,7 @@
 """Export a Z-Image transformer to ONNX without ever holding its weights in memory.
 
-1. trace a value-free skeleton of :class:`~zopt.formats.onnx.graph.ZImageGraph` (every tensor a
-   zero-stride view) with the TorchScript exporter, ``export_params=False``: the weights become
+1. trace a value-free skeleton of the family's graph module (:func:`~zopt.formats.onnx.graph.skeleton`:
+   every tensor a zero-stride view) with the TorchScript exporter, ``export_params=False``: the weights become
    graph inputs named by their module path and the graph costs a few MB whatever the model size;
 2. turn those inputs into initializers whose bytes live in ``model.onnx.data`` (ONNX external
    data), written one tensor at a time straight from the checkpoint.
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ...checkpoint import TensorSource
-from ...families import zimage
+from ...families import detect as detect_family
 from ...progress import progress_bar
 
 OPSET = 18  # newest opset both onnxruntime 1.2x and TensorRT 10's ONNX parser fully cover
@@ -100,15 +100,16 @@ def export(src: TensorSource, folder: Path, precision: str = "fp32", progress: b
     """
     import onnx
 
-    from .graph import rope_tables
+    from .graph import graph_tables
 
-    config = zimage.check_shapes(src)
+    family = detect_family(src)
+    config = family.check_shapes(src)
     if config.get("siglip_feat_dim"):
         from ...errors import UnsupportedFormat
 
         raise UnsupportedFormat("the ONNX export covers text-to-image Z-Image; the Omni (SigLIP) variant is not "
                                 "supported", src.path)
-    d = zimage.as_diffusers(src)
+    d = family.as_diffusers(src)
     t0 = time.perf_counter()
     model_path = folder / MODEL_NAME
     shapes = trace_graph(config, precision, model_path)
@@ -118,7 +119,7 @@ def export(src: TensorSource, folder: Path, precision: str = "fp32", progress: b
     graph = proto.graph
     io = set(INPUT_NAMES)
     weights = [i for i in graph.input if i.name not in io]
-    tables = rope_tables(config)
+    tables = graph_tables(config)
     offset = 0
     with open(folder / DATA_NAME, "wb") as f, progress_bar(len(weights), f"export onnx:{precision}", unit="",
                                                             enabled=progress) as bar:
