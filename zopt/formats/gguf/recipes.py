@@ -44,7 +44,6 @@ _FILE_TYPE_NAME = {
     "Q3_K": "MOSTLY_Q3_K_S", "Q4_K": "MOSTLY_Q4_K_S", "Q5_K": "MOSTLY_Q5_K_S",
 }
 
-
 # Rows whose length is not a multiple of the block size: the closest type with 32-wide blocks,
 # then (row not a multiple of 32 either) BF16 — never a silently wrong file.
 ROW_FALLBACK: dict[str, str] = {

@@ -23,12 +23,8 @@ from typing import Any
 from ...checkpoint import TensorSource
 from ...errors import ZoptError
 from . import common as C
-from .fp8_comfy import COMFY_FILE, convert_comfy, load_comfy
-from .fp8_ops import VARIANTS, fp8_linear, quantize_fp8
-
-# the quantizer and the Linear module live in fp8_ops, shared with the comfy layout
-__all__ = ["COMFY_FILE", "VARIANTS", "FP8Scheme", "convert", "fp8_linear", "list_types", "load", "quantize_fp8",
-           "variant"]
+from .fp8_comfy import convert_comfy, load_comfy
+from .fp8_ops import VARIANTS, fp8_linear, quantize_fp8  # shared with the comfy layout
 
 
 def variant(options: dict[str, Any], subtype: str | None = None) -> str:
