@@ -332,7 +332,8 @@ class GGUFSource(TensorSource):
         import numpy as np
         import torch
         from gguf import GGMLQuantizationType as T
-        from gguf.quants import dequantize
+
+        from .ggml import dequantize
 
         info, t = self._tensors[name]
         data = self._read(t)
@@ -340,7 +341,8 @@ class GGUFSource(TensorSource):
             return torch.from_numpy(data.view(np.int16)).view(torch.bfloat16).reshape(info.shape)
         if t.tensor_type in (T.F32, T.F16):
             return torch.from_numpy(data).reshape(info.shape)
-        return torch.from_numpy(dequantize(data, t.tensor_type)).reshape(info.shape)
+        stored = tuple(int(x) for x in reversed(t.shape.tolist()))  # rows as stored (info.shape may differ)
+        return dequantize(torch.from_numpy(data), t.tensor_type, stored).reshape(info.shape)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import torch
 from gguf import quants as gguf_quants
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from zopt import ggml
 from zopt.errors import ShapeMismatch, UnsupportedFormat
 from zopt.formats.gguf import quants as gq
 
@@ -98,7 +99,7 @@ def test_chunked_passes_give_the_same_bytes_and_values(name, monkeypatch):
     decoded = gq.dequantize(whole, name, x.shape)
     cls = gq.ggml_type(name)
     monkeypatch.setattr(cls, "chunk_weights", 3 * cls.block_size * (1 if cls.block_size == 256 else 5))
-    monkeypatch.setattr(gq, "_DEQUANT_CHUNK", 7 * cls.block_size)
+    monkeypatch.setattr(ggml, "DEQUANT_CHUNK", 7 * cls.block_size)
     assert torch.equal(gq.quantize(x, name), whole)
     assert torch.equal(gq.quantize(x, name, importance=imp), whole_imp)
     assert torch.equal(gq.dequantize(whole, name, x.shape, dtype=torch.bfloat16), decoded.to(torch.bfloat16))

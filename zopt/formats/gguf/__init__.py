@@ -4,8 +4,8 @@ Z-Image GGUF (zopt's, ComfyUI-style, stable-diffusion.cpp-style) as a working mo
 Files are written in the original/ComfyUI key layout (fused qkv, no prefix) with 2-D pad tokens
 and ``general.architecture = "lumina2"`` (what ComfyUI-GGUF's loader detects Z-Image as), so
 ComfyUI-GGUF, diffusers' ``from_single_file`` and stable-diffusion.cpp read them. The per-tensor
-policy lives in :mod:`gguf_recipes`, the byte layout in :mod:`gguf_writer`, the loader in
-:mod:`gguf_loader`; see ``docs/gguf.md``.
+policy lives in :mod:`.recipes`, the byte layout in :mod:`.writer`, the quantizers in :mod:`.quants`,
+the loader in :mod:`.loader`, the decoding in :mod:`zopt.ggml`; see ``docs/gguf.md``.
 """
 
 from __future__ import annotations
@@ -37,23 +37,11 @@ CHUNK_ELEMENTS = 1 << 22  # rows are quantized in pieces of ~4M weights: bounded
 COMPILE_MIN_WEIGHTS = 100_000_000
 
 
-def _ggml_quants():
-    """zopt's torch block quantizers, or None where this build lacks them."""
-    try:
-        from . import quants as ggml_quants
-    except ImportError:
-        return None
-    return ggml_quants
-
-
-def _supported_by(gq, qtype: str) -> bool:
-    sup = getattr(gq, "SUPPORTED", ())
-    return qtype in sup or any(getattr(s, "name", None) == qtype for s in sup)
-
-
 def quantize_rows(x, qtype: str):
     """Float rows ``x`` (..., row) -> stored bytes of GGML type ``qtype`` (a uint8 tensor/array)."""
     import torch
+
+    from . import quants
 
     if qtype == "F32":
         return x.to(torch.float32)
@@ -61,11 +49,10 @@ def quantize_rows(x, qtype: str):
         return x.to(torch.float16)
     if qtype == "BF16":
         return x.to(torch.bfloat16)
-    gq = _ggml_quants()
-    if gq is not None and _supported_by(gq, qtype):
+    if qtype in quants.SUPPORTED:
         # bf16/f16 rows go in as they are: quantize() widens each cache-sized piece to float32
         # itself, which saves a whole-chunk float32 copy (same bytes)
-        return gq.quantize(x if x.dtype in (torch.bfloat16, torch.float16) else x.to(torch.float32), qtype)
+        return quants.quantize(x if x.dtype in (torch.bfloat16, torch.float16) else x.to(torch.float32), qtype)
     import gguf.quants
 
     try:
@@ -75,25 +62,13 @@ def quantize_rows(x, qtype: str):
 
 
 def dequantize_bytes(data, qtype: str, shape: tuple[int, ...], dtype=None):
-    """Stored bytes of GGML type ``qtype`` -> a float tensor of ``shape`` (torch order)."""
-    import numpy as np
+    """Stored bytes of GGML type ``qtype`` -> a float tensor of ``shape`` (torch order); the
+    decoding is zopt's one GGML dequantizer, :func:`zopt.ggml.dequantize`."""
     import torch
 
-    dtype = dtype or torch.float32
-    if isinstance(data, torch.Tensor):
-        raw = data.contiguous().reshape(-1).view(torch.uint8)
-    else:
-        raw = torch.as_tensor(np.ascontiguousarray(data)).reshape(-1).view(torch.uint8)
-    if qtype in FLOAT_TYPES:
-        return raw.view({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[qtype]) \
-            .reshape(shape).to(dtype)
-    gq = _ggml_quants()
-    if gq is not None and _supported_by(gq, qtype):
-        return gq.dequantize(raw, qtype, shape, dtype)
-    import gguf.quants
+    from ... import ggml
 
-    arr = gguf.quants.dequantize(raw.cpu().numpy(), gguf.GGMLQuantizationType[qtype])
-    return torch.from_numpy(np.ascontiguousarray(arr)).reshape(shape).to(dtype).to(raw.device)
+    return ggml.dequantize(data, qtype, shape, dtype or torch.float32)
 
 
 def plan_for(src: TensorSource, subtype: str | None, options: dict[str, Any]) -> tuple[TensorSource, list[TensorPlan]]:

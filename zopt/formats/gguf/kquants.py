@@ -22,8 +22,9 @@ from __future__ import annotations
 import torch
 from gguf.constants import GGMLQuantizationType
 
+from ...ggml import f16_value
+from .base import GGMLType, f16_bytes, pack_nibbles
 from .compile import kernel
-from .quants import GGMLType, f16_bytes, f16_value, pack_nibbles
 from .search import EPS, abs_max_signed, colsum, make_q3, make_qkx2, make_qp, make_qx, rne_
 
 
@@ -47,12 +48,6 @@ def _pack_2bit(L: torch.Tensor) -> torch.Tensor:
     return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
 
 
-def _unpack_2bit(qs: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`_pack_2bit`: (B, 64) -> (B, 256) uint8."""
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=qs.device).view(1, 1, 4, 1)
-    return ((qs.reshape(-1, 2, 1, 32) >> shifts) & 3).reshape(-1, 256)
-
-
 def _bits_over_32(bits: torch.Tensor, nplanes: int) -> torch.Tensor:
     """(B, nplanes*32) 0/1 -> (B, 32): byte l holds bit (32p + l) in bit p."""
     b = bits.reshape(-1, nplanes, 32)
@@ -62,24 +57,10 @@ def _bits_over_32(bits: torch.Tensor, nplanes: int) -> torch.Tensor:
     return out
 
 
-def _unbits_over_32(packed: torch.Tensor, nplanes: int) -> torch.Tensor:
-    """Inverse of :func:`_bits_over_32`: (B, 32) -> (B, nplanes*32) uint8 0/1."""
-    shifts = torch.arange(nplanes, dtype=torch.uint8, device=packed.device).view(1, nplanes, 1)
-    return ((packed.unsqueeze(1) >> shifts) & 1).reshape(packed.shape[0], -1)
-
-
 def _pack_scales_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
     """Eight 6-bit scales and mins (B, 8) -> the 12-byte Q4_K/Q5_K layout (get_scale_min_k4)."""
     lo_s, hi_s, lo_m, hi_m = ls[:, :4], ls[:, 4:], lm[:, :4], lm[:, 4:]
     return torch.cat([lo_s | ((hi_s >> 4) << 6), lo_m | ((hi_m >> 4) << 6), pack_nibbles(hi_s, hi_m)], dim=1)
-
-
-def _unpack_scales_k4(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """12 bytes (B, 12) -> (scales (B, 8), mins (B, 8)) as uint8."""
-    d, m, md = b[:, 0:4], b[:, 4:8], b[:, 8:12]
-    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=1)
-    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=1)
-    return sc, mn
 
 
 def _requantize(x, d_sub, L_search, lo, hi, offset=None):
@@ -192,15 +173,6 @@ class Q4_K(GGMLType, qtype=GGMLQuantizationType.Q4_K):
     def quantize_blocks(cls, blocks, qw=None, row_ms=None):
         return _q4_k_pack(*_scale_min_superblock(blocks, 32, 15, 6, (-1.0, 0.1, 20, False), _weights_rms_plus_abs, qw))
 
-    @classmethod
-    def dequantize_blocks(cls, blocks):
-        sc, mn = _unpack_scales_k4(blocks[:, 4:16])
-        qs = blocks[:, 16:].reshape(-1, 4, 1, 32)
-        q = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(-1, 8, 32)
-        d = (f16_value(blocks[:, 0:2]) * sc.float()).unsqueeze(-1)
-        m = (f16_value(blocks[:, 2:4]) * mn.float()).unsqueeze(-1)
-        return (d * q.float()).sub_(m).reshape(-1, 256)
-
 
 class Q5_K(GGMLType, qtype=GGMLQuantizationType.Q5_K):
     """As Q4_K with a fifth bit per weight in 32 bytes of bit planes (bit s = sub-block s): 5.5 bits/weight."""
@@ -209,15 +181,6 @@ class Q5_K(GGMLType, qtype=GGMLQuantizationType.Q5_K):
     def quantize_blocks(cls, blocks, qw=None, row_ms=None):
         return _q5_k_pack(*_scale_min_superblock(blocks, 32, 31, 6, (-0.5, 0.1, 15, False), _weights_rms_plus_abs, qw))
 
-    @classmethod
-    def dequantize_blocks(cls, blocks):
-        sc, mn = _unpack_scales_k4(blocks[:, 4:16])
-        qs = blocks[:, 48:].reshape(-1, 4, 1, 32)
-        q = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(-1, 256) | (_unbits_over_32(blocks[:, 16:48], 8) << 4)
-        d = (f16_value(blocks[:, 0:2]) * sc.float()).unsqueeze(-1)
-        m = (f16_value(blocks[:, 2:4]) * mn.float()).unsqueeze(-1)
-        return (d * q.reshape(-1, 8, 32).float()).sub_(m).reshape(-1, 256)
-
 
 class Q2_K(GGMLType, qtype=GGMLQuantizationType.Q2_K):
     """16 bytes of 4-bit scale|min codes, 64 bytes of 2-bit weights, d, dmin (fp16): 2.625 bits/weight."""
@@ -225,14 +188,6 @@ class Q2_K(GGMLType, qtype=GGMLQuantizationType.Q2_K):
     @classmethod
     def quantize_blocks(cls, blocks, qw=None, row_ms=None):
         return _q2_k_pack(*_scale_min_superblock(blocks, 16, 3, 4, (-0.5, 0.1, 15, True), torch.abs, qw, 1))
-
-    @classmethod
-    def dequantize_blocks(cls, blocks):
-        sc = blocks[:, :16]
-        d = (f16_value(blocks[:, 80:82]) * (sc & 0x0F).float()).unsqueeze(-1)
-        m = (f16_value(blocks[:, 82:84]) * (sc >> 4).float()).unsqueeze(-1)
-        q = _unpack_2bit(blocks[:, 16:80]).reshape(-1, 16, 16).float()
-        return (d * q).sub_(m).reshape(-1, 256)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,16 +232,6 @@ class Q6_K(GGMLType, qtype=GGMLQuantizationType.Q6_K):
         xc = _columns(blocks, 16)
         scales, L = make_qx(xc, 32, None if qw is None else _columns(qw, 16))
         return _q6_k_pack(xc, scales, L)
-
-    @classmethod
-    def dequantize_blocks(cls, blocks):
-        ql = blocks[:, :128].reshape(-1, 2, 1, 64)
-        lo = torch.cat([ql & 0x0F, ql >> 4], dim=2).reshape(-1, 2, 4, 32)
-        shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=blocks.device).view(1, 1, 4, 1)
-        hi = (blocks[:, 128:192].reshape(-1, 2, 1, 32) >> shifts) & 3
-        q = ((lo | (hi << 4)).to(torch.int8) - 32).reshape(-1, 16, 16).float()
-        d = (f16_value(blocks[:, 208:210]) * blocks[:, 192:208].view(torch.int8).float()).unsqueeze(-1)
-        return (d * q).reshape(-1, 256)
 
 
 @kernel
@@ -341,14 +286,3 @@ class Q3_K(GGMLType, qtype=GGMLQuantizationType.Q3_K):
             dh = d_block.reshape(-1, 1).to(torch.float16)
         return _q3_k_pack(xc, L, codes, dh)
 
-    @classmethod
-    def dequantize_blocks(cls, blocks):
-        sb = blocks[:, 96:108]
-        lo = torch.cat([sb[:, :8] & 0x0F, sb[:, :8] >> 4], dim=1)
-        shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=blocks.device).view(1, 4, 1)
-        hi = ((sb[:, 8:12].unsqueeze(1) >> shifts) & 3).reshape(-1, 16)
-        sc = ((lo | (hi << 4)).to(torch.int8) - 32).float()
-        d = (f16_value(blocks[:, 108:110]) * sc).unsqueeze(-1)
-        high = _unbits_over_32(blocks[:, :32], 8)
-        q = (_unpack_2bit(blocks[:, 32:96]) | (high << 2)).to(torch.int8) - 4
-        return (d * q.reshape(-1, 16, 16).float()).reshape(-1, 256)

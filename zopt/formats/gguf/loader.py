@@ -4,9 +4,10 @@
 Speed without giving back the memory saving: at load time the blocks of the common types are
 re-laid into torch-friendly tensors of about the same size (int8 codes or packed nibbles plus a
 float32 scale and offset per 32 weights), so dequantizing is a handful of vectorized passes
-(unpack, convert, one multiply-add) instead of re-parsing bytes on every call. Other types go
-through the generic block dequantizer. Weights of small layers (the dequantized copy costs less
-than ``CACHE_SMALL_NUMEL`` elements) are dequantized once and cached; ``cache="all"`` caches every
+(unpack, convert, one multiply-add) instead of re-parsing bytes on every call; the block fields
+are read with :mod:`zopt.ggml`'s helpers. Other types are decoded by zopt's one GGML dequantizer,
+:func:`zopt.ggml.dequantize`. Weights of small layers (the dequantized copy costs less than
+``CACHE_SMALL_NUMEL`` elements) are dequantized once and cached; ``cache="all"`` caches every
 layer (eager speed, float memory), ``cache="none"`` none.
 """
 
@@ -20,12 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ... import ggml
 from ..._compile import fused
 from ...errors import CorruptFile, UnsupportedFormat, ZoptError
 from ...families import zimage
 from ..common import check_no_meta, empty_model, replace_module, set_tensor
 from ..lowbit import int_mm
-from .recipes import FLOAT_TYPES, TYPE_LAYOUT
+from .recipes import FLOAT_TYPES
 
 CACHE_SMALL_NUMEL = 1 << 18  # 1 MB of float32: caching such layers costs little, saves a dequant each call
 CACHE_MODES = ("small", "none", "all")
@@ -37,16 +39,7 @@ CACHE_MODES = ("small", "none", "all")
 
 def _f16(x: torch.Tensor) -> torch.Tensor:
     """Little-endian f16 fields (..., 2) uint8 -> float32 (...)."""
-    return x.contiguous().view(torch.float16).squeeze(-1).float()
-
-
-def _scale_min_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 12-byte 6-bit (scale, min) pairs of Q4_K/Q5_K -> (scales, mins), each (..., 8) int."""
-    s = s.to(torch.int32)
-    lo_sc, lo_m, hi = s[..., 0:4], s[..., 4:8], s[..., 8:12]
-    sc = torch.cat([lo_sc & 63, (hi & 15) | ((lo_sc >> 6) << 4)], dim=-1)
-    mn = torch.cat([lo_m & 63, (hi >> 4) | ((lo_m >> 6) << 4)], dim=-1)
-    return sc, mn
+    return ggml.f16_value(x).squeeze(-1)
 
 
 def pack(raw: torch.Tensor, qtype: str, n: int, k: int) -> dict[str, Any]:
@@ -54,7 +47,7 @@ def pack(raw: torch.Tensor, qtype: str, n: int, k: int) -> dict[str, Any]:
 
     Returns {"kind": ..., tensors...}; kind "raw" keeps the bytes for the generic dequantizer.
     """
-    block, size = TYPE_LAYOUT[qtype]
+    block, size = ggml.layout(qtype)
     b = raw.reshape(n, k // block, size)
     if qtype == "Q8_0":
         return {"kind": "int8", "q": b[..., 2:].contiguous().view(torch.int8).reshape(n, k),
@@ -69,7 +62,7 @@ def pack(raw: torch.Tensor, qtype: str, n: int, k: int) -> dict[str, Any]:
                 "scale": d.reshape(n, k // 32), "offset": off.reshape(n, k // 32)}
     if qtype == "Q4_K":
         d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
-        sc, mn = _scale_min_k4(b[..., 4:16])
+        sc, mn = ggml.unpack_scales_k4(b[..., 4:16])
         return {"kind": "nibble", "group": 32, "q": b[..., 16:].contiguous().reshape(n, k // 2),
                 "scale": (d[..., None] * sc).reshape(n, k // 32), "offset": (-dmin[..., None] * mn).reshape(n, k // 32)}
     return {"kind": "raw", "q": raw.reshape(n, -1).contiguous(), "qtype": qtype}
@@ -89,9 +82,7 @@ def unpack(p: dict[str, Any], n: int, k: int, dtype: torch.dtype) -> torch.Tenso
         return w.add_(p["offset"].to(dtype).unsqueeze(-1)).view(n, k)
     if kind == "int4pack":
         raise RuntimeError("int4pack weights are only used through int4pack_linear")
-    from . import dequantize_bytes
-
-    return dequantize_bytes(p["q"], p["qtype"], (n, k), dtype)
+    return ggml.dequantize(p["q"], p["qtype"], (n, k), dtype)
 
 
 def to_int4pack(p: dict[str, Any], n: int, k: int, dtype: torch.dtype) -> dict[str, Any] | None:

@@ -23,24 +23,25 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+
 from ...errors import UnsupportedFormat
 from ...families import zimage
 
-# GGML type -> (block size, bytes per block); the numbers of ggml.c's type traits.
+# GGML type -> (block size, bytes per block), for the types zopt writes: gguf's table, never a copy.
 TYPE_LAYOUT: dict[str, tuple[int, int]] = {
-    "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
-    "Q8_0": (32, 34), "Q5_1": (32, 24), "Q5_0": (32, 22), "Q4_1": (32, 20), "Q4_0": (32, 18),
-    "Q6_K": (256, 210), "Q5_K": (256, 176), "Q4_K": (256, 144), "Q3_K": (256, 110), "Q2_K": (256, 84),
+    name: GGML_QUANT_SIZES[GGMLQuantizationType[name]]
+    for name in ("F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0",
+                 "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K")
 }
 FLOAT_TYPES = ("F32", "F16", "BF16")
 
-# llama.cpp's LLAMA_FTYPE numbers, written to general.file_type so tools can name the file.
-FILE_TYPE: dict[str, int] = {
-    "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
-    "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17,
-    "Q6_K": 18, "BF16": 32,
+# Recipe -> llama.cpp's LLAMA_FTYPE (gguf's LlamaFileType), written to general.file_type so tools
+# can name the file. zopt's names are llama.cpp's without the MOSTLY_ prefix, except:
+_FILE_TYPE_NAME = {
+    "F32": "ALL_F32",
     # uniform K types have no ftype of their own; the _S recipe is the closest (also nearly uniform)
-    "Q3_K": 11, "Q4_K": 14, "Q5_K": 16,
+    "Q3_K": "MOSTLY_Q3_K_S", "Q4_K": "MOSTLY_Q4_K_S", "Q5_K": "MOSTLY_Q5_K_S",
 }
 
 # Rows whose length is not a multiple of the block size: the closest type with 32-wide blocks,
@@ -129,6 +130,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
         Bump(OUT, "Q3_K", "all", "attention.out mixes all heads back into the stream"),
     ), "Q2_K; qkv, w2 and attention.out Q3_K (qkv Q4_K at the edges)"),
 )}
+
+FILE_TYPE: dict[str, int] = {
+    name: int(LlamaFileType[_FILE_TYPE_NAME.get(name, f"MOSTLY_{name}")]) for name in RECIPES
+}
 
 
 @dataclass(frozen=True)

@@ -14,20 +14,18 @@ import struct
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from gguf.constants import GGMLQuantizationType, GGUFValueType
+
 from .recipes import TYPE_LAYOUT, tensor_nbytes
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3
 ALIGNMENT = 32
 
-# GGUF metadata value types
-UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY, UINT64, INT64, FLOAT64 = range(13)
-
-# GGML type ids (ggml.h enum ggml_type)
-GGML_TYPE_ID: dict[str, int] = {
-    "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
-    "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "BF16": 30,
-}
+# GGUF metadata value types and GGML type ids: gguf's enums (ggml.h's numbers), never a copy
+UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY, INT64 = (int(GGUFValueType[k]) for k in (
+    "UINT32", "INT32", "FLOAT32", "BOOL", "STRING", "ARRAY", "INT64"))
+GGML_TYPE_ID: dict[str, int] = {name: int(GGMLQuantizationType[name]) for name in TYPE_LAYOUT}
 
 
 def _string(s: str) -> bytes:

@@ -23,9 +23,8 @@ from typing import Any
 from ...checkpoint import TensorSource
 from ...errors import ZoptError
 from . import common as C
-
-VARIANTS = {"e4m3": ("float8_e4m3fn", "F8_E4M3", 448.0), "e5m2": ("float8_e5m2", "F8_E5M2", 57344.0)}
-COMFY_FILE = "zimage_fp8_scaled.safetensors"
+from .fp8_comfy import convert_comfy, load_comfy
+from .fp8_ops import VARIANTS, fp8_linear, quantize_fp8  # shared with the comfy layout
 
 
 def variant(options: dict[str, Any], subtype: str | None = None) -> str:
@@ -33,75 +32,6 @@ def variant(options: dict[str, Any], subtype: str | None = None) -> str:
     if v not in VARIANTS:
         raise ZoptError(f"unknown FP8 variant {v!r}; choose e4m3 or e5m2")
     return v
-
-
-def quantize_fp8(w, var: str = "e4m3", per_channel: bool = True):
-    """Float weight ``(out, in)`` -> (FP8 tensor, F32 scales ``(out,)`` or scalar) with ``w ~= q * s``."""
-    import torch
-
-    tname, _, fmax = VARIANTS[var]
-    w = w.float()
-    amax = w.abs().amax(dim=1) if per_channel else w.abs().amax()
-    scale = (amax / fmax).clamp_min(1e-12)
-    s = scale[:, None] if per_channel else scale
-    q = (w / s).clamp(-fmax, fmax).to(getattr(torch, tname))
-    return q, scale.float()
-
-
-def _fp8_linear_class():
-    import torch
-    import torch.nn.functional as F
-
-    Base = C.lowbit_linear_base()
-
-    def storage_kernel(m, x):
-        # FP8 values are exact in bf16/fp16/fp32: upcast, matmul, then scale the output columns
-        # (fp16 could overflow on unscaled sums, so it scales the weight first)
-        w = m.weight.view(m.fp8_dtype).to(x.dtype)
-        if x.dtype == torch.float16:
-            return F.linear(x, w * m.weight_scale.to(x.dtype)[:, None])
-        return F.linear(x, w) * m.weight_scale.to(x.dtype)
-
-    def scaled_mm_kernel(m, x):
-        if not m.mm_ok:
-            return storage_kernel(m, x)
-        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
-        sx = (x.abs().amax().float() / 448.0).clamp_min(1e-12)
-        xq = (x.float() / sx).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
-        one = torch.ones((), device=x.device, dtype=torch.float32)
-        y = torch._scaled_mm(xq, m.weight.view(m.fp8_dtype).t(), scale_a=sx, scale_b=one, out_dtype=out_dtype)
-        y = y[0] if isinstance(y, tuple) else y
-        return y * m.weight_scale.to(y.dtype)  # per-output-channel weight scales act on columns
-
-    class FP8Linear(Base):
-        """FP8 weight (held as uint8 so ``model.to(dtype)`` cannot upcast it) + per-row F32 scales."""
-
-        KERNELS = {"fp8-storage": storage_kernel, "scaled-mm": scaled_mm_kernel}
-
-        def __init__(self, q, scale, backend: str):
-            super().__init__(q.shape[1], q.shape[0], backend)
-            self.fp8_dtype = q.dtype
-            self.register_buffer("weight", q.contiguous().view(torch.uint8))
-            self.register_buffer("weight_scale", scale.float().reshape(-1).expand(q.shape[0]).contiguous())
-            # torch._scaled_mm needs both matrix dims divisible by 16
-            self.mm_ok = q.shape[0] % 16 == 0 and q.shape[1] % 16 == 0
-
-        def dequantize(self, dtype=None):
-            import torch as _t
-
-            return (self.weight.view(self.fp8_dtype).float() * self.weight_scale[:, None]).to(dtype or _t.float32)
-
-    return FP8Linear
-
-
-_CLS = None
-
-
-def fp8_linear(q, scale, backend: str = "fp8-storage"):
-    """An FP8 Linear module from stored weight ``q`` and scales (per row, or one scalar)."""
-    global _CLS
-    _CLS = _CLS or _fp8_linear_class()
-    return _CLS(q, scale, backend)
 
 
 class FP8Scheme(C.Scheme):
@@ -130,9 +60,7 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: dict[str
     var = variant(options, subtype)
     layout = options.get("layout") or "diffusers"
     if layout == "comfy":
-        from .fp8_comfy import convert_comfy
-
-        return convert_comfy(src, out, var, options, progress)
+        return convert_comfy(src, out, FP8Scheme(var), options, progress)
     if layout != "diffusers":
         raise ZoptError(f"fp8 has no layout {layout!r}; choose diffusers or comfy")
     return C.convert_lowbit(src, out, FP8Scheme(var), var, options, progress)
@@ -143,8 +71,6 @@ def load(path: Path, device: str = "cpu", backend: str | None = None, dtype: Any
 
     folder = C.artifact_folder(path)
     if read_manifest(folder).get("layout") == "comfy":
-        from .fp8_comfy import load_comfy
-
         return load_comfy(folder, device, backend, dtype)
     return C.load_lowbit(path, lambda m: FP8Scheme(m["options"].get("fp8", "e4m3")), device, backend, dtype)
 

@@ -20,8 +20,10 @@ from ...safetensors_io import StreamingSafetensorsWriter
 from ..artifact import read_manifest, source_provenance, verify_manifest, write_config, write_manifest
 from ..common import check_no_meta, empty_model, replace_module, set_tensor
 from . import common as C
+from .fp8_ops import VARIANTS, fp8_linear, quantize_fp8
 
 MARKER = "scaled_fp8"
+COMFY_FILE = "zimage_fp8_scaled.safetensors"
 
 
 def _diffusers_names(orig: str) -> list[tuple[str, int]]:
@@ -32,14 +34,14 @@ def _diffusers_names(orig: str) -> list[tuple[str, int]]:
     return [(zimage.to_diffusers_name(orig), -1)]
 
 
-def convert_comfy(src: TensorSource, out: Path, var: str, options: dict[str, Any], progress: bool) -> Path:
-    """Write ``out/`` = {config.json, zimage_fp8_scaled.safetensors, manifest} from ``src``, streaming."""
+def convert_comfy(src: TensorSource, out: Path, scheme: C.Scheme, options: dict[str, Any], progress: bool) -> Path:
+    """Write ``out/`` = {config.json, zimage_fp8_scaled.safetensors, manifest} from ``src``, streaming;
+    ``scheme`` is the fp8 format's scheme (its ``var`` names the FP8 type)."""
     import torch
 
-    from .fp8 import COMFY_FILE, VARIANTS, quantize_fp8
-
+    var = scheme.var
     _, st_type, _ = VARIANTS[var]
-    d, config, decisions = C.plan(src, _scheme(var), options)
+    d, config, decisions = C.plan(src, scheme, options)
     o = zimage.as_original(src)
     entries, records, quant = [], {}, {}
     for n in o.names():
@@ -83,7 +85,7 @@ def convert_comfy(src: TensorSource, out: Path, var: str, options: dict[str, Any
                 del t
             w.write(MARKER, torch.zeros((), dtype=getattr(torch, VARIANTS[var][0])))
         write_manifest(tmp, format="fp8", subtype=var,
-                       options={**C.manifest_options(_scheme(var), options), "scales": "per-tensor F32 (ComfyUI)"},
+                       options={**C.manifest_options(scheme, options), "scales": "per-tensor F32 (ComfyUI)"},
                        source=source_provenance(src, options.get("hash_source", True)), config=config,
                        tensors=records, extra={"layout": "comfy", "file": COMFY_FILE,
                                                "summary": C.summarize(records)})
@@ -94,17 +96,8 @@ def records_storage(records: dict[str, dict[str, Any]], orig: str) -> str:
     return next(r["storage"] for r in records.values() if r["stored_as"] == orig)
 
 
-def _scheme(var: str):
-    from .fp8 import FP8Scheme
-
-    return FP8Scheme(var)
-
-
 def load_comfy(folder: Path, device: str = "cpu", backend: str | None = None, dtype: Any = None):
     """Rebuild the model from a comfy-layout fp8 artifact folder (qkv split back into q, k, v)."""
-
-    from .fp8 import fp8_linear
-
     manifest = verify_manifest(folder, read_manifest(folder))
     name = C.choose_backend("fp8", device, backend)
     model = empty_model(manifest["config"])
