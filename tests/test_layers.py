@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1] / "zopt"
 # lowest first; a name covers the module and everything below it
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("leaves", ("zopt.errors", "zopt._version", "zopt._io", "zopt.progress", "zopt.safetensors_io",
-                "zopt._compile", "zopt.quiet", "zopt.validate")),
+                "zopt._compile", "zopt.quiet", "zopt.validate", "zopt.ggml")),
     ("checkpoint", ("zopt.checkpoint",)),
     ("families", ("zopt.families", "zopt.models")),
     ("platform", ("zopt.platform",)),
