@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -156,9 +157,8 @@ def why_not(fmt: str, backend: str, device: str) -> str | None:
 
 def run_case(config, fmt: str, backend: str, args, device: str, ref, example) -> dict[str, Any]:
     """Build one format, measure it, compare its output with the bf16 reference ``ref``."""
-    import torch
-
     import gpu_models as M
+    import torch
 
     rec: dict[str, Any] = {"format": fmt, "backend": backend}
     t0 = time.perf_counter()
@@ -185,16 +185,19 @@ def run_case(config, fmt: str, backend: str, args, device: str, ref, example) ->
             for k in ("peak_allocated_bytes", "peak_reserved_bytes"):
                 rec[k] = None
             rec["note"] = "VRAM of onnxruntime is not visible to torch.cuda counters"
-        rec["rel_err"] = round(rel_err(out, ref), 6)
-        del model, out
+        err = rel_err(out, ref)
+        rec["rel_err"] = round(err, 6) if math.isfinite(err) else None
+        if not math.isfinite(err):
+            rec["note"] = "the output has inf or NaN values"
+        out = None  # free the output before the next case is built
     return rec
 
 
 def run(args) -> dict[str, Any]:
     """Measure every case that applies on this machine for ``args.size``; write JSON as it goes."""
+    import gpu_models as M
     import torch
 
-    import gpu_models as M
     from zopt.families import zimage
 
     t_start = time.monotonic()
@@ -268,11 +271,15 @@ def _gib(n) -> str:
     return "-" if n is None else f"{n / 1024**3:.2f}"
 
 
+def _err(e) -> str:
+    return "non-finite" if e is None else f"{e:.4f}"
+
+
 def _line(rec: dict[str, Any]) -> None:
     if rec.get("status") == "ok":
         lat = rec["latency_ms"]["median"]
         print(f"  {rec['format']:12s} {rec['backend']:14s} {lat:9.2f} ms  peak {_gib(rec.get('peak_allocated_bytes'))} "
-              f"GiB  err {rec['rel_err']:.4f}  (built in {rec['build_s']} s)", flush=True)
+              f"GiB  err {_err(rec['rel_err'])}  (built in {rec['build_s']} s)", flush=True)
     else:
         print(f"  {rec['format']:12s} {rec['backend']:14s} {rec.get('status')}: {rec.get('reason')}", flush=True)
 
@@ -286,7 +293,7 @@ def table(reports: list[dict[str, Any]]) -> str:
             if c.get("status") == "ok":
                 lines.append(f"| {r['size']} | {c['format']} | {c['backend']} | {c['latency_ms']['median']:.2f} | "
                              f"{_gib(c.get('peak_allocated_bytes'))} | {_gib(c.get('peak_reserved_bytes'))} | "
-                             f"{_gib(c.get('weights_bytes'))} | {c['rel_err']:.4f} | ok |")
+                             f"{_gib(c.get('weights_bytes'))} | {_err(c['rel_err'])} | ok |")
             else:
                 lines.append(f"| {r['size']} | {c['format']} | {c['backend']} | - | - | - | - | - | "
                              f"{c.get('status')}: {str(c.get('reason', ''))[:90]} |")
