@@ -163,7 +163,7 @@ def run_case(config, fmt: str, backend: str, args, device: str, ref, example) ->
     rec: dict[str, Any] = {"format": fmt, "backend": backend}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="zopt-gpu-bench-") as work:
-        model = M.build(config, fmt, backend, args.seed, device, work)
+        model = M.build(config, fmt, backend, args.seed, device, work, args.compute_dtype)
         _sync(device)
         rec["build_s"] = round(time.perf_counter() - t0, 2)
         onnx = fmt == "onnx"
@@ -171,7 +171,7 @@ def run_case(config, fmt: str, backend: str, args, device: str, ref, example) ->
             call_args = tuple([t.float() for t in v] if isinstance(v, list) else v.float() for v in example)
             rec["providers"] = list(getattr(model, "providers", []))
         else:
-            dtype = torch.float16 if fmt == "fp16" else torch.bfloat16
+            dtype = torch.float16 if fmt == "fp16" else args.compute_dtype
             call_args = tuple([t.to(dtype) for t in v] if isinstance(v, list) else v for v in example)
             rec["weights_bytes"] = M.model_bytes(model)
         out = None
@@ -213,7 +213,10 @@ def run(args) -> dict[str, Any]:
                      "seed": args.seed, "budget_s": args.budget, "dry": bool(args.dry)},
         "machine": device_info(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": [],
     }
-    example = M.inputs(config, h, w, tokens, device, torch.bfloat16)
+    # bf16 on CUDA, as the model runs there; float32 on the CPU, zopt's CPU default (bf16 matmuls are slow there)
+    args.compute_dtype = torch.bfloat16 if cuda else torch.float32
+    report["settings"]["compute_dtype"] = str(args.compute_dtype).replace("torch.", "")
+    example = M.inputs(config, h, w, tokens, device, args.compute_dtype)
     ref = _reference(config, args, device, example)
     for fmt, backend, where in CASES:
         rec: dict[str, Any] = {"format": fmt, "backend": backend}
@@ -253,7 +256,7 @@ def _reference(config, args, device, example):
     """The bf16 model's output (built again: cheap, and no reference weights stay resident)."""
     import gpu_models as M
 
-    model = M.build_plain(config, args.seed, device)
+    model = M.build_plain(config, args.seed, device, args.compute_dtype)
     out = M.forward(model, example).float().clone()
     del model
     return out

@@ -114,11 +114,11 @@ fi
 JSONS=()
 if [ "$CUDA" = 1 ]; then
     part "4. GPU benchmark, medium model"
-    limited "bench medium" "$MEDIUM_S" $PY benchmarks/gpu_bench.py --size medium --budget $((MEDIUM_S - 30)) \
+    limited "bench medium" "$MEDIUM_S" $PY benchmarks/gpu_bench.py --size medium --budget $((MEDIUM_S - 35)) \
         --json "$OUTDIR/gpu-bench-medium.json"
     JSONS+=("$OUTDIR/gpu-bench-medium.json")
     part "5. GPU benchmark, full-size model"
-    limited "bench full" "$FULL_S" $PY benchmarks/gpu_bench.py --size full --budget $((FULL_S - 45)) \
+    limited "bench full" "$FULL_S" $PY benchmarks/gpu_bench.py --size full --budget $((FULL_S - 60)) \
         --json "$OUTDIR/gpu-bench-full.json"
     JSONS+=("$OUTDIR/gpu-bench-full.json")
 else

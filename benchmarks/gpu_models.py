@@ -85,16 +85,27 @@ def _nf4_module(w: torch.Tensor, backend: str):
     from zopt.formats.lowbit.nf4 import QS_KEY, nf4_linear, quantize_nf4
 
     if w.device.type == "cuda":
-        with contextlib.suppress(ImportError):
+        try:
             import bitsandbytes.functional as bnbf
 
             packed, state = bnbf.quantize_4bit(w.to(torch.bfloat16), blocksize=64, quant_type="nf4",
                                                compress_statistics=True, quant_storage=torch.uint8)
             parts = dict(state.as_dict(packed=True), weight=packed)
             return nf4_linear({k: v.to(w.device) for k, v in parts.items()}, backend)
+        except Exception as e:  # no bitsandbytes, or no kernel for this CUDA: zopt's quantizer (slower)
+            _note_once(f"NF4 quantized on the CPU: bitsandbytes failed ({type(e).__name__}: {e})")
     vals = quantize_nf4(w.float().cpu(), True)
     keys = ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map", QS_KEY)
     return nf4_linear({k: v.to(w.device) for k, v in zip(keys, vals, strict=True)}, backend)
+
+
+_NOTES: list[str] = []
+
+
+def _note_once(text: str) -> None:
+    if text not in _NOTES:
+        _NOTES.append(text)
+        print(f"gpu_models: {text}", flush=True)
 
 
 def build_lowbit(config: dict[str, Any], fmt: str, backend: str, seed: int, device: str, dtype=torch.bfloat16):
@@ -227,14 +238,16 @@ def build_onnx(config: dict[str, Any], backend: str, seed: int, device: str, wor
     return formats.load(out, device=device, backend=backend)
 
 
-def build(config: dict[str, Any], fmt: str, backend: str, seed: int, device: str, work: str | os.PathLike | None = None):
-    """Any format the bench knows: ``bf16``/``fp16``, a low-bit format, ``gguf:SUBTYPE`` or ``onnx``."""
+def build(config: dict[str, Any], fmt: str, backend: str, seed: int, device: str, work: str | os.PathLike | None = None,
+          dtype=torch.bfloat16):
+    """Any format the bench knows: ``bf16``/``fp16``, a low-bit format, ``gguf:SUBTYPE`` or ``onnx``;
+    ``dtype`` is the compute dtype (the bf16 format's own on CUDA; float32 is zopt's CPU default)."""
     if fmt in PLAIN:
-        return build_plain(config, seed, device, torch.float16 if fmt == "fp16" else torch.bfloat16)
+        return build_plain(config, seed, device, torch.float16 if fmt == "fp16" else dtype)
     if fmt in LOWBIT:
-        return build_lowbit(config, fmt, backend, seed, device)
+        return build_lowbit(config, fmt, backend, seed, device, dtype)
     if fmt.startswith("gguf:"):
-        return build_gguf(config, fmt.split(":", 1)[1], backend, seed, device)
+        return build_gguf(config, fmt.split(":", 1)[1], backend, seed, device, dtype)
     if fmt == "onnx":
         if work is None:
             raise ValueError("building an ONNX model needs a work folder")
