@@ -217,7 +217,14 @@ def run(args) -> dict[str, Any]:
     args.compute_dtype = torch.bfloat16 if cuda else torch.float32
     report["settings"]["compute_dtype"] = str(args.compute_dtype).replace("torch.", "")
     example = M.inputs(config, h, w, tokens, device, args.compute_dtype)
-    ref = _reference(config, args, device, example)
+    try:
+        ref = _reference(config, args, device, example)
+    except Exception as e:  # without the reference no case can be compared: say why and stop
+        traceback.print_exc()
+        report["error"] = f"the bf16 reference failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        if args.json:
+            _write(args.json, report)
+        return report
     for fmt, backend, where in CASES:
         rec: dict[str, Any] = {"format": fmt, "backend": backend}
         only = args.formats and fmt not in args.formats and fmt.split(":")[0] not in args.formats
@@ -300,6 +307,9 @@ def table(reports: list[dict[str, Any]]) -> str:
             else:
                 lines.append(f"| {r['size']} | {c['format']} | {c['backend']} | - | - | - | - | - | "
                              f"{c.get('status')}: {str(c.get('reason', ''))[:90]} |")
+    for r in reports:
+        if r.get("error"):
+            lines.append(f"| {r['size']} | - | - | - | - | - | - | - | error: {r['error'][:120]} |")
     if reports:
         m = reports[0]["machine"]
         s = reports[0]["settings"]
@@ -343,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     report = run(args)
     print(table([report]))
+    failed = [f"{r['format']} {r['backend']}" for r in report["results"] if r.get("status") == "error"]
+    if report.get("error") or failed:
+        print(f"gpu_bench: {report.get('error') or 'errors in: ' + ', '.join(failed)}")
+        return 1
     return 0
 
 

@@ -22,9 +22,9 @@ OUTDIR=${OUT:-$REPO/bench-out/gpu-check}
 mkdir -p "$OUTDIR"
 PY=${PYTHON:-python3}
 # seconds per part (override with the environment variables to rebalance)
-PYTEST_S=${GPU_CHECK_PYTEST_S:-150}
-MEDIUM_S=${GPU_CHECK_MEDIUM_S:-100}
-FULL_S=${GPU_CHECK_FULL_S:-170}
+PYTEST_S=${GPU_CHECK_PYTEST_S:-140}
+MEDIUM_S=${GPU_CHECK_MEDIUM_S:-90}
+FULL_S=${GPU_CHECK_FULL_S:-160}
 DRY_S=${GPU_CHECK_DRY_S:-300}
 exec > >(tee "$OUTDIR/gpu-check.log") 2>&1
 T0=$(date +%s)
