@@ -216,6 +216,11 @@ def run(args) -> dict[str, Any]:
     # bf16 on CUDA, as the model runs there; float32 on the CPU, zopt's CPU default (bf16 matmuls are slow there)
     args.compute_dtype = torch.bfloat16 if cuda else torch.float32
     report["settings"]["compute_dtype"] = str(args.compute_dtype).replace("torch.", "")
+    from zopt._compile import enabled
+
+    # int8_w8a8's activation quantizer is torch.compile'd by default (ZOPT_COMPILE): its first
+    # compilation falls in that case's warm-up, not in the timed calls
+    report["settings"]["zopt_compile"] = enabled()
     example = M.inputs(config, h, w, tokens, device, args.compute_dtype)
     try:
         ref = _reference(config, args, device, example)

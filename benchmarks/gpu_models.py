@@ -80,8 +80,13 @@ def _scheme(fmt: str):
     raise ValueError(f"not a low-bit format: {fmt}")
 
 
-def _nf4_module(w: torch.Tensor, backend: str):
-    """An NF4 Linear for weight ``w``: bitsandbytes quantizes on CUDA, zopt's quantizer on the CPU."""
+# zopt's NF4 quantizer runs on the CPU: fine for the medium model, minutes for the full one
+CPU_NF4_MAX_WEIGHTS = 1_000_000_000
+
+
+def _nf4_module(w: torch.Tensor, backend: str, cpu_fallback: bool = True):
+    """An NF4 Linear for weight ``w``: bitsandbytes quantizes on CUDA, zopt's quantizer on the CPU
+    (also on CUDA when bitsandbytes fails there and ``cpu_fallback`` allows it)."""
     from zopt.formats.lowbit.nf4 import QS_KEY, nf4_linear, quantize_nf4
 
     if w.device.type == "cuda":
@@ -93,6 +98,9 @@ def _nf4_module(w: torch.Tensor, backend: str):
             parts = dict(state.as_dict(packed=True), weight=packed)
             return nf4_linear({k: v.to(w.device) for k, v in parts.items()}, backend)
         except Exception as e:  # no bitsandbytes, or no kernel for this CUDA: zopt's quantizer (slower)
+            if not cpu_fallback:
+                raise RuntimeError(f"bitsandbytes cannot quantize NF4 on this GPU ({type(e).__name__}: {e}); "
+                                   "quantizing this model on the CPU would outlast the part") from None
             _note_once(f"NF4 quantized on the CPU: bitsandbytes failed ({type(e).__name__}: {e})")
     vals = quantize_nf4(w.float().cpu(), True)
     keys = ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map", QS_KEY)
@@ -119,6 +127,7 @@ def build_lowbit(config: dict[str, Any], fmt: str, backend: str, seed: int, devi
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     policy = C.Policy({n + ".weight": None for n in _linear_names(model)}, {}, scheme.unsupported)
     kept = []
+    small = sum(s[0] * s[1] for n, s in shapes.items() if len(s) == 2) <= CPU_NF4_MAX_WEIGHTS
     for name, shape in shapes.items():
         dec = policy.decide(name, shape, "BF16")
         if not dec.quantize:
@@ -126,7 +135,7 @@ def build_lowbit(config: dict[str, Any], fmt: str, backend: str, seed: int, devi
             continue
         w = tensor(name, shape, seed, device)
         if fmt == "nf4":
-            mod = _nf4_module(w, backend)
+            mod = _nf4_module(w, backend, cpu_fallback=small)
         else:
             stored = [p[0] for p in scheme.parts(name, shape)]
             values = scheme.quantize(w.float())
