@@ -302,9 +302,24 @@ def hardware_for(device: str):
 
 
 def choose_backend(fmt: str, device: str, backend: str | None) -> str:
+    """The backend for modules built on ``device``. A backend named explicitly that cannot run on
+    the CPU but can on this machine's accelerator is accepted for ``device="cpu"``: offloading
+    builds the modules in system RAM and runs them on the accelerator."""
+    from ...errors import UnsupportedFormat
     from ...platform.backends import select
+    from ...platform.hardware import detect
 
-    return select(fmt, hardware_for(device), prefer=backend).name
+    hw = hardware_for(device)
+    try:
+        return select(fmt, hw, prefer=backend).name
+    except UnsupportedFormat as first:
+        accel = detect() if backend and backend != "auto" and hw.device == "cpu" else None
+        if accel is None or accel.device == "cpu":
+            raise
+        try:
+            return select(fmt, accel, prefer=backend).name
+        except UnsupportedFormat:
+            raise first from None
 
 
 def open_weights(path: Path):
