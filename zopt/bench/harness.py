@@ -110,7 +110,8 @@ def plan(specs: list[str], backend: str, hw) -> list[Planned]:
     """Decide, per format spec, which backends run here; the rest are kept with a reason."""
     from ..errors import MissingDependency, UnsupportedFormat
     from ..formats import module_for, parse_spec
-    from ..platform import backends
+    from ..formats.registry import select_backend
+    from ..platform.backends import ordered
 
     rows: list[Planned] = []
     for spec in specs:
@@ -130,16 +131,16 @@ def plan(specs: list[str], backend: str, hw) -> list[Planned]:
             continue
         for wish in _backend_wishes(backend, info.name):
             if wish == "all":
-                runnable = [b for b in backends.backends_for(info.name) if not b.why_not(hw)]
+                runnable = [b for b in ordered(info) if not b.why_not(hw)]
                 if not runnable:
                     try:
-                        backends.select(info.name, hw)
+                        select_backend(info, hw)
                     except UnsupportedFormat as e:
                         rows.append(Planned(norm, info.name, sub, status="skipped", message=str(e)))
                 rows += [Planned(norm, info.name, sub, b.name, f"{b.name}: {b.description}") for b in runnable]
                 continue
             try:
-                sel = backends.select(info.name, hw, prefer=None if wish == "auto" else wish)
+                sel = select_backend(info, hw, prefer=None if wish == "auto" else wish)
             except UnsupportedFormat as e:
                 rows.append(Planned(norm, info.name, sub, None if wish == "auto" else wish, status="skipped",
                                     message=str(e)))
@@ -220,7 +221,7 @@ def _record(common: dict[str, Any], row: Planned, role: str, result: dict[str, A
 def sweep(cfg: BenchConfig, display=None) -> list[dict[str, Any]]:
     """Run the whole sweep described by ``cfg``; write records under ``cfg.out``; return them."""
     from .. import checkpoint
-    from ..platform.hardware import detect
+    from ..runtime import detect
     from .display import SweepDisplay
     from .metrics import bits_per_weight
 

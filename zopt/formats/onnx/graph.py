@@ -19,7 +19,6 @@ computes the same function from plain tensors, using the model's own weights:
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -83,8 +82,6 @@ class ZImageGraph(nn.Module):
 
     def __init__(self, model: nn.Module, half: torch.dtype | None = None, tables: dict[str, torch.Tensor] | None = None):
         super().__init__()
-        from ...families import zimage
-
         self.model = model
         cfg = dict(model.config)
         self.dim, self.heads = cfg["dim"], cfg["n_heads"]
@@ -95,8 +92,8 @@ class ZImageGraph(nn.Module):
             self.register_buffer(name, t.to(next(model.parameters()).device), persistent=True)
         if half is not None:
             for name, mod in model.named_modules():
-                if isinstance(mod, nn.Linear) and zimage.sensitive_reason(f"{name}.weight") is None:
-                    mod.weight.data = mod.weight.data.to(half)
+                if isinstance(mod, nn.Linear):
+                    mod.weight.data = mod.weight.data.to(half_policy(f"{name}.weight", half, mod.weight.shape))
 
 
     # -- building blocks ---------------------------------------------------------------------
@@ -234,17 +231,18 @@ def graph_inputs(config: dict[str, Any], batch: int = 2, height: int = 16, width
     return lat, t, emb, lens
 
 
-def half_policy(name: str, half: torch.dtype | None) -> torch.dtype:
-    """The dtype tensor ``name`` (diffusers name) is stored in for an export with ``half``."""
-    from ...families import zimage
+def half_policy(name: str, half: torch.dtype | None, shape: tuple[int, ...], policy: Any = None) -> torch.dtype:
+    """The dtype tensor ``name`` (diffusers name) of ``shape`` is stored in for an export with
+    ``half``: ``half`` where ``policy`` (default: :class:`zopt.policy.Policy` without patterns)
+    quantizes it, float32 where it keeps it."""
+    from ...policy import Policy
 
-    if half is not None and name.endswith(".weight") and zimage.sensitive_reason(name) is None \
-            and not re.search(r"norm", name):
+    if half is not None and (policy or Policy()).decide(name, tuple(shape)).quantize:
         return half
     return torch.float32
 
 
-def skeleton(config: dict[str, Any], half: torch.dtype | None = None) -> ZImageGraph:
+def skeleton(config: dict[str, Any], half: torch.dtype | None = None, policy: Any = None) -> ZImageGraph:
     """A value-free ``ZImageGraph`` for tracing: every tensor is a zero-stride CPU view (no memory).
 
     Linear layers carry ``weight_t`` (in, out) in their storage dtype; the weights themselves are
@@ -260,7 +258,7 @@ def skeleton(config: dict[str, Any], half: torch.dtype | None = None) -> ZImageG
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.Linear):
             w = mod._parameters.pop("weight")
-            dt = half_policy(f"{name}.weight", half)
+            dt = half_policy(f"{name}.weight", half, tuple(w.shape), policy)
             mod.register_parameter("weight_t", nn.Parameter(hollow((w.shape[1], w.shape[0]), dt), requires_grad=False))
     for name, p in list(model.named_parameters()):
         mod_name, _, attr = name.rpartition(".")
