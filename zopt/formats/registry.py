@@ -56,9 +56,10 @@ class Format:
     needs: tuple[tuple[str, str], ...] = field(default=())  # (import name, pip extra) to convert/load
     default_subtype: str | None = None
 
-    def load_module(self):
-        """The format's module; MissingDependency / UnsupportedFormat when it cannot be used here."""
-        for pkg, extra in self.needs:
+    def load_module(self, check_needs: bool = True):
+        """The format's module; MissingDependency (unless ``check_needs`` is False: the options
+        class needs no optional package) / UnsupportedFormat when it cannot be used here."""
+        for pkg, extra in self.needs if check_needs else ():
             if importlib.util.find_spec(pkg) is None:
                 raise MissingDependency(pkg, extra, f"the {self.name} format")
         try:
@@ -69,7 +70,7 @@ class Format:
             raise
 
     def options_class(self):
-        return getattr(self.load_module(), self.options)
+        return getattr(self.load_module(check_needs=False), self.options)
 
     def parse_options(self, raw: dict[str, Any] | None, *, strict: bool = True):
         """The format's typed options from ``raw``; unknown keys and bad values raise OptionError."""
