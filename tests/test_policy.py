@@ -105,6 +105,8 @@ def test_same_keep_pattern_keeps_the_same_tensors_in_every_format(tmp_path):
     kept["fp8 comfy"] = _kept_lowbit(comfy, linear)
     gguf = formats.convert("tiny", "gguf:Q8_0", tmp_path / "t.gguf", options={"keep": keep}, progress=False)
     kept["gguf"] = _kept_gguf(gguf, linear)
+    # the file records the options that shaped it (a default conversion records none)
+    assert json.loads(checkpoint.open(gguf).metadata["zopt.options"]) == {"keep": keep}
     kept["onnx"] = _kept_onnx(tmp_path, config, keep)
     # the fused qkv of the original layout holds to_q, to_k and to_v: files in that layout keep all three
     fused = {"noise_refiner.0.attention.to_k.weight", "noise_refiner.0.attention.to_v.weight"}

@@ -12,7 +12,13 @@ from typing import Any
 
 from zopt._io import atomic_path
 from zopt.families import zimage
-from zopt.formats.artifact import read_manifest, source_provenance, verify_manifest, write_config, write_manifest
+from zopt.formats.artifact import (
+    read_manifest,
+    source_provenance,
+    verify_manifest,
+    write_config,
+    write_manifest,
+)
 from zopt.formats.options import Options
 from zopt.policy import Policy
 from zopt.safetensors_io import StreamingSafetensorsWriter

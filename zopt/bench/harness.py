@@ -106,6 +106,17 @@ def _backend_wishes(backend: str, fmt: str) -> list[str]:
     return specific or general or ["auto"]
 
 
+def check_options(options: dict[str, Any], names: set[str]) -> None:
+    """A sweep's options go to the formats that have them; a key none of ``names`` has is an error."""
+    from ..formats.options import OptionError, unknown_key_message
+    from ..formats.registry import option_names
+
+    known = tuple(dict.fromkeys(k for n in sorted(names) for k in option_names(n)))
+    for key in options:
+        if key not in known:
+            raise OptionError(unknown_key_message("", key, known, "no format of this sweep has option"))
+
+
 def plan(specs: list[str], backend: str, hw) -> list[Planned]:
     """Decide, per format spec, which backends run here; the rest are kept with a reason."""
     from ..errors import MissingDependency, UnsupportedFormat
@@ -244,6 +255,7 @@ def sweep(cfg: BenchConfig, display=None) -> list[dict[str, Any]]:
                      "guidance_scale": cfg.guidance_scale, "device": device},
     }
     rows = plan(expand_formats(cfg.formats), cfg.backend, hw)
+    check_options(cfg.options, {r.name for r in rows if r.status is None})
     base = cfg.base or pipeline_folder_of(cfg.source)
     display = display or SweepDisplay(1 + sum(r.status is None for r in rows), enabled=cfg.progress)
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=out))

@@ -121,14 +121,12 @@ def load(path: str | os.PathLike, device: str = "cpu", backend: Any = None, dtyp
     info = FORMATS.get(ALIASES.get(fmt, fmt))
     if info is None:
         raise UnsupportedFormat(f"artifact has unknown format {fmt!r}", path)
-    if backend is None or not hasattr(backend, "backend"):
+    if not hasattr(backend, "backend") and any(b.requires for b in info.backends):
         from ..platform.hardware import detect, for_device
         from .registry import packages
 
-        hw = for_device(hardware or detect(packages()), device)
-        backend = select_backend(info, hw, prefer=backend)
-    else:
-        backend = select_backend(info, None, prefer=backend)
+        hardware = for_device(hardware or detect(packages()), device)
+    backend = select_backend(info, hardware, prefer=backend)
     plain_source = fmt in ("tiny", "safetensors") or (
         fmt == "bf16" and not (Path(path) / MANIFEST_NAME).exists()
         and not (Path(path) / "transformer" / MANIFEST_NAME).exists())
@@ -138,8 +136,5 @@ def load(path: str | os.PathLike, device: str = "cpu", backend: Any = None, dtyp
         model = load_source(path, device=device, dtype=dtype)
     else:
         model = module_for(info).load(Path(path), device=device, backend=backend.name, dtype=dtype, **kw)
-    try:
-        model.zopt_backend = backend.name
-    except AttributeError:  # a module that does not take attributes: the caller has the selection
-        pass
+    model.zopt_backend = backend.name
     return model

@@ -76,10 +76,12 @@ class Options:
         return {k: v for k, v in self.recorded().items() if default.get(k) != v}
 
 
-def unknown_key_message(format: str, key: str, valid: tuple[str, ...]) -> str:
+def unknown_key_message(format: str, key: str, valid: tuple[str, ...], subject: str | None = None) -> str:
+    """``"<format> has no option 'key'; did you mean 'x'? (valid: ...)"`` (``subject`` replaces
+    ``"<format> has no option"``)."""
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"{format} has no option {key!r}{hint} (valid: {', '.join(valid)})"
+    return f"{subject or format + ' has no option'} {key!r}{hint} (valid: {', '.join(valid)})"
 
 
 def _coerce(format: str, key: str, value: Any, hint: Any, choices: tuple | None) -> Any:

@@ -169,20 +169,21 @@ def select(backends: Iterable[Backend] | HasBackends, hardware: Hardware | None 
     cands = ordered(backends)
     if not cands:
         raise UnsupportedFormat(f"format {label!r} cannot run: no backend is declared")
-    hw = hardware or detect(required_packages(cands))
+    # detect only when a requirement has to be checked (a backend without any runs anywhere)
+    hw = hardware or (detect(required_packages(cands)) if any(b.requires for b in cands) else None)
     if prefer and prefer != "auto":
         chosen = next((b for b in cands if b.name == prefer), None)
         if chosen is None:
             raise UnsupportedFormat(
                 f"format {label!r} has no backend {prefer!r}; known: {', '.join(b.name for b in cands)}"
             )
-        missing = chosen.why_not(hw)
+        missing = chosen.why_not(hw) if chosen.requires else []
         if missing:
             raise UnsupportedFormat(f"backend {prefer!r} for {label} cannot run here: {'; '.join(missing)}")
         return Selection(chosen, f"{prefer} requested")
     skipped = []
     for b in cands:
-        missing = b.why_not(hw)
+        missing = b.why_not(hw) if b.requires else []
         if not missing:
             reason = f"{b.name}: {b.description}" if b.description else b.name
             if skipped:
