@@ -49,8 +49,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from diffusers import GGUFQuantizationConfig, ZImageTransformer2DModel
 
-    from zopt.formats import convert, gguf_recipes
-    from zopt.formats.gguf.loader import load
+    from zopt.formats import convert, load
+    from zopt.formats.gguf import recipes as gguf_recipes
     from zopt.formats.plain import load_source
     from zopt.models import tiny_pipeline_dir
 
