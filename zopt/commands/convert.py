@@ -64,7 +64,7 @@ def default_out(source: str, to: str) -> Path:
     info, sub = parse_spec(to)
     stem = "tiny" if source == "tiny" else Path(source.rstrip("/")).name.split(".")[0]
     tag = f"{info.name}-{sub}".lower() if sub else info.name
-    return Path("exports") / (f"{stem}-{tag}.gguf" if info.artifact == "file" and info.name == "gguf" else f"{stem}-{tag}")
+    return Path("exports") / f"{stem}-{tag}{info.suffix}"
 
 
 def run(args) -> int:

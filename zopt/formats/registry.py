@@ -55,6 +55,7 @@ class Format:
     tags: tuple[str, ...] = ()  # model-card tags of a published variant
     needs: tuple[tuple[str, str], ...] = field(default=())  # (import name, pip extra) to convert/load
     default_subtype: str | None = None
+    suffix: str = ""  # file name suffix of a single-file artifact (".gguf")
 
     def load_module(self, check_needs: bool = True):
         """The format's module; MissingDependency (unless ``check_needs`` is False: the options
@@ -105,7 +106,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
             Candidate("gguf:Q4_K_M", 4.85, True, "Q4_K body, Q6_K on sensitive rows (mix)", quality=60),
             Candidate("gguf:Q3_K_M", 3.9, True, "Q3_K body (mix)", fallback=True, quality=90),
             Candidate("gguf:Q2_K", 2.625, True, "lowest quality", fallback=True, quality=100)),
-           ("gguf",), default_subtype="Q8_0"),
+           ("gguf",), default_subtype="Q8_0", suffix=".gguf"),
     Format("fp8", "zopt.formats.lowbit.fp8", "FP8 E4M3FN (or E5M2) weights, per-output-channel scales", 8, "folder",
            "FP8Options", (
                Backend("scaled-mm", 30, (needs_device("cuda"), needs_cc(8, 9)),
