@@ -105,7 +105,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from diffusers import GGUFQuantizationConfig, ZImageTransformer2DModel
 
-    from zopt.formats.gguf.loader import load
+    from zopt.formats import load  # selects the backend once, then the GGUF loader
     from zopt.formats.plain import load_source
 
     types = tuple(args.types.split(","))

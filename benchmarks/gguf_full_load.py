@@ -20,7 +20,7 @@ import sys
 CHILD = r"""
 import json, resource, sys, time
 import torch
-from zopt.formats.gguf.loader import load
+from zopt.formats import load
 path, backend, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3])
 t0 = time.perf_counter()
 m = load(path, backend=backend)

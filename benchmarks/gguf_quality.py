@@ -50,8 +50,8 @@ def main() -> None:
     from diffusers import GGUFQuantizationConfig, ZImageTransformer2DModel
 
     from zopt.families.zimage.tiny import tiny_pipeline_dir
-    from zopt.formats import convert, gguf_recipes
-    from zopt.formats.gguf.loader import load
+    from zopt.formats import convert, load
+    from zopt.formats.gguf import recipes as gguf_recipes
     from zopt.formats.plain import load_source
 
     src = tiny_pipeline_dir() / "transformer"

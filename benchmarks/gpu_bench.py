@@ -10,7 +10,7 @@ case builds the format in memory, runs one transformer call (one denoising step)
 times, then times ``--iters`` calls with CUDA events and reports the median, the peak allocated
 and reserved VRAM during the timed calls (``torch.cuda.max_memory_*``), the resident weight bytes
 and the output's relative L2 error against the bf16 model's. Whether a backend can run here is
-the backend registry's answer (``zopt.platform.backends.select``); cases it refuses are listed as
+the backend registry's answer (``zopt.formats.registry.select_backend``); cases it refuses are listed as
 skipped with its reason. The JSON is rewritten after every case, so a part stopped by its time
 budget keeps what it measured. Without CUDA, ``--dry`` runs the same code on the tiny model on
 the CPU (wall-clock timing, no VRAM) and any GPU run is refused with a message.
@@ -145,11 +145,11 @@ def rel_err(a, b) -> float:
 def why_not(fmt: str, backend: str, device: str) -> str | None:
     """The backend registry's reason ``backend`` cannot run ``fmt`` here, or None when it can."""
     from zopt.errors import ZoptError
-    from zopt.formats.lowbit.common import hardware_for
-    from zopt.platform.backends import select
+    from zopt.formats.registry import packages, select_backend
+    from zopt.platform.hardware import detect, for_device
 
     try:
-        select(fmt.split(":")[0], hardware_for(device), prefer=backend)
+        select_backend(fmt.split(":")[0], for_device(detect(packages()), device), prefer=backend)
     except ZoptError as e:
         return str(e)
     return None

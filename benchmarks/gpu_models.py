@@ -126,11 +126,13 @@ def build_lowbit(config: dict[str, Any], fmt: str, backend: str, seed: int, devi
     scheme = _scheme(fmt)
     model = _empty(config)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    policy = C.Policy({n + ".weight": None for n in _linear_names(model)}, {}, scheme.unsupported)
+    from zopt.policy import Policy
+
+    policy = Policy(unsupported=scheme.unsupported)
     kept = []
     small = sum(s[0] * s[1] for n, s in shapes.items() if len(s) == 2) <= CPU_NF4_MAX_WEIGHTS
     for name, shape in shapes.items():
-        dec = policy.decide(name, shape, "BF16")
+        dec = C.decide(policy, name, shape, "BF16")
         if not dec.quantize:
             kept.append(name)
             continue

@@ -52,9 +52,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 # Edges that exist only until backends become registry data (formats declare their kernels to the
 # platform layer; select() runs once and its choice is passed into load). Each is to be removed
 # then; nothing else may be added here.
-UNTIL_BACKENDS_ARE_REGISTRY_DATA: frozenset[tuple[str, str]] = frozenset({
-    ("zopt.platform.backends", "zopt.formats"),
-})
+UNTIL_BACKENDS_ARE_REGISTRY_DATA: frozenset[tuple[str, str]] = frozenset()
 
 
 def _modules() -> dict[str, Path]:

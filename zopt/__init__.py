@@ -40,7 +40,7 @@ def load(path, device: str = "cpu", backend: str | None = None, dtype=None):
 
 
 def detect():
-    """Detect the hardware (see :func:`zopt.platform.hardware.detect`)."""
-    from .platform.hardware import detect as _detect
+    """Detect the hardware (see :func:`zopt.runtime.detect`)."""
+    from .runtime import detect as _detect
 
     return _detect()

@@ -36,12 +36,13 @@ def _yaml_list(items: list[str]) -> str:
 
 
 def front_matter(variants, repo_id: str | None, license: str | None, base_model: str) -> str:
+    from .formats.registry import card_tags
+
     tags = ["z-image", "text-to-image", "quantized", "zopt"]
     for v in variants:
-        tag = {"gguf": "gguf", "fp8": "fp8", "int8": "int8", "int8_w8a8": "int8", "int4": "int4", "nf4": "nf4",
-               "onnx": "onnx", "tensorrt": "tensorrt"}.get(v.format)
-        if tag and tag not in tags:
-            tags.append(tag)
+        for tag in card_tags(v.format):
+            if tag not in tags:
+                tags.append(tag)
     library = "gguf" if all(v.format == "gguf" for v in variants) else "diffusers"
     return (
         "---\n"

@@ -81,3 +81,13 @@ def test_worker_records_a_bad_model_as_failed(tmp_path):
     res = H.run_worker(spec, tmp_path, "w", 120)
     assert res["status"] == "failed"
     assert "no-such-artifact" in res["message"] and "no such file or folder" in res["message"]
+
+
+def test_sweep_options_go_to_the_formats_that_have_them():
+    from zopt.formats.options import OptionError
+
+    H.check_options({"group_size": "64", "workers": 2}, {"int4", "gguf", "bf16"})
+    with pytest.raises(OptionError, match="no format of this sweep has option 'grup_size'; did you mean 'group_size'"):
+        H.check_options({"grup_size": 64}, {"int4", "bf16"})
+    with pytest.raises(OptionError, match="'workers'"):
+        H.check_options({"workers": 2}, {"int4", "bf16"})

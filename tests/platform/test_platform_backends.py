@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, replace
 
 import pytest
 
 from zopt.errors import UnsupportedFormat
+from zopt.formats.registry import select_backend
 from zopt.platform import backends as B
 from zopt.platform.fakes import FAKES
 
@@ -55,7 +57,8 @@ def test_requirement_holds_exactly_on_expected_machines(req, expected):
 
 @pytest.fixture
 def local_formats():
-    """Test-local registrations mirroring the project's per-format backend plan."""
+    """Test-local backend declarations (data, as a registry entry holds them) mirroring the
+    project's per-format backend plan."""
     made = {
         "t-fp8": [("scaled-mm", 20, (B.needs_device("cuda"), B.needs_cc(8, 9))), ("fp8-storage", 10, ())],
         "t-nf4": [("bitsandbytes", 20, (B.needs_device("cuda"), B.needs_package("bitsandbytes", "bnb"))),
@@ -68,12 +71,16 @@ def local_formats():
         "t-big": [("roomy", 20, (B.needs_free_memory(64 * 1024**3),)), ("mps-only", 15, (B.needs_mps(),)),
                   ("cdna3", 12, (B.needs_rocm_arch("gfx94"),)), ("amx", 11, (B.needs_cpu_flag("amx_tile"),))],
     }
-    for fmt, rows in made.items():
-        for name, prio, req in rows:
-            B.register(fmt, name, prio, req, f"{name} test backend")
-    yield made
-    for fmt in made:
-        B.unregister(fmt)
+    return {fmt: _Entry(fmt, tuple(B.Backend(name, prio, req, f"{name} test backend") for name, prio, req in rows))
+            for fmt, rows in made.items()}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """What select() needs of a registry entry: a name and its backends."""
+
+    name: str
+    backends: tuple
 
 
 EXPECTED = {
@@ -90,73 +97,100 @@ EXPECTED = {
 @pytest.mark.parametrize("machine", list(FAKES))
 def test_selection_rules_on_every_machine(local_formats, machine):
     hw = FAKES[machine]
-    for fmt, want in zip(local_formats, EXPECTED[machine], strict=True):
+    for entry, want in zip(local_formats.values(), EXPECTED[machine], strict=True):
         if want is None:
             with pytest.raises(UnsupportedFormat) as e:
-                B.select(fmt, hw)
-            assert "no backend can run" in str(e.value) and "needs" in str(e.value)
+                B.select(entry, hw)
+            assert "no backend can run" in str(e.value) and "needs" in str(e.value) and entry.name in str(e.value)
             continue
-        sel = B.select(fmt, hw)
-        assert sel.name == want, (fmt, machine)
+        sel = B.select(entry, hw)
+        assert sel.name == want, (entry.name, machine)
         assert not sel.backend.why_not(hw)
         # every higher-priority backend really was unavailable, and the reason says so
-        for b in B.backends_for(fmt):
+        for b in B.ordered(entry):
             if b.priority > sel.backend.priority:
                 assert b.why_not(hw) and b.name in sel.reason
 
 
 def test_sm90_80gb_amx_order(local_formats):
     # with the roomy backend gone, the CPU-flag one is next on the H100 box (AMX), absent elsewhere
-    B.unregister("t-big", "roomy")
-    assert B.select("t-big", FAKES["cuda-sm90-80gb"]).name == "amx"
-    assert B.select("t-big", FAKES["rocm-mi300x"]).name == "cdna3"
+    big = local_formats["t-big"]
+    big = replace(big, backends=tuple(b for b in big.backends if b.name != "roomy"))
+    assert B.select(big, FAKES["cuda-sm90-80gb"]).name == "amx"
+    assert B.select(big.backends, FAKES["rocm-mi300x"]).name == "cdna3"  # a plain sequence works too
 
 
 def test_requested_backend_that_cannot_run_names_what_is_missing(local_formats):
+    fp8, trt = local_formats["t-fp8"], local_formats["t-trt"]
     with pytest.raises(UnsupportedFormat) as e:
-        B.select("t-fp8", FAKES["cuda-sm80-24gb"], prefer="scaled-mm")
+        B.select(fp8, FAKES["cuda-sm80-24gb"], prefer="scaled-mm")
     assert "compute capability >= 8.9" in str(e.value)
     with pytest.raises(UnsupportedFormat) as e:
-        B.select("t-trt", FAKES["apple-mps"], prefer="tensorrt")
+        B.select(trt, FAKES["apple-mps"], prefer="tensorrt")
     assert "CUDA" in str(e.value) and "zopt[tensorrt]" in str(e.value)
     with pytest.raises(UnsupportedFormat) as e:
-        B.select("t-fp8", FAKES["cpu-only"], prefer="nonesuch")
+        B.select(fp8, FAKES["cpu-only"], prefer="nonesuch")
     assert "scaled-mm" in str(e.value) and "fp8-storage" in str(e.value)
-    assert B.select("t-fp8", FAKES["cpu-only"], prefer="fp8-storage").reason == "fp8-storage requested"
-    assert B.select("t-fp8", FAKES["cpu-only"], prefer="auto").name == "fp8-storage"
+    assert B.select(fp8, FAKES["cpu-only"], prefer="fp8-storage").reason == "fp8-storage requested"
+    assert B.select(fp8, FAKES["cpu-only"], prefer="auto").name == "fp8-storage"
+
+
+def test_a_selection_is_made_once(local_formats):
+    # a Selection handed on is used as it is, whatever the hardware it meets later
+    sel = B.select(local_formats["t-fp8"], FAKES["cuda-sm90-80gb"])
+    assert sel.name == "scaled-mm"
+    assert B.select(local_formats["t-fp8"], FAKES["cpu-only"], prefer=sel) is sel
+
+
+def test_platform_layer_imports_no_format():
+    import ast
+    from pathlib import Path
+
+    root = Path(B.__file__).parent
+    for f in root.glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                mod = ("." * node.level) + (node.module or "")
+                # only the leaf modules above it (errors) may be imported from the package root
+                assert "formats" not in mod and (not mod.startswith("..") or mod == "..errors"), (f.name, mod)
+            elif isinstance(node, ast.Import):
+                assert not any("zopt.formats" in a.name for a in node.names), f.name
 
 
 def test_format_missing_from_build_is_reported_not_crashed(monkeypatch):
-    from zopt import formats
+    from zopt.formats import registry
 
-    ghost = formats.FormatInfo("ghost", "zopt.formats.ghost_not_here", "test", 4, "folder")
-    monkeypatch.setitem(formats.FORMATS, "ghost", ghost)
-    monkeypatch.delitem(B._LOAD_PROBLEMS, "ghost", raising=False)
-    assert B.format_status("ghost") == "not in this build"
+    ghost = registry.Format("ghost", "zopt.formats.ghost_not_here", "test", 4, "folder", "Options",
+                            (B.Backend("torch", 10),))
+    monkeypatch.setitem(registry.FORMATS, "ghost", ghost)
+    monkeypatch.delitem(registry._STATUS, "ghost", raising=False)
+    assert registry.status("ghost") == "not in this build"
     with pytest.raises(UnsupportedFormat, match="not in this zopt build"):
-        B.select("ghost", FAKES["cpu-only"])
+        registry.select_backend("ghost", FAKES["cpu-only"])
     from zopt.runtime.matrix import format_report
 
     assert format_report(FAKES["cpu-only"])["ghost"] == {"status": "not in this build", "selected": None,
                                                          "reason": None, "backends": []}
-    B._LOAD_PROBLEMS.pop("ghost", None)
+    registry._STATUS.pop("ghost", None)
 
 
 def test_plain_formats_run_everywhere():
+    from zopt.formats.registry import select_backend
+
     for hw in FAKES.values():
         for fmt in ("bf16", "fp16", "fp32", "tiny", "safetensors"):
-            assert B.select(fmt, hw).name == "torch"
+            assert select_backend(fmt, hw).name == "torch"
 
 
 # --- the real format modules (present after the format branches merge) ----------------------------
 
 def _select_all(fmt):
-    return {m: (B.select(fmt, hw).name if _runs(fmt, hw) else None) for m, hw in FAKES.items()}
+    return {m: (select_backend(fmt, hw).name if _runs(fmt, hw) else None) for m, hw in FAKES.items()}
 
 
 def _runs(fmt, hw):
     try:
-        B.select(fmt, hw)
+        select_backend(fmt, hw)
         return True
     except UnsupportedFormat:
         return False

@@ -17,7 +17,11 @@ def test_detect_this_machine():
 
     import psutil
 
-    hw = detect()
+    from zopt.formats.registry import packages
+
+    # the packages to probe come from the format registry (the platform layer knows no formats)
+    assert {"onnxruntime", "bitsandbytes", "tensorrt"} <= set(packages())
+    hw = detect(packages())
     assert hw.device in ("cuda", "rocm", "mps", "xpu", "cpu")
     assert 0 < hw.free_memory <= hw.total_memory
     assert hw.cores == (os.cpu_count() or 1)

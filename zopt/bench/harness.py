@@ -106,11 +106,23 @@ def _backend_wishes(backend: str, fmt: str) -> list[str]:
     return specific or general or ["auto"]
 
 
+def check_options(options: dict[str, Any], names: set[str]) -> None:
+    """A sweep's options go to the formats that have them; a key none of ``names`` has is an error."""
+    from ..formats.options import OptionError, unknown_key_message
+    from ..formats.registry import option_names
+
+    known = tuple(dict.fromkeys(k for n in sorted(names) for k in option_names(n)))
+    for key in options:
+        if key not in known:
+            raise OptionError(unknown_key_message("", key, known, "no format of this sweep has option"))
+
+
 def plan(specs: list[str], backend: str, hw) -> list[Planned]:
     """Decide, per format spec, which backends run here; the rest are kept with a reason."""
     from ..errors import MissingDependency, UnsupportedFormat
     from ..formats import module_for, parse_spec
-    from ..platform import backends
+    from ..formats.registry import select_backend
+    from ..platform.backends import ordered
 
     rows: list[Planned] = []
     for spec in specs:
@@ -130,16 +142,16 @@ def plan(specs: list[str], backend: str, hw) -> list[Planned]:
             continue
         for wish in _backend_wishes(backend, info.name):
             if wish == "all":
-                runnable = [b for b in backends.backends_for(info.name) if not b.why_not(hw)]
+                runnable = [b for b in ordered(info) if not b.why_not(hw)]
                 if not runnable:
                     try:
-                        backends.select(info.name, hw)
+                        select_backend(info, hw)
                     except UnsupportedFormat as e:
                         rows.append(Planned(norm, info.name, sub, status="skipped", message=str(e)))
                 rows += [Planned(norm, info.name, sub, b.name, f"{b.name}: {b.description}") for b in runnable]
                 continue
             try:
-                sel = backends.select(info.name, hw, prefer=None if wish == "auto" else wish)
+                sel = select_backend(info, hw, prefer=None if wish == "auto" else wish)
             except UnsupportedFormat as e:
                 rows.append(Planned(norm, info.name, sub, None if wish == "auto" else wish, status="skipped",
                                     message=str(e)))
@@ -221,7 +233,7 @@ def sweep(cfg: BenchConfig, display=None) -> list[dict[str, Any]]:
     """Run the whole sweep described by ``cfg``; write records under ``cfg.out``; return them."""
     from .. import checkpoint
     from ..families import resolve_source
-    from ..platform.hardware import detect
+    from ..runtime import detect
     from .display import SweepDisplay
     from .metrics import bits_per_weight
 
@@ -244,6 +256,7 @@ def sweep(cfg: BenchConfig, display=None) -> list[dict[str, Any]]:
                      "guidance_scale": cfg.guidance_scale, "device": device},
     }
     rows = plan(expand_formats(cfg.formats), cfg.backend, hw)
+    check_options(cfg.options, {r.name for r in rows if r.status is None})
     base = cfg.base or pipeline_folder_of(cfg.source)
     display = display or SweepDisplay(1 + sum(r.status is None for r in rows), enabled=cfg.progress)
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=out))

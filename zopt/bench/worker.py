@@ -46,7 +46,11 @@ def _convert(spec: dict[str, Any], metrics: dict[str, Any]) -> None:
 
     emit(phase="convert")
     t0 = time.perf_counter()
-    formats.convert(spec["source"], spec["to"], spec["out"], options=spec.get("options") or {}, progress=False)
+    # a sweep's options apply to the formats that have them (group_size to int4, workers to gguf...)
+    info, _ = formats.parse_spec(spec["to"])
+    known = set(info.options_class().names())
+    options = {k: v for k, v in (spec.get("options") or {}).items() if k in known}
+    formats.convert(spec["source"], spec["to"], spec["out"], options=options, progress=False)
     metrics["convert_s"] = round(time.perf_counter() - t0, 4)
 
 

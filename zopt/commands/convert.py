@@ -16,7 +16,8 @@ def add_arguments(p) -> None:
     p.add_argument("--layout", choices=["diffusers", "comfy"], default=None,
                    help="artifact layout where a format offers several (fp8: comfy = ComfyUI scaled-FP8 single file)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="format option, e.g. group_size=64, double_quant=true, fp8=e5m2")
+                   help="format option, e.g. group_size=64, double_quant=true, fp8=e5m2 (each format's "
+                        "options: docs/formats.md; an unknown key is an error)")
     p.add_argument("--list-types", action="store_true", help="list formats and types with bits per weight")
     p.add_argument("--allow-pickle", action="store_true", help="accept .ckpt/.pt/.bin (loaded with weights_only=True)")
     p.add_argument("--no-hash", action="store_true", help="skip hashing the source for provenance")
@@ -63,7 +64,7 @@ def default_out(source: str, to: str) -> Path:
     info, sub = parse_spec(to)
     stem = "tiny" if source == "tiny" else Path(source.rstrip("/")).name.split(".")[0]
     tag = f"{info.name}-{sub}".lower() if sub else info.name
-    return Path("exports") / (f"{stem}-{tag}.gguf" if info.artifact == "file" and info.name == "gguf" else f"{stem}-{tag}")
+    return Path("exports") / f"{stem}-{tag}{info.suffix}"
 
 
 def run(args) -> int:

@@ -18,7 +18,7 @@ def run(args) -> int:
     import json
 
     from ..platform.fakes import fake
-    from ..platform.hardware import detect
+    from ..runtime import detect
     from ..runtime.matrix import attention_report, format_report
 
     hw = fake(args.hardware) if args.hardware else detect()

@@ -18,8 +18,7 @@ def run(args) -> int:
 
     from ..errors import ZoptError
     from ..platform.fakes import fake
-    from ..platform.hardware import detect
-    from ..runtime import planner
+    from ..runtime import detect, planner
     from .generate import parse_resolution
 
     w, h = parse_resolution(args.resolution)

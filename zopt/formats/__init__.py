@@ -1,64 +1,26 @@
-"""Format registry: one line per format; each format lives in its own module.
-
-A format module provides
-
-* ``convert(source: TensorSource, out: Path, subtype: str | None, options: dict, progress: bool) -> Path``
-  writing a self-describing artifact (atomically), reading the source through the one read path;
-* ``load(path: Path, device: str = "cpu", backend: str | None = None, dtype=None) -> torch.nn.Module``
-  rebuilding a working transformer module of its family from the artifact alone;
-* optionally ``list_types() -> list[tuple[str, float, str]]`` (subtype, bits/weight, summary).
-
-Nothing here imports a format module until it is used, so ``import zopt`` stays fast.
+"""Formats: the registry (:mod:`zopt.formats.registry`, one entry per format) and the verbs that
+use it: :func:`convert` (typed options, then the format's converter) and :func:`load` (the backend
+selected once, then the format's loader). Each format lives in its own module or subpackage;
+nothing here imports one until it is used, so ``import zopt`` stays fast.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import MissingDependency, SourceNotFound, UnsupportedFormat
+from ..errors import SourceNotFound, UnsupportedFormat
+from .registry import ALIASES, FORMATS, Format, select_backend
 
-
-@dataclass(frozen=True)
-class FormatInfo:
-    name: str
-    module: str
-    summary: str
-    bits: float | None  # nominal bits per weight of quantized tensors (None: depends on subtype)
-    artifact: str  # "file" (a single file) or "folder"
-    needs: tuple[tuple[str, str], ...] = field(default=())  # (import name, pip extra) to convert/load
-    default_subtype: str | None = None
-
-
-FORMATS: dict[str, FormatInfo] = {
-    f.name: f
-    for f in (
-        FormatInfo("bf16", "zopt.formats.plain", "diffusers folder, bfloat16 (the reference)", 16, "folder"),
-        FormatInfo("fp16", "zopt.formats.plain", "diffusers folder, float16", 16, "folder"),
-        FormatInfo("fp32", "zopt.formats.plain", "diffusers folder, float32", 32, "folder"),
-        FormatInfo("gguf", "zopt.formats.gguf", "GGUF file (llama.cpp/ComfyUI/sd.cpp), F32 ... Q2_K and K-quant recipes",
-                   None, "file", default_subtype="Q8_0"),
-        FormatInfo("fp8", "zopt.formats.lowbit.fp8", "FP8 E4M3FN (or E5M2) weights, per-output-channel scales", 8, "folder"),
-        FormatInfo("int8", "zopt.formats.lowbit.int8", "INT8 symmetric per-output-channel weights", 8, "folder"),
-        FormatInfo("int8_w8a8", "zopt.formats.lowbit.int8", "INT8 weights + dynamic per-token INT8 activations", 8, "folder"),
-        FormatInfo("int4", "zopt.formats.lowbit.int4", "INT4 group-wise asymmetric weights with clipping search", 4, "folder"),
-        FormatInfo("nf4", "zopt.formats.lowbit.nf4", "bitsandbytes 4-bit NormalFloat, blocksize 64", 4, "folder"),
-        FormatInfo("onnx", "zopt.formats.onnx", "ONNX export (fp32/fp16/bf16) and onnxruntime int8/int4 variants",
-                   None, "folder", needs=(("onnx", "onnx"), ("onnxruntime", "onnx")), default_subtype="fp32"),
-        FormatInfo("tensorrt", "zopt.formats.onnx.tensorrt", "TensorRT engine built from the ONNX export (NVIDIA GPU)",
-                   None, "folder", needs=(("tensorrt", "tensorrt"),), default_subtype="bf16"),
-    )
-}
+FormatInfo = Format  # the name older code used for a registry entry
 
 MANIFEST_NAME = "zopt-manifest.json"
 
 
-def parse_spec(spec: str) -> tuple[FormatInfo, str | None]:
-    """``"gguf:Q4_K_M"`` -> (FormatInfo for gguf, "Q4_K_M"); ``"fp8"`` -> (fp8, None)."""
+def parse_spec(spec: str) -> tuple[Format, str | None]:
+    """``"gguf:Q4_K_M"`` -> (the gguf entry, "Q4_K_M"); ``"fp8"`` -> (fp8, None)."""
     name, _, sub = spec.partition(":")
     name = name.strip().lower()
     if name not in FORMATS:
@@ -67,41 +29,43 @@ def parse_spec(spec: str) -> tuple[FormatInfo, str | None]:
     return info, (sub.strip() or info.default_subtype or None)
 
 
-def module_for(info: FormatInfo):
-    for pkg, extra in info.needs:
-        if importlib.util.find_spec(pkg) is None:
-            raise MissingDependency(pkg, extra, f"the {info.name} format")
-    try:
-        return importlib.import_module(info.module)
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("zopt"):
-            raise UnsupportedFormat(f"format {info.name!r} is not available in this zopt build") from None
-        raise
+def module_for(info: Format):
+    """The format's module (see :meth:`Format.load_module`)."""
+    return info.load_module()
 
 
 def convert(source: Any, to: str, out: str | os.PathLike, *, options: dict[str, Any] | None = None,
             progress: bool = True, allow_pickle: bool = False) -> Path:
-    """Convert ``source`` (path, hub id, ``tiny`` or an open TensorSource) to format spec ``to`` at ``out``."""
+    """Convert ``source`` (path, hub id, ``tiny`` or an open TensorSource) to format spec ``to`` at ``out``.
+
+    ``options``: the format's options as a dict (``--option`` strings or Python values) or an
+    instance of its options class; an unknown key or a bad value raises OptionError before any
+    work is done.
+    """
     from .. import checkpoint
     from ..families import resolve_source
+    from .options import Options
 
     info, sub = parse_spec(to)
     mod = module_for(info)
+    opts = options if isinstance(options, Options) else info.parse_options(options)
     src = source if isinstance(source, checkpoint.TensorSource) else \
         checkpoint.open(resolve_source(source), allow_pickle=allow_pickle)
-    opts = dict(options or {})
-    if info.name in ("bf16", "fp16", "fp32", "int8", "int8_w8a8"):
-        opts.setdefault("format", info.name)
-    result = mod.convert(src, Path(out), sub, opts, progress)
+    result = mod.convert(src, Path(out), sub, opts, progress, format=info.name)
     source_spec = os.fspath(source.path) if isinstance(source, checkpoint.TensorSource) else os.fspath(source)
-    _record_command(result, command_line(to, source_spec, options or {}))
+    _record_command(result, command_line(to, source_spec, opts.changed()))
     return result
 
 
-def command_line(to: str, source: str | None, options: dict[str, Any]) -> str:
-    """The ``zopt convert`` command that reproduces a conversion with these user options."""
+def command_line(to: str, source: str | None, options: Any) -> str:
+    """The ``zopt convert`` command that reproduces a conversion with these user options
+    (a dict, or an options instance: then its non-default recorded values)."""
     import shlex
 
+    from .options import Options
+
+    if isinstance(options, Options):
+        options = options.changed()
     parts = ["zopt", "convert", source or "SOURCE", "--to", to]
     for pat in options.get("keep", []) or []:
         parts += ["--keep", str(pat)]
@@ -146,22 +110,36 @@ def artifact_format(path: str | os.PathLike) -> str:
     return "bf16"
 
 
-def load(path: str | os.PathLike, device: str = "cpu", backend: str | None = None, dtype: Any = None):
-    """Load any artifact (or source checkpoint) as a ready transformer module of its family."""
+def load(path: str | os.PathLike, device: str = "cpu", backend: Any = None, dtype: Any = None,
+         hardware: Any = None, **kw: Any):
+    """Load any artifact (or source checkpoint) as a ready transformer module of its family.
+
+    The backend is selected here, once, for ``device`` on ``hardware`` (default: this machine):
+    ``backend`` is a name to prefer, or a :class:`~zopt.platform.backends.Selection` already made
+    (then it is used as it is). The format's loader receives the chosen name; ``kw`` goes to it too.
+    The module's ``zopt_backend`` says which backend runs it.
+    """
     from ..families import resolve_source
 
     path = resolve_source(path)
     fmt = artifact_format(path)
-    if fmt in ("tiny", "safetensors"):
-        from .plain import load_source
-
-        return load_source(path, device=device, dtype=dtype)
-    if fmt == "bf16" and not (Path(path) / MANIFEST_NAME).exists() and not (Path(path) / "transformer" / MANIFEST_NAME).exists():
-        from .plain import load_source
-
-        return load_source(path, device=device, dtype=dtype)
-    info = FORMATS.get(fmt)
+    info = FORMATS.get(ALIASES.get(fmt, fmt))
     if info is None:
         raise UnsupportedFormat(f"artifact has unknown format {fmt!r}", path)
-    mod = module_for(info)
-    return mod.load(Path(path), device=device, backend=backend, dtype=dtype)
+    if not hasattr(backend, "backend") and any(b.requires for b in info.backends):
+        from ..platform.hardware import detect, for_device
+        from .registry import packages
+
+        hardware = for_device(hardware or detect(packages()), device)
+    backend = select_backend(info, hardware, prefer=backend)
+    plain_source = fmt in ("tiny", "safetensors") or (
+        fmt == "bf16" and not (Path(path) / MANIFEST_NAME).exists()
+        and not (Path(path) / "transformer" / MANIFEST_NAME).exists())
+    if plain_source:
+        from .plain import load_source
+
+        model = load_source(path, device=device, dtype=dtype)
+    else:
+        model = module_for(info).load(Path(path), device=device, backend=backend.name, dtype=dtype, **kw)
+    model.zopt_backend = backend.name
+    return model

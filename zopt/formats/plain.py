@@ -7,36 +7,52 @@ diffusers ``transformer`` folder; ``load_source`` loads any source straight into
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .._io import atomic_path
 from ..checkpoint import TensorSource
 from ..families import zimage
+from ..policy import Policy
 from ..progress import progress_bar
 from ..safetensors_io import StreamingSafetensorsWriter
 from .artifact import source_provenance, write_config, write_manifest
 from .common import check_no_meta, empty_model, set_tensor
+from .options import Options
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
-def convert(src: TensorSource, out: Path, subtype: str | None, options: dict[str, Any], progress: bool) -> Path:
+@dataclass(frozen=True)
+class PlainOptions(Options):
+    """bf16 / fp16 / fp32: only the shared options (``keep`` holds a tensor at its source precision)."""
+
+
+def storage(dec, src_dtype: str, fmt: str) -> str:
+    """A tensor's storage in plain format ``fmt`` after the policy's decision: the target dtype, except
+    that an F32 source tensor the policy keeps and the family's rules name stays F32."""
+    target = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}[fmt]
+    keep = not dec.quantize and src_dtype == "F32" and (dec.floor is not None or dec.reason.startswith("--keep"))
+    return "F32" if keep else target
+
+
+def convert(src: TensorSource, out: Path, subtype: str | None, options: PlainOptions, progress: bool, *,
+            format: str = "bf16") -> Path:
     import torch
 
-    fmt = options.get("format", "bf16")
+    fmt = format
     dtype = getattr(torch, DTYPES[fmt])
     d = zimage.as_diffusers(src)
     config = zimage.check_shapes(src)
-    st_name = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}[fmt]
     names = d.names()
-    # sensitive tensors never drop below their source precision class (F32 stays F32)
-    entries, kinds = [], {}
+    policy = Policy.from_options(options)
+    entries, kinds, reasons = [], {}, {}
     for n in names:
         info = d.info(n)
-        keep = info.dtype == "F32" and zimage.sensitive_reason(n) is not None and fmt != "fp32"
-        kinds[n] = "F32" if keep else st_name
+        dec = policy.decide(n, info.shape)
+        kinds[n], reasons[n] = storage(dec, info.dtype, fmt), dec.reason
         entries.append((n, kinds[n], info.shape))
     with atomic_path(out, is_dir=True) as tmp:
         write_config(tmp, config)
@@ -51,10 +67,10 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: dict[str
             tmp,
             format=fmt,
             subtype=None,
-            options={},
-            source=source_provenance(src, options.get("hash_source", True)),
+            options=options.recorded(),
+            source=source_provenance(src, options.hash_source),
             config=config,
-            tensors={n: {"storage": kinds[n]} for n in names},
+            tensors={n: {"storage": kinds[n], "reason": reasons[n]} for n in names},
         )
     return out
 
@@ -79,19 +95,9 @@ def load_source(path: str | os.PathLike | TensorSource, device: str = "cpu", dty
     return model
 
 
-def load(path: Path, device: str = "cpu", backend: str | None = None, dtype: Any = None):
+def load(path: Path, device: str, backend: str, dtype: Any = None):
     from .artifact import verify_manifest
 
     folder = path / "transformer" if (path / "transformer").is_dir() else path
     verify_manifest(folder)
     return load_source(folder, device=device, dtype=dtype)
-
-
-def _register_backends() -> None:
-    from ..platform.backends import register
-
-    for fmt in ("bf16", "fp16", "fp32"):
-        register(fmt, "torch", 10, (), "eager PyTorch on any device")
-
-
-_register_backends()

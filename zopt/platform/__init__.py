@@ -1,4 +1,5 @@
-"""The platform layer: hardware detection, the backend registry and selection, simulated machines.
+"""The platform layer: hardware detection, backend requirements and selection, simulated machines.
 
-It knows nothing about formats: formats register their backends here as data.
+It knows nothing about formats: a format's registry entry declares its backends as data
+(:class:`~zopt.platform.backends.Backend`), and :func:`~zopt.platform.backends.select` picks one.
 """

@@ -1,15 +1,17 @@
 """Which kernel runs which format on which hardware.
 
-Each format module registers its backends next to its code with :func:`register`, listing the
-requirements as small named predicates over a :class:`~zopt.platform.hardware.Hardware` record.
-:func:`select` picks the highest-priority backend whose requirements hold and says why.
+A format declares its backends as data (:class:`Backend`: name, priority, requirements,
+description) in its registry entry; the requirements are small named predicates over a
+:class:`~zopt.platform.hardware.Hardware` record. :func:`select` picks the highest-priority backend
+whose requirements hold and says why; it runs once per load, and its :class:`Selection` is handed
+to the format's loader. This module knows nothing about formats.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from ..errors import UnsupportedFormat
 from .hardware import Hardware
@@ -22,6 +24,7 @@ class Requirement:
     name: str
     check: Callable[[Hardware], bool]
     missing: str
+    package: str | None = None  # the importable module it asks for, if any (hardware detection probes it)
 
     def __call__(self, hw: Hardware) -> bool:
         return bool(self.check(hw))
@@ -42,7 +45,7 @@ def needs_package(module: str, extra: str | None = None, pip: str | None = None,
     """``module`` is importable here. The message says how to get it: the zopt ``extra``, a plain
     ``pip`` requirement, or free text ``how``."""
     hint = how or (f"pip install 'zopt[{extra}]'" if extra else f"pip install {pip or module}")
-    return Requirement(f"package {module}", lambda hw: hw.has(module), f"needs {module}: {hint}")
+    return Requirement(f"package {module}", lambda hw: hw.has(module), f"needs {module}: {hint}", module)
 
 
 def needs_cc(major: int, minor: int, below: tuple[int, int] | None = None) -> Requirement:
@@ -101,11 +104,12 @@ _DEVICE_LABEL = {"cuda": "CUDA (NVIDIA)", "rocm": "ROCm (AMD)", "mps": "Apple MP
 
 @dataclass(frozen=True)
 class Backend:
-    format: str
+    """One kernel a format can run with: data a format's registry entry declares."""
+
     name: str
     priority: int  # higher wins
-    requires: tuple[Requirement, ...]
-    description: str
+    requires: tuple[Requirement, ...] = ()
+    description: str = ""
 
     def why_not(self, hw: Hardware) -> list[str]:
         return [r.missing for r in self.requires if not r(hw)]
@@ -121,96 +125,69 @@ class Selection:
         return self.backend.name
 
 
-_REGISTRY: dict[str, dict[str, Backend]] = {}
-_LOAD_PROBLEMS: dict[str, str] = {}  # format -> why its module could not be imported
-# what formats.artifact_format() reports for sources loaded as they are: they run like a plain folder
-ALIASES = {"tiny": "bf16", "safetensors": "bf16"}
+class HasBackends(Protocol):
+    """Anything that declares backends: a format's registry entry, for instance."""
+
+    name: str
+    backends: tuple[Backend, ...]
 
 
-def register(format: str, name: str, priority: int, requires: tuple[Requirement, ...] = (), description: str = "") -> Backend:
-    """Register backend ``name`` for ``format`` (idempotent: re-registering replaces)."""
-    b = Backend(format, name, priority, tuple(requires), description)
-    _REGISTRY.setdefault(format, {})[name] = b
-    return b
+def ordered(backends: Iterable[Backend] | HasBackends) -> list[Backend]:
+    """``backends`` (or an entry's ``.backends``), best (highest priority) first."""
+    items = getattr(backends, "backends", backends)
+    return sorted(items, key=lambda b: -b.priority)
 
 
-def unregister(format: str, name: str | None = None) -> None:
-    """Remove one backend (or all of ``format``'s); for tests and plug-ins that withdraw themselves."""
-    if name is None:
-        _REGISTRY.pop(format, None)
-    else:
-        _REGISTRY.get(format, {}).pop(name, None)
+def availability(backends: Iterable[Backend] | HasBackends, hw: Hardware) -> list[tuple[Backend, list[str]]]:
+    """(backend, what is missing) for each backend, best first; an empty list means it runs."""
+    return [(b, b.why_not(hw)) for b in ordered(backends)]
 
 
-def _ensure_loaded(format: str) -> None:
-    """Import the format's module so it registers its backends; remember why when it cannot."""
-    from ..formats import FORMATS
-
-    if format in _REGISTRY or format not in FORMATS or format in _LOAD_PROBLEMS:
-        return
-    module = FORMATS[format].module
-    try:
-        importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and (e.name == module or module.startswith(e.name + ".")):
-            _LOAD_PROBLEMS[format] = "not in this build"
-        else:
-            _LOAD_PROBLEMS[format] = f"its module needs {e.name}, which is not installed"
-    except ImportError as e:  # a broken install must not take doctor down with it
-        _LOAD_PROBLEMS[format] = f"its module failed to import ({e})"
+def required_packages(backends: Iterable[Backend]) -> tuple[str, ...]:
+    """The importable modules the requirements of ``backends`` ask for (what detection must probe)."""
+    return tuple(dict.fromkeys(r.package for b in backends for r in b.requires if r.package))
 
 
-def format_status(format: str) -> str | None:
-    """None when ``format``'s module is importable here, else why not (e.g. "not in this build")."""
-    _ensure_loaded(format)
-    if format in _REGISTRY:
-        return None
-    return _LOAD_PROBLEMS.get(format, "no backend registered")
-
-
-def backends_for(format: str) -> list[Backend]:
-    """Every backend registered for ``format``, best (highest priority) first."""
-    _ensure_loaded(format)
-    return sorted(_REGISTRY.get(format, {}).values(), key=lambda b: -b.priority)
-
-
-def availability(format: str, hw: Hardware) -> list[tuple[Backend, list[str]]]:
-    """(backend, what is missing) for each of ``format``'s backends; an empty list means it runs."""
-    return [(b, b.why_not(hw)) for b in backends_for(format)]
-
-
-def select(format: str, hardware: Hardware | None = None, prefer: str | None = None) -> Selection:
-    """The best backend that can run ``format`` here (or ``prefer``), with a one-line reason.
+def select(backends: Iterable[Backend] | HasBackends, hardware: Hardware | None = None,
+           prefer: str | Backend | Selection | None = None) -> Selection:
+    """The best of ``backends`` (or of an entry's ``.backends``) that runs on ``hardware``, or
+    ``prefer``, with a one-line reason. A ``Selection`` given as ``prefer`` is returned as it is:
+    a choice made once is never made again.
 
     Raises UnsupportedFormat naming what is missing when nothing (or the preferred one) can run.
     """
+    if isinstance(prefer, Selection):
+        return prefer
+    if isinstance(prefer, Backend):
+        return Selection(prefer, f"{prefer.name} requested")
     from .hardware import detect
 
-    hw = hardware or detect()
-    format = ALIASES.get(format, format)
-    cands = backends_for(format)
+    if isinstance(backends, str):
+        raise TypeError("select() takes backends (or an entry that has them); by format name: "
+                        "zopt.formats.registry.select_backend")
+    label = getattr(backends, "name", None) or "this format"
+    cands = ordered(backends)
     if not cands:
-        problem = format_status(format)
-        if problem == "not in this build":
-            raise UnsupportedFormat(f"format {format!r} is not in this zopt build")
-        raise UnsupportedFormat(f"format {format!r} cannot run: {problem or 'no backend is registered'}")
+        raise UnsupportedFormat(f"format {label!r} cannot run: no backend is declared")
+    # detect only when a requirement has to be checked (a backend without any runs anywhere)
+    hw = hardware or (detect(required_packages(cands)) if any(b.requires for b in cands) else None)
     if prefer and prefer != "auto":
         chosen = next((b for b in cands if b.name == prefer), None)
         if chosen is None:
             raise UnsupportedFormat(
-                f"format {format!r} has no backend {prefer!r}; known: {', '.join(b.name for b in cands)}"
+                f"format {label!r} has no backend {prefer!r}; known: {', '.join(b.name for b in cands)}"
             )
-        missing = chosen.why_not(hw)
+        missing = chosen.why_not(hw) if chosen.requires else []
         if missing:
-            raise UnsupportedFormat(f"backend {prefer!r} for {format} cannot run here: {'; '.join(missing)}")
+            raise UnsupportedFormat(f"backend {prefer!r} for {label} cannot run here: {'; '.join(missing)}")
         return Selection(chosen, f"{prefer} requested")
     skipped = []
     for b in cands:
-        missing = b.why_not(hw)
+        missing = b.why_not(hw) if b.requires else []
         if not missing:
             reason = f"{b.name}: {b.description}" if b.description else b.name
             if skipped:
                 reason += f" (not {', '.join(skipped)})"
             return Selection(b, reason)
         skipped.append(f"{b.name}: {missing[0]}")
-    raise UnsupportedFormat(f"no backend can run {format} here: {'; '.join(skipped)}")
+    raise UnsupportedFormat(f"no backend can run {label} here: {'; '.join(skipped)}")

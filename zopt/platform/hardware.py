@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -78,8 +79,11 @@ class Hardware:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-OPTIONAL_PACKAGES = ("bitsandbytes", "optimum.quanto", "torchao", "onnxruntime", "tensorrt", "flash_attn",
-                     "flash_attn_interface", "sageattention", "xformers", "kernels")
+# Optional packages the runtime itself looks for (attention kernels, general quantization
+# libraries). The packages a format's backends need come from the format registry and are
+# passed to :func:`detect` by the caller (``zopt.runtime.detect``): this layer knows no formats.
+RUNTIME_PACKAGES = ("optimum.quanto", "torchao", "flash_attn", "flash_attn_interface", "sageattention", "xformers",
+                    "kernels")
 
 
 def _cpu_flags() -> tuple[str, ...]:
@@ -96,12 +100,12 @@ def _cpu_flags() -> tuple[str, ...]:
     return ("neon",) if platform.machine() in ("arm64", "aarch64") else ()
 
 
-def _packages() -> dict[str, str]:
+def _packages(extra: tuple[str, ...] = ()) -> dict[str, str]:
     import importlib.metadata as md
     import importlib.util
 
     out = {}
-    for name in OPTIONAL_PACKAGES:
+    for name in sorted(set(RUNTIME_PACKAGES) | set(extra)):
         try:
             if importlib.util.find_spec(name) is None:
                 continue
@@ -128,8 +132,9 @@ def _ort_providers() -> tuple[str, ...]:
         return ()
 
 
-def detect() -> Hardware:
-    """Detect the best device torch can use here, with memory, dtype support and optional packages.
+def detect(packages: Iterable[str] = ()) -> Hardware:
+    """Detect the best device torch can use here, with memory, dtype support and optional packages
+    (:data:`RUNTIME_PACKAGES` plus ``packages``, e.g. what the formats' backends need).
 
     Returns a :class:`Hardware` record (plain data). Device memory is the first device's; on CPU and
     MPS the "device" memory is system RAM.
@@ -140,16 +145,43 @@ def detect() -> Hardware:
     import torch
 
     vm = psutil.virtual_memory()
-    hw = _detect_device(torch, psutil)
+    hw = _detect_device(torch, psutil, tuple(packages))
     return dataclasses.replace(hw, system_memory=vm.total, system_free=vm.available,
                                torch_version=torch.__version__.split("+")[0])
 
 
-def _detect_device(torch, psutil) -> Hardware:
+def for_device(hw: Hardware, device: str) -> Hardware:
+    """The record decisions are made for when the caller asks for ``device`` ("auto", "cpu",
+    "cuda:1"...): ``hw`` itself for its own device, its CPU side for "cpu" on a machine with an
+    accelerator (system memory, no GPU execution providers). Raises ZoptError for a device this
+    machine does not have."""
+    import dataclasses
+
+    from ..errors import ZoptError
+
+    kind = str(device).split(":")[0]
+    if kind in ("auto", hw.torch_device, hw.device):
+        return hw
+    if kind == "cpu":
+        return dataclasses.replace(hw, device="cpu", device_name="CPU", compute_capability=None, arch=None,
+                                   total_memory=hw.system_memory or hw.total_memory,
+                                   free_memory=hw.system_free or hw.free_memory, fp8_matmul=False,
+                                   ort_providers=tuple(p for p in hw.ort_providers if p in CPU_PROVIDERS))
+    if hw.device == "cpu":
+        raise ZoptError(f"--device {device}: no such device here (torch sees only the CPU); use --device auto or cpu")
+    raise ZoptError(f"--device {device}: this machine's accelerator is {hw.device} ({hw.device_name}); "
+                    f"use --device auto, cpu or {hw.torch_device}")
+
+
+# onnxruntime execution providers that run on the CPU side of a machine
+CPU_PROVIDERS = ("CPUExecutionProvider", "DnnlExecutionProvider", "OpenVINOExecutionProvider", "XnnpackExecutionProvider")
+
+
+def _detect_device(torch, psutil, packages: tuple[str, ...] = ()) -> Hardware:
 
     flags = _cpu_flags()
     cores = os.cpu_count() or 1
-    pk, prov = _packages(), _ort_providers()
+    pk, prov = _packages(packages), _ort_providers()
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         free, total = torch.cuda.mem_get_info(0)

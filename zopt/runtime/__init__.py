@@ -4,17 +4,20 @@ from __future__ import annotations
 
 
 def detect():
-    """Detect the hardware at hand (see :func:`zopt.platform.hardware.detect`)."""
+    """Detect the hardware at hand, with the optional packages every format's backends need
+    (see :func:`zopt.platform.hardware.detect`)."""
+    from ..formats.registry import packages
     from ..platform.hardware import detect as _detect
 
-    return _detect()
+    return _detect(packages())
 
 
 def select(format: str, hardware=None, prefer: str | None = None):
-    """Best backend for ``format`` on ``hardware`` (see :func:`zopt.platform.backends.select`)."""
-    from ..platform.backends import select as _select
+    """Best backend for ``format`` on ``hardware`` (default: this machine; see
+    :func:`zopt.formats.registry.select_backend`)."""
+    from ..formats.registry import select_backend
 
-    return _select(format, hardware, prefer)
+    return select_backend(format, hardware or detect(), prefer)
 
 
 def prepare(model="tiny", **kwargs):
@@ -27,7 +30,6 @@ def prepare(model="tiny", **kwargs):
 
 def plan(hardware=None, width: int = 1024, height: int = 1024, batch: int = 1):
     """Format / offload / attention recommendation for ``hardware`` (see :func:`zopt.runtime.planner.plan`)."""
-    from ..platform.hardware import detect as _detect
     from .planner import plan as _plan
 
-    return _plan(hardware or _detect(), width, height, batch)
+    return _plan(hardware or detect(), width, height, batch)

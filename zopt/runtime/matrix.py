@@ -1,7 +1,7 @@
 """Format x backend availability, from the registry: for ``zopt doctor`` and docs/hardware-matrix.md.
 
 ``python -m zopt.runtime.matrix > docs/hardware-matrix.md`` regenerates the doc (a test checks it
-is current; rerun after adding or changing a backend registration).
+is current; rerun after adding a format or changing its backends in ``zopt/formats/registry.py``).
 """
 
 from __future__ import annotations
@@ -15,19 +15,20 @@ from ..platform.hardware import Hardware
 def format_report(hw: Hardware) -> dict[str, Any]:
     """For every format: module status, selected backend + reason, and each backend's availability."""
     from ..errors import UnsupportedFormat
-    from ..formats import FORMATS
-    from ..platform.backends import availability, format_status, select
+    from ..formats.registry import FORMATS, select_backend
+    from ..formats.registry import status as format_status
+    from ..platform.backends import availability
 
     out: dict[str, Any] = {}
-    for fmt in FORMATS:
+    for fmt, info in FORMATS.items():
         status = format_status(fmt)
         entry: dict[str, Any] = {"status": status or "ok", "selected": None, "reason": None, "backends": []}
         if status is None:
-            for b, missing in availability(fmt, hw):
+            for b, missing in availability(info, hw):
                 entry["backends"].append({"name": b.name, "priority": b.priority, "available": not missing,
                                           "missing": missing, "description": b.description})
             try:
-                sel = select(fmt, hw)
+                sel = select_backend(info, hw)
                 entry["selected"], entry["reason"] = sel.name, sel.reason
             except UnsupportedFormat as e:
                 entry["reason"] = e.problem
@@ -82,10 +83,10 @@ def markdown() -> str:
         lines.append(f"| {name} | {hw.device}: {hw.device_name} | {hw.total_memory / 1024**3:.0f} GiB | {cc} | "
                      f"{', '.join(sorted(hw.packages)) or '-'} | {', '.join(hw.ort_providers) or '-'} |")
     lines += ["", "## Backends", "", "| format | backend | priority | requires | description |", "|---|---|---|---|---|"]
-    from ..platform.backends import backends_for
+    from ..platform.backends import ordered
 
-    for fmt in FORMATS:
-        for b in backends_for(fmt):
+    for fmt, info in FORMATS.items():
+        for b in ordered(info):
             req = "; ".join(r.name for r in b.requires) or "-"
             lines.append(f"| {fmt} | {b.name} | {b.priority} | {req} | {b.description} |")
     lines += ["", "## Attention (auto pick; bf16 on GPUs, fp32 on CPU)", "", "| machine | auto | reason |",

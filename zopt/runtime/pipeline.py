@@ -146,22 +146,11 @@ def load_transformer(model: str | os.PathLike, device: str, dtype=None, backend:
 
 def runtime_hardware(device: str, hw=None):
     """The hardware record decisions are made for: ``hw`` (default: detected), or its CPU side
-    when ``device`` asks for CPU on a machine with an accelerator."""
-    import dataclasses
+    when ``device`` asks for CPU on a machine with an accelerator (see ``hardware.for_device``)."""
+    from ..platform.hardware import for_device
+    from . import detect
 
-    from ..platform.hardware import detect
-
-    hw = hw or detect()
-    if device in ("auto", hw.torch_device, hw.device):
-        return hw
-    if device == "cpu":
-        return dataclasses.replace(hw, device="cpu", device_name="CPU", compute_capability=None, arch=None,
-                                   total_memory=hw.system_memory or hw.total_memory,
-                                   free_memory=hw.system_free or hw.free_memory, fp8_matmul=False)
-    if hw.device == "cpu":
-        raise ZoptError(f"--device {device}: no such device here (torch sees only the CPU); use --device auto or cpu")
-    raise ZoptError(f"--device {device}: this machine's accelerator is {hw.device} ({hw.device_name}); "
-                    f"use --device auto, cpu or {hw.torch_device}")
+    return for_device(hw or detect(), device)
 
 
 def _format_of(model: str | os.PathLike) -> str:
@@ -202,7 +191,7 @@ def prepare(model: str | os.PathLike = "tiny", *, device: str = "auto", offload:
             disk_dir: str | os.PathLike | None = None):
     """Load ``model`` (any variant) into a ready pipeline of its family on this machine.
 
-    Decides device, backend (``backends.select``), offload mode (``offload.choose`` from free memory
+    Decides device, backend (``select_backend``, once), offload mode (``offload.choose`` from free memory
     and the loaded sizes) and attention kernel (``attention.choose``); ``attention=None`` leaves the
     model's default. Returns ``(pipe, RuntimeChoice)``; the choice is also ``pipe.zopt_runtime``.
     """
@@ -210,7 +199,7 @@ def prepare(model: str | os.PathLike = "tiny", *, device: str = "auto", offload:
 
     from ..families import detect as detect_family
     from ..families import for_config, for_model, resolve_source
-    from ..platform import backends as B
+    from ..formats.registry import select_backend
     from . import attention as A
     from . import offload as O
     from .planner import _key, _param_split, activation_bytes, shape_for
@@ -223,7 +212,7 @@ def prepare(model: str | os.PathLike = "tiny", *, device: str = "auto", offload:
     dname = DTYPE_NAMES[str(dtype).replace("torch.", "")]
     elem = torch.tensor([], dtype=dtype).element_size()
     fmt = _format_of(model)
-    sel = B.select(fmt, hw, prefer=backend)
+    sel = select_backend(fmt, hw, prefer=backend)  # the one selection: load() receives it as made
     att = A.choose(attention, hw, dname, batch) if attention else None
     from .. import checkpoint
 
@@ -254,7 +243,7 @@ def prepare(model: str | os.PathLike = "tiny", *, device: str = "auto", offload:
         largest_leaf=t_bytes * largest // total,
     )
     off = O.choose(offload, hw, fp)
-    transformer = load_transformer(model, dev if off.mode == "none" else "cpu", dtype=dtype, backend=sel.name)
+    transformer = load_transformer(model, dev if off.mode == "none" else "cpu", dtype=dtype, backend=sel)
     if parts is None:
         base_dir = resolve_base(model, dict(transformer.config), base)
         family = for_model(transformer)

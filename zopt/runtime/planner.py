@@ -5,7 +5,7 @@ fp32):
 
 * **weights** per format: the tensors a format quantizes (2-D block weights not named
   precision-sensitive by :mod:`zopt.families.zimage`) at the format's effective bits per weight
-  (nominal bits from :data:`zopt.formats.FORMATS` plus scale overhead, :data:`CANDIDATES`); every
+  (nominal bits plus scale overhead: each format's candidates in :mod:`zopt.formats.registry`); every
   other tensor at 16 bits. Dequantizing backends add one transient BF16 copy of the largest matrix.
 * **tokens**: image tokens ``ceil32(H/16 * W/16)`` (VAE /8, patch 2), text tokens
   ``ceil32(text_tokens)``; Z-Image pads both to multiples of 32 and attends over their sum ``L``.
@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from ..formats.registry import Candidate, planner_candidates
 from ..platform.hardware import Hardware
 from .offload import GIB, Footprint, choose, device_bytes
 
@@ -41,16 +42,6 @@ ACT_PER_FFN = 3.0
 ACT_FIXED = 8 * 1024**2  # kernel workspaces and small buffers, independent of the token count
 VAE_ACT = 6.0
 DEFAULT_TEXT_TOKENS = 512  # the pipeline's max_sequence_length: the worst case for a prompt
-
-
-@dataclass(frozen=True)
-class Candidate:
-    spec: str  # format spec as for `zopt convert --to`
-    bits: float  # effective bits per quantized weight, scales included
-    dequant: bool  # backend dequantizes per layer (adds a transient BF16 copy of the largest matrix)
-    note: str
-    fallback: bool = False  # below 4 bits: recommended only when no 4-bit-or-better format fits at all
-    transient: bool = True  # a dequantizing backend also holds one BF16 copy of the largest matrix
 
 
 # Backends that hold every quantized weight in a layout of their own, whatever the file's type:
@@ -67,20 +58,9 @@ def held(cand: Candidate, backend: str | None) -> Candidate:
     return cand if bits is None else dataclasses.replace(cand, bits=bits, transient=False)
 
 
-# Quality order, best first. Effective bits = nominal + scale overhead of the storage layout.
-CANDIDATES: tuple[Candidate, ...] = (
-    Candidate("bf16", 16.0, False, "reference"),
-    Candidate("fp8", 8.0 + 16 / 3840, True, "E4M3 + one bf16 scale per output row"),
-    Candidate("int8", 8.0 + 16 / 3840, True, "+ one bf16 scale per output row"),
-    Candidate("gguf:Q8_0", 8.5, True, "32-weight blocks, fp16 scale"),
-    Candidate("gguf:Q6_K", 6.5625, True, "256-weight super-blocks"),
-    Candidate("gguf:Q5_K_M", 5.7, True, "Q5_K body, Q6_K on sensitive rows (mix)"),
-    Candidate("gguf:Q4_K_M", 4.85, True, "Q4_K body, Q6_K on sensitive rows (mix)"),
-    Candidate("nf4", 4.5, True, "64-weight blocks, fp32 absmax"),
-    Candidate("int4", 4.25, True, "128-weight groups, bf16 scale + zero"),
-    Candidate("gguf:Q3_K_M", 3.9, True, "Q3_K body (mix)", fallback=True),
-    Candidate("gguf:Q2_K", 2.625, True, "lowest quality", fallback=True),
-)
+# Quality order, best first (each format declares its candidates in the registry). Effective bits =
+# nominal + scale overhead of the storage layout.
+CANDIDATES: tuple[Candidate, ...] = planner_candidates()
 
 
 @dataclass(frozen=True)
@@ -211,13 +191,13 @@ class Plan:
 def _backend_note(spec: str, hw: Hardware) -> tuple[str | None, str | None]:
     """(backend name, None) when ``spec`` runs on ``hw``; (None, why) when it cannot; a build note else."""
     from ..errors import UnsupportedFormat
-    from ..platform.backends import format_status, select
+    from ..formats.registry import select_backend, status
 
     fmt = spec.split(":")[0]
-    if format_status(fmt) == "not in this build":
+    if status(fmt) == "not in this build":
         return None, "format not in this build"
     try:
-        return select(fmt, hw).name, None
+        return select_backend(fmt, hw).name, None
     except UnsupportedFormat as e:
         return None, f"cannot run: {e.problem}"
 

@@ -9,7 +9,8 @@ import torch
 from conftest import rel_err
 
 from zopt import _compile
-from zopt.formats.gguf.loader import GGUFInt8Linear, GGUFLinear, load
+from zopt.formats import load  # selects the backend once, then the GGUF loader
+from zopt.formats.gguf.loader import GGUFInt8Linear, GGUFLinear
 from zopt.formats.lowbit import int_mm
 
 

@@ -50,7 +50,7 @@ def _forward(model, inputs, dtype=torch.float32):
 def test_diffusers_and_zopt_load_every_type(tiny_gguf, reference, tiny_transformer_dir, tiny_reference_inputs, subtype):
     from diffusers import GGUFQuantizationConfig, ZImageTransformer2DModel
 
-    from zopt.formats.gguf.loader import load
+    from zopt.formats import load
 
     d = ZImageTransformer2DModel.from_single_file(
         str(tiny_gguf(subtype)), config=str(tiny_transformer_dir), torch_dtype=torch.float32, local_files_only=True,
@@ -67,7 +67,8 @@ def test_diffusers_and_zopt_load_every_type(tiny_gguf, reference, tiny_transform
 
 
 def test_cache_modes_and_bf16_agree(tiny_gguf, reference, tiny_reference_inputs):
-    from zopt.formats.gguf.loader import GGUFLinear, load
+    from zopt.formats import load
+    from zopt.formats.gguf.loader import GGUFLinear
 
     outs = {c: _forward(load(tiny_gguf("Q4_K_M"), backend="torch-dequant", cache=c), tiny_reference_inputs)
             for c in ("none", "small", "all")}
@@ -107,8 +108,7 @@ def _write_sdcpp_style(src_dir, path):
 def test_sdcpp_style_file_loads_and_reconverts(tmp_path, tiny_transformer_dir, reference, tiny_reference_inputs):
     import gguf
 
-    from zopt.formats import convert
-    from zopt.formats.gguf.loader import load
+    from zopt.formats import convert, load
 
     sd = _write_sdcpp_style(tiny_transformer_dir, tmp_path / "sdcpp.gguf")
     r = gguf.GGUFReader(sd)
@@ -147,9 +147,8 @@ def test_generate_with_gguf(tiny_gguf, tmp_path):
     assert len(images) == 1 and images[0].path.exists()
 
 
-def test_backend_registered_and_selected():
-    import zopt.formats.gguf  # noqa: F401  (registers its backend at import)
-    from zopt.platform.backends import select
+def test_backend_declared_and_selected():
+    from zopt.formats.registry import select_backend as select
     from zopt.platform.fakes import FAKES
 
     assert select("gguf", FAKES["cpu-only"]).backend.name == "int-mm-cpu"

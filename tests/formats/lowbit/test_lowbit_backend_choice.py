@@ -1,48 +1,50 @@
-"""Which kernel a loader accepts for modules built on the CPU: offloading stages quantized modules in
-system RAM and runs them on the accelerator, so a CUDA kernel named explicitly must be accepted
-there on a CUDA machine (simulated) and refused on a machine without one."""
+"""Offloading stages quantized modules in system RAM and runs them on the accelerator: the backend is
+selected once, for the compute device, and the loader builds modules on the CPU with that choice
+instead of selecting again for the staging device (which would refuse the CUDA kernels)."""
 
 from __future__ import annotations
 
 import pytest
+from lowbit_helpers import artifact
 
+from zopt.errors import UnsupportedFormat
 from zopt.platform.fakes import FAKES
 
-STAGED = [("fp8", "scaled-mm"), ("int8_w8a8", "int-mm-cuda"), ("nf4", "bitsandbytes")]
+STAGED = [("fp8", "scaled-mm"), ("int8_w8a8", "int-mm-cuda")]
 
 
-def _on(monkeypatch, name: str) -> None:
-    import zopt.platform.hardware as H
-
-    monkeypatch.setattr(H, "detect", lambda: FAKES[name])
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("staging")
 
 
 @pytest.mark.parametrize("fmt,backend", STAGED)
-def test_cuda_kernel_named_for_cpu_staging_on_a_cuda_machine(fmt, backend, monkeypatch):
-    from zopt.formats.lowbit.common import choose_backend
+def test_cuda_selection_builds_modules_on_the_cpu(fmt, backend, root, tiny_transformer_dir):
+    from zopt.formats import load
+    from zopt.formats.registry import select_backend
 
-    _on(monkeypatch, "cuda-sm90-80gb")
-    assert choose_backend(fmt, "cpu", backend) == backend
-    assert choose_backend(fmt, "cuda", backend) == backend
+    sel = select_backend(fmt, FAKES["cuda-sm90-80gb"])
+    assert sel.name == backend
+    model = load(artifact(root, tiny_transformer_dir, fmt), device="cpu", backend=sel)
+    assert model.zopt_backend == backend
+    quantized = [m for m in model.modules() if getattr(m, "backend", None) == backend]
+    assert quantized and all(p.device.type == "cpu" for m in quantized for p in m.buffers())
 
 
 @pytest.mark.parametrize("fmt,cpu_choice", [("fp8", "fp8-storage"), ("int8_w8a8", "int-mm-cpu"),
                                             ("nf4", "torch-dequant")])
-def test_automatic_choice_for_the_cpu_stays_a_cpu_kernel(fmt, cpu_choice, monkeypatch):
-    from zopt.formats.lowbit.common import choose_backend
+def test_automatic_choice_for_a_cpu_machine_is_a_cpu_kernel(fmt, cpu_choice):
+    from zopt.formats.registry import select_backend
 
-    _on(monkeypatch, "cuda-sm90-80gb")
-    assert choose_backend(fmt, "cpu", None) == cpu_choice
+    cpu_only = next(hw for hw in FAKES.values() if hw.device == "cpu")
+    assert select_backend(fmt, cpu_only).name == cpu_choice
 
 
-def test_cuda_kernel_refused_where_no_accelerator_can_run_it(monkeypatch):
-    from zopt.errors import UnsupportedFormat
-    from zopt.formats.lowbit.common import choose_backend
+def test_cuda_kernel_refused_where_no_accelerator_can_run_it():
+    from zopt.formats.registry import select_backend
 
-    _on(monkeypatch, "cuda-sm80-24gb")  # Ampere: no FP8 matmul, so staging does not help either
     with pytest.raises(UnsupportedFormat, match="scaled-mm"):
-        choose_backend("fp8", "cpu", "scaled-mm")
-    cpu_only = next(n for n, hw in FAKES.items() if hw.device == "cpu")
-    _on(monkeypatch, cpu_only)
+        select_backend("fp8", FAKES["cuda-sm80-24gb"], prefer="scaled-mm")  # Ampere: no FP8 matmul
+    cpu_only = next(hw for hw in FAKES.values() if hw.device == "cpu")
     with pytest.raises(UnsupportedFormat, match="int-mm-cuda"):
-        choose_backend("int8_w8a8", "cpu", "int-mm-cuda")
+        select_backend("int8_w8a8", cpu_only, prefer="int-mm-cuda")

@@ -111,7 +111,7 @@ def test_tampered_byte_refused(tmp_path, tiny_transformer_dir, spec):
 
 
 def test_backend_selection_per_hardware():
-    from zopt.platform.backends import select
+    from zopt.formats.registry import select_backend as select
     from zopt.platform.hardware import Hardware
 
     cpu = Hardware("cpu", "x")

@@ -159,19 +159,20 @@ def test_unknown_subtype_and_bad_shapes(onnx_fp32, tiny_transformer_dir, tmp_pat
 
 
 def test_backend_selection_follows_providers():
-    import zopt.formats.onnx  # noqa: F401  (registers the backends)
-    from zopt.platform import backends
-    from zopt.platform.hardware import Hardware
+    from zopt.formats.registry import select_backend
+    from zopt.platform.hardware import Hardware, for_device
 
     def hw(*prov):
         return Hardware(device="cuda" if len(prov) > 1 else "cpu", device_name="x", ort_providers=prov,
                         packages={"onnxruntime": "1"})
 
-    assert backends.select("onnx", hw("CPUExecutionProvider")).name == "ort-cpu"
-    assert backends.select("onnx", hw("CUDAExecutionProvider", "CPUExecutionProvider")).name == "ort-cuda"
+    assert select_backend("onnx", hw("CPUExecutionProvider")).name == "ort-cpu"
+    assert select_backend("onnx", hw("CUDAExecutionProvider", "CPUExecutionProvider")).name == "ort-cuda"
     trt = hw("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-    assert backends.select("onnx", trt).name == "ort-tensorrt"
-    assert backends.select("onnx", trt, prefer="ort-cpu").name == "ort-cpu"
+    assert select_backend("onnx", trt).name == "ort-tensorrt"
+    assert select_backend("onnx", trt, prefer="ort-cpu").name == "ort-cpu"
+    # asked for the CPU on a GPU machine: the CPU side has only the CPU provider
+    assert select_backend("onnx", for_device(trt, "cpu")).name == "ort-cpu"
 
 
 # --- variants ------------------------------------------------------------------------------
@@ -313,13 +314,14 @@ def test_quantization_policy_and_overrides(onnx_fp32):
     import onnx
 
     from zopt.formats.onnx import quantizable_matmuls
+    from zopt.policy import Policy
 
     m = onnx.load(str(onnx_fp32 / "model.onnx"), load_external_data=False)
     body, other = quantizable_matmuls(m)
     assert len(body) == 28 and len(other) > 0
-    kept, _ = quantizable_matmuls(m, keep=[r"^layers\.1\."])
+    kept, _ = quantizable_matmuls(m, Policy(keep=[r"^layers\.1\."]))
     assert len(kept) == 21
-    more, _ = quantizable_matmuls(m, quantize=[r"adaLN_modulation"])
+    more, _ = quantizable_matmuls(m, Policy(quantize=[r"adaLN_modulation"]))
     assert len(more) == 28 + 4  # adaLN of 2 main blocks, the noise refiner and the final layer
 
 

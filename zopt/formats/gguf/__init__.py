@@ -16,6 +16,7 @@ import os
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from ...checkpoint import TensorSource
 from ...errors import ZoptError
 from ...families import zimage
 from ...progress import progress_bar
+from ..options import Options
 from . import recipes as gguf_recipes
 from .recipes import FILE_TYPE, FLOAT_TYPES, TensorPlan
 from .writer import StreamingGGUFWriter
@@ -35,6 +37,16 @@ CHUNK_ELEMENTS = 1 << 22  # rows are quantized in pieces of ~4M weights: bounded
 # compiling costs seconds to a minute per type once (then inductor's disk cache), which pays off
 # only on real checkpoints, not on small test models.
 COMPILE_MIN_WEIGHTS = 100_000_000
+
+
+@dataclass(frozen=True)
+class GGUFOptions(Options):
+    """How a GGUF conversion runs; neither knob changes the bytes written."""
+
+    # quantizing threads (default: torch's thread count, at most the CPU count)
+    workers: int | None = field(default=None, metadata={"record": False})
+    # compiled GGML kernels: "auto" (when the plan quantizes >= COMPILE_MIN_WEIGHTS weights), true, false
+    compile: bool | str = field(default="auto", metadata={"record": False, "choices": (True, False, "auto")})
 
 
 def quantize_rows(x, qtype: str):
@@ -71,11 +83,15 @@ def dequantize_bytes(data, qtype: str, shape: tuple[int, ...], dtype=None):
     return ggml.dequantize(data, qtype, shape, dtype or torch.float32)
 
 
-def plan_for(src: TensorSource, subtype: str | None, options: dict[str, Any]) -> tuple[TensorSource, list[TensorPlan]]:
-    """(original-layout view of ``src``, per-tensor plan) — decided from shapes, before any data."""
+def plan_for(src: TensorSource, subtype: str | None, options: Options | dict[str, Any] | None = None
+             ) -> tuple[TensorSource, list[TensorPlan]]:
+    """(original-layout view of ``src``, per-tensor plan) — decided from shapes, before any data.
+    ``options``: :class:`GGUFOptions` or a dict of them."""
+    if not isinstance(options, Options):
+        options = GGUFOptions.from_dict(options, format="gguf")
     view = zimage.as_original(src)
     shapes = {n: _file_shape(n, view.info(n).shape) for n in view.names()}
-    plans = gguf_recipes.plan(shapes, subtype, options.get("keep", ()), options.get("quantize", ()))
+    plans = gguf_recipes.plan(shapes, subtype, options.keep, options.quantize)
     return view, plans
 
 
@@ -85,12 +101,15 @@ def _file_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def metadata_for(src: TensorSource, subtype: str, config: dict[str, Any], plans: list[TensorPlan],
-                 sha256: str | None) -> dict[str, Any]:
+                 sha256: str | None, options: Options | None = None) -> dict[str, Any]:
+    """The GGUF header's key/values; ``zopt.options`` (JSON) records options that differ from the
+    defaults and shape the file (a default conversion writes none: its bytes do not depend on them)."""
     from ..._version import __version__
 
     rec = gguf_recipes.recipe(subtype)
     det = zimage.detect(src)
-    return {
+    changed = options.changed() if options is not None else {}
+    meta = {
         "general.architecture": ARCHITECTURE,
         "general.type": "model",
         "general.name": det.variant,
@@ -103,6 +122,9 @@ def metadata_for(src: TensorSource, subtype: str, config: dict[str, Any], plans:
         "zopt.bits_per_weight": round(gguf_recipes.bits_per_weight(plans), 4),
         "zopt.config": json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True),
     }
+    if changed:
+        meta["zopt.options"] = json.dumps(changed, sort_keys=True)
+    return meta
 
 
 def _chunks(t, qtype: str):
@@ -128,7 +150,8 @@ def _warm_up(qtypes: set[str]) -> float:
     return time.perf_counter() - t0
 
 
-def convert(src: TensorSource, out: Path, subtype: str | None, options: dict[str, Any], progress: bool) -> Path:
+def convert(src: TensorSource, out: Path, subtype: str | None, options: GGUFOptions, progress: bool, *,
+            format: str = "gguf") -> Path:
     """Write ``src`` as a GGUF file at ``out`` with per-tensor types from recipe ``subtype``.
 
     Streams: the header is computed from shapes first; a reader thread loads the next tensor while
@@ -137,9 +160,8 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: dict[str
     order; the source hash is computed in a background thread and patched into the header at the
     end. The output appears at ``out`` only when complete.
 
-    Options: ``hash_source`` (default True); ``workers`` (default: torch's thread count, at most the
-    CPU count); ``compile`` ("auto": compiled GGML kernels when the plan quantizes at least
-    ``COMPILE_MIN_WEIGHTS`` weights; True/False to force; see ``ggml_compile``).
+    ``options``: :class:`GGUFOptions` (``keep``/``quantize`` patterns, ``hash_source``, ``workers``,
+    ``compile``: see ``ggml_compile``).
     """
     import torch
 
@@ -148,20 +170,20 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: dict[str
     rec = gguf_recipes.recipe(subtype)
     config = zimage.check_shapes(src)
     view, plans = plan_for(src, rec.name, options)
-    hash_source = options.get("hash_source", True)
+    hash_source = options.hash_source
     digest: dict[str, str] = {}
     hasher = None
     if hash_source:
         hasher = threading.Thread(target=lambda: digest.setdefault("sha", src.sha256()), daemon=True)
         hasher.start()
-    meta = metadata_for(src, rec.name, config, plans, "0" * 64 if hash_source else None)
+    meta = metadata_for(src, rec.name, config, plans, "0" * 64 if hash_source else None, options)
     entries = [(p.name, p.shape, p.qtype) for p in plans]
     total = sum(view.info(p.name).nbytes for p in plans)
     quantized = sum(math.prod(p.shape) for p in plans if p.qtype not in FLOAT_TYPES)
-    want_compile = options.get("compile", "auto")
-    if isinstance(want_compile, str):
-        want_compile = quantized >= COMPILE_MIN_WEIGHTS if want_compile == "auto" else _truthy(want_compile)
-    workers = max(1, int(options.get("workers", min(torch.get_num_threads(), os.cpu_count() or 1))))
+    want_compile = options.compile
+    if want_compile == "auto":
+        want_compile = quantized >= COMPILE_MIN_WEIGHTS
+    workers = max(1, options.workers or min(torch.get_num_threads(), os.cpu_count() or 1))
 
     def fetch(name: str):
         # read ahead in a thread: reading the next tensor overlaps quantizing this one (sources
@@ -224,33 +246,17 @@ def _quantize_job(rows, qtype: str):
         return quantize_rows(rows, qtype)
 
 
-def _truthy(v: str) -> bool:
-    return v.strip().lower() in ("1", "true", "yes", "on")
-
-
 def list_types() -> list[tuple[str, float, str]]:
     """(subtype, effective bits per weight on the full-size layout, summary) for every recipe."""
     return gguf_recipes.list_types()
 
 
-def load(path: Path, device: str = "cpu", backend: str | None = None, dtype: Any = None, **kw: Any):
-    """Load a Z-Image GGUF as a ``ZImageTransformer2DModel`` dequantizing on the fly (see gguf_loader)."""
+def load(path: Path, device: str, backend: str, dtype: Any = None, **kw: Any):
+    """Load a Z-Image GGUF as a ``ZImageTransformer2DModel`` running kernel ``backend`` (see gguf_loader)."""
     from .loader import load as _load
 
     return _load(path, device=device, backend=backend, dtype=dtype, **kw)
 
-
-def _register_backends() -> None:
-    from ...platform.backends import needs_device, register
-
-    register("gguf", "int-mm-cpu", 20, (needs_device("cpu"),),
-             "INT8 weights re-quantized per row from the GGUF values, dynamic INT8 activations, "
-             "torch._int_mm (oneDNN) with INT32 accumulation")
-    register("gguf", "torch-dequant", 10, (),
-             "keeps GGUF blocks in memory, dequantizes each Linear weight exactly on the fly in torch (any device)")
-
-
-_register_backends()
 
 
 def _source_name(path) -> str:

@@ -221,11 +221,11 @@ def _raw_rows(src, base: str) -> tuple[torch.Tensor, str]:
     return torch.from_numpy(data).view(torch.uint8), ggml_type.name
 
 
-def load(path: str | os.PathLike, device: str = "cpu", backend: str | None = None, dtype: Any = None,
+def load(path: str | os.PathLike, device: str, backend: str, dtype: Any = None,
          cache: str = "small", compile: bool | None = None) -> nn.Module:
     """A ``ZImageTransformer2DModel`` from the Z-Image GGUF at ``path``, on ``device``.
 
-    ``backend`` (default: the runtime registry's choice for ``device``):
+    ``backend`` (selected by the caller, ``zopt.formats.load``):
 
     * ``"int-mm-cpu"``: quantized Linear layers become :class:`GGUFInt8Linear` (INT8 weights
       re-quantized per row, dynamic INT8 activations, integer matmul);
@@ -240,9 +240,9 @@ def load(path: str | os.PathLike, device: str = "cpu", backend: str | None = Non
     ``ZOPT_COMPILE=0`` (see :mod:`zopt._compile`).
     """
     from ... import checkpoint
-    from ..lowbit.common import choose_backend
 
-    backend = choose_backend("gguf", device, backend)
+    if backend not in ("int-mm-cpu", "torch-dequant"):
+        raise UnsupportedFormat(f"GGUF has no backend {backend!r}; known: int-mm-cpu, torch-dequant", path)
     if cache not in CACHE_MODES:
         raise ZoptError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
     path = Path(path)

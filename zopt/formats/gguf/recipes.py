@@ -4,17 +4,19 @@ A *subtype* (``--to gguf:Q4_K_M``) names a base GGML type plus the rules that ra
 above it. :func:`plan` turns a source's tensor names and shapes into one GGML type per tensor,
 before any data is read, so the whole GGUF header can be written first.
 
-Order of decisions for one tensor (first that applies wins):
+Whether a tensor is quantized at all is :mod:`zopt.policy`'s decision (the same for every format:
+``--keep`` / ``--quantize`` patterns, ``zimage.SENSITIVE``), with one GGUF rule added: tensors
+below ``SMALL_NUMEL`` elements are kept, quantizing them saves nothing. Then the recipe picks
+the storage type:
 
-1. the user's ``keep`` / ``quantize`` regexes;
-2. ``zimage.SENSITIVE`` (pad tokens, norms, biases, embedders, final layer, adaLN) -> F32 or BF16;
-3. small tensors (< ``SMALL_NUMEL`` elements) and 1-D tensors -> F32;
-4. the recipe's bump rules (:data:`BUMPS`: attention qkv, ``feed_forward.w2``, ``attention.out``
-   in chosen blocks) -> a higher type;
-5. the recipe's base type;
-6. if the row length is not a multiple of the chosen type's block size: :data:`ROW_FALLBACK`.
+* a kept tensor: F32 when it is 1-D, small, named F32 by the family's rules or the recipe is F32;
+  else BF16;
+* a quantized tensor: the recipe's bump rules (attention qkv, ``feed_forward.w2``,
+  ``attention.out`` in chosen blocks; not for tensors forced by ``--quantize``) -> a higher type,
+  else the recipe's base type; if the row length is not a multiple of the chosen type's block
+  size: :data:`ROW_FALLBACK`.
 
-Names are matched in the original (ComfyUI) layout the GGUF file is written in.
+Names are the original (ComfyUI) layout the GGUF file is written in.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
 from ...errors import UnsupportedFormat
 from ...families import zimage
+from ...policy import Decision, Policy
 
 # GGML type -> (block size, bytes per block), for the types zopt writes: gguf's table, never a copy.
 TYPE_LAYOUT: dict[str, tuple[int, int]] = {
@@ -175,28 +178,31 @@ def _block_choice(where: str, name: str, n_layers: int) -> bool:
     return more_bits_block(i, n_layers) if where == "more_bits" else edge_block(i, n_layers)
 
 
+def too_small(shape: tuple[int, ...]) -> str | None:
+    """GGUF's say to the policy: a tensor this small is kept (quantizing it saves nothing)."""
+    return "small tensor: quantizing saves nothing" if _numel(shape) < SMALL_NUMEL else None
+
+
+def policy_for(keep: Iterable[str] = (), quantize: Iterable[str] = ()) -> Policy:
+    """The tensor policy of a GGUF conversion with these ``--keep`` / ``--quantize`` patterns."""
+    return Policy(tuple(keep), tuple(quantize), too_small)
+
+
 def choose(name: str, shape: tuple[int, ...], rec: Recipe, n_layers: int,
            keep: Iterable[str] = (), quantize: Iterable[str] = ()) -> tuple[str, str]:
     """(GGML type, reason) for one tensor named ``name`` (original layout) of ``shape``."""
-    numel = 1
-    for s in shape:
-        numel *= s
-    float_keep = "F32" if rec.base == "F32" or len(shape) < 2 else "BF16"
-    if any(re.search(p, name) for p in keep):
-        return float_keep, "kept by --keep"
-    forced = any(re.search(p, name) for p in quantize)
-    if not forced:
-        rule = zimage.sensitive_reason(name)
-        if len(shape) < 2:
-            # 1-D (and the 2-D pad tokens, via the rule) stay F32: loaders such as diffusers'
-            # only decode F32/F16 outside Linear layers, and they are too small to matter
-            return "F32", f"sensitive: {rule.reason}" if rule else "1-D tensor: quantizing saves nothing"
-        if rule is not None:
-            return ("F32" if rec.base == "F32" else rule.keep), f"sensitive: {rule.reason}"
-        if numel < SMALL_NUMEL:
-            return "F32", "small tensor: quantizing saves nothing"
+    return storage_type(name, shape, policy_for(keep, quantize).decide(name, shape), rec, n_layers)
+
+
+def storage_type(name: str, shape: tuple[int, ...], dec: Decision, rec: Recipe, n_layers: int) -> tuple[str, str]:
+    """(GGML type, reason) of one tensor once the policy decided ``dec`` for it."""
+    if not dec.quantize:
+        # 1-D tensors (and the 2-D pad tokens, via the family's rule) stay F32: loaders such as
+        # diffusers' only decode F32/F16 outside Linear layers, and they are too small to matter
+        f32 = rec.base == "F32" or len(shape) < 2 or dec.floor == "F32" or dec.unsupported
+        return ("F32" if f32 else "BF16"), dec.reason
     qtype, reason = rec.base, f"{rec.name} base type"
-    if not forced:
+    if not dec.forced:
         for b in rec.bumps:
             if re.search(b.pattern, name) and _block_choice(b.where, name, n_layers):
                 qtype, reason = b.to, f"{rec.name} bump ({b.where}): {b.why}"
@@ -214,10 +220,10 @@ def plan(shapes: dict[str, tuple[int, ...]], subtype: str | None, keep: Iterable
     rec = recipe(subtype)
     layers = [b[1] for n in shapes if (b := zimage.block_index(n)) and b[0] == "layers"]
     n_layers = max(layers) + 1 if layers else 1
-    keep, quantize = tuple(keep), tuple(quantize)
+    policy = policy_for(keep, quantize)
     out = []
     for n, s in shapes.items():
-        qtype, why = choose(n, s, rec, n_layers, keep, quantize)
+        qtype, why = storage_type(n, tuple(s), policy.decide(n, tuple(s)), rec, n_layers)
         out.append(TensorPlan(n, tuple(s), qtype, why))
     return out
 

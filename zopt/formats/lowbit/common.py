@@ -1,11 +1,10 @@
 """What the low-bit formats (fp8, int8, int8_w8a8, int4, nf4) share.
 
-* the per-tensor **policy**: which Linear weights are quantized, which are kept in BF16/F32
-  (Z-Image's ``SENSITIVE`` rules, then ``--keep`` / ``--quantize`` regex overrides), as data
-  recorded in the manifest;
+* the storage of kept tensors (BF16, or F32 where the family's rules ask for it and the source
+  has it) after :mod:`zopt.policy` decided what is quantized, recorded in the manifest;
 * the streaming **converter** driver: one tensor read, quantized and written at a time;
 * the **loader** driver: meta-device model from the manifest's config, quantized Linear modules
-  swapped in, the rest filled tensor by tensor, the kernel chosen by the backend registry;
+  swapped in, the rest filled tensor by tensor, running the backend ``zopt.formats.load`` selected;
 * :class:`LowBitLinear`, the base of every quantized Linear module.
 
 A format module supplies a :class:`Scheme` (how one weight is stored and how a module is built).
@@ -13,9 +12,7 @@ A format module supplies a :class:`Scheme` (how one weight is stored and how a m
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,8 +21,9 @@ from typing import Any
 
 from ..._io import atomic_path
 from ...checkpoint import TensorSource
-from ...errors import UnsupportedFormat, ZoptError
+from ...errors import UnsupportedFormat
 from ...families import zimage
+from ...policy import Policy, kept_storage
 from ...progress import progress_bar
 from ...safetensors_io import StreamingSafetensorsWriter
 from ..artifact import read_manifest, source_provenance, verify_manifest, write_config, write_manifest
@@ -59,60 +57,10 @@ def linear_weight_names(config: dict[str, Any]) -> dict[str, tuple[int, int]]:
             if isinstance(m, torch.nn.Linear)}
 
 
-def _compile(patterns: Any) -> list[re.Pattern]:
-    if not patterns:
-        return []
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    out = []
-    for p in patterns:
-        try:
-            out.append(re.compile(p))
-        except re.error as e:
-            raise ZoptError(f"bad tensor pattern {p!r}: {e}") from None
-    return out
-
-
-class Policy:
-    """Per-tensor decisions for one conversion.
-
-    Order (first that applies wins): tensors that are not Linear weights are kept; ``--keep``
-    patterns keep; ``--quantize`` patterns quantize (overriding the sensitive rules); Z-Image's
-    sensitive rules keep; a shape the format cannot store is kept; everything else is quantized.
-    Patterns are regular expressions searched in the diffusers name and in the original name.
-    """
-
-    def __init__(self, linear: dict[str, tuple[int, int]], options: dict[str, Any],
-                 unsupported: Callable[[tuple[int, ...]], str | None]):
-        self.linear = linear
-        self.keep = _compile(options.get("keep"))
-        self.force = _compile(options.get("quantize"))
-        self.unsupported = unsupported
-
-    @staticmethod
-    def _matches(pats: list[re.Pattern], name: str) -> re.Pattern | None:
-        names = (name, zimage.to_original_name(name))
-        return next((p for p in pats if any(p.search(n) for n in names)), None)
-
-    def kept_storage(self, name: str, src_dtype: str) -> str:
-        rule = zimage.sensitive_reason(name)
-        # F32 survives only where the rule asks for it and the source has it
-        return "F32" if rule is not None and rule.keep == "F32" and src_dtype == "F32" else "BF16"
-
-    def decide(self, name: str, shape: tuple[int, ...], src_dtype: str) -> Decision:
-        keep_as = self.kept_storage(name, src_dtype)
-        if name not in self.linear:
-            return Decision(False, keep_as, "not a Linear weight")
-        if (p := self._matches(self.keep, name)) is not None:
-            return Decision(False, keep_as, f"--keep {p.pattern}")
-        forced = self._matches(self.force, name)
-        rule = zimage.sensitive_reason(name)
-        if forced is None and rule is not None:
-            return Decision(False, keep_as, f"sensitive: {rule.reason}")
-        why = self.unsupported(shape)
-        if why:
-            return Decision(False, keep_as, why)
-        return Decision(True, "", f"--quantize {forced.pattern}" if forced is not None else "policy")
+def decide(policy: Policy, name: str, shape: tuple[int, ...], src_dtype: str) -> Decision:
+    """The policy's decision for one diffusers tensor, with the storage a kept tensor gets here."""
+    d = policy.decide(name, shape)
+    return Decision(d.quantize, "" if d.quantize else kept_storage(d, src_dtype), d.reason)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +120,8 @@ class Scheme(ABC):
     format: str = ""
     storage: str = ""  # what the manifest records for quantized tensors, e.g. "F8_E4M3"
 
-    def options(self) -> dict[str, Any]:
+    def describe(self) -> dict[str, Any]:
+        """How quantized tensors are stored, in words (the manifest's ``scheme``)."""
         return {}
 
     def unsupported(self, shape: tuple[int, ...]) -> str | None:
@@ -209,13 +158,18 @@ def quantize_rows(fn: Callable, w, *args) -> list:
 # convert
 
 
-def plan(src: TensorSource, scheme: Scheme, options: dict[str, Any]):
-    """(diffusers view, config, {name: Decision}) for ``src`` under ``scheme`` and ``options``."""
+def plan(src: TensorSource, scheme: Scheme, options: Any):
+    """(diffusers view, config, {name: Decision}) for ``src`` under ``scheme`` and typed ``options``."""
     d = zimage.as_diffusers(src)
     config = zimage.check_shapes(src)
-    policy = Policy(linear_weight_names(config), options, scheme.unsupported)
-    decisions = {n: policy.decide(n, d.info(n).shape, d.info(n).dtype) for n in d.names()}
+    policy = Policy.from_options(options, scheme.unsupported)
+    decisions = {n: decide(policy, n, d.info(n).shape, d.info(n).dtype) for n in d.names()}
     return d, config, decisions
+
+
+def recorded_options(options_class, manifest: dict[str, Any]):
+    """The typed options a manifest records (entries an older zopt wrote in words are ignored)."""
+    return options_class.from_dict(manifest.get("options") or {}, format=manifest["format"], strict=False)
 
 
 def tensor_record(name: str, dec: Decision, shape, parts=None, storage: str = "") -> dict[str, Any]:
@@ -226,9 +180,10 @@ def tensor_record(name: str, dec: Decision, shape, parts=None, storage: str = ""
     return rec
 
 
-def convert_lowbit(src: TensorSource, out: Path, scheme: Scheme, subtype: str | None, options: dict[str, Any],
+def convert_lowbit(src: TensorSource, out: Path, scheme: Scheme, subtype: str | None, options: Any,
                    progress: bool) -> Path:
-    """Stream ``src`` into a diffusers-layout artifact folder for ``scheme`` (atomically)."""
+    """Stream ``src`` into a diffusers-layout artifact folder for ``scheme`` (atomically); ``options``
+    (the format's typed options, resolved) are recorded in the manifest."""
     import torch
 
     d, config, decisions = plan(src, scheme, options)
@@ -259,17 +214,10 @@ def convert_lowbit(src: TensorSource, out: Path, scheme: Scheme, subtype: str | 
                     w.write(n, t.to(torch.float32 if dec.storage == "F32" else torch.bfloat16))
                 bar.advance(d.info(n).nbytes)
                 del t
-        write_manifest(tmp, format=scheme.format, subtype=subtype, options=manifest_options(scheme, options),
-                       source=source_provenance(src, options.get("hash_source", True)), config=config,
-                       tensors=records, extra={"layout": "diffusers", "summary": summarize(records)})
-    return out
-
-
-def manifest_options(scheme: Scheme, options: dict[str, Any]) -> dict[str, Any]:
-    out = dict(scheme.options())
-    for k in ("keep", "quantize"):
-        if options.get(k):
-            out[k] = [options[k]] if isinstance(options[k], str) else list(options[k])
+        write_manifest(tmp, format=scheme.format, subtype=subtype, options=options.recorded(),
+                       source=source_provenance(src, options.hash_source), config=config,
+                       tensors=records, extra={"layout": "diffusers", "scheme": scheme.describe(),
+                                               "summary": summarize(records)})
     return out
 
 
@@ -290,38 +238,6 @@ def artifact_folder(path: Path) -> Path:
     return p / "transformer" if (p / "transformer").is_dir() else p
 
 
-def hardware_for(device: str):
-    """The detected hardware, adjusted when the caller asks for another device (e.g. cpu on a GPU box)."""
-    from ...platform.hardware import detect
-
-    hw = detect()
-    kind = str(device).split(":")[0]
-    if kind != hw.torch_device:
-        hw = dataclasses.replace(hw, device=kind, compute_capability=None, fp8_matmul=False)
-    return hw
-
-
-def choose_backend(fmt: str, device: str, backend: str | None) -> str:
-    """The backend for modules built on ``device``. A backend named explicitly that cannot run on
-    the CPU but can on this machine's accelerator is accepted for ``device="cpu"``: offloading
-    builds the modules in system RAM and runs them on the accelerator."""
-    from ...errors import UnsupportedFormat
-    from ...platform.backends import select
-    from ...platform.hardware import detect
-
-    hw = hardware_for(device)
-    try:
-        return select(fmt, hw, prefer=backend).name
-    except UnsupportedFormat as first:
-        accel = detect() if backend and backend != "auto" and hw.device == "cpu" else None
-        if accel is None or accel.device == "cpu":
-            raise
-        try:
-            return select(fmt, accel, prefer=backend).name
-        except UnsupportedFormat:
-            raise first from None
-
-
 def open_weights(path: Path):
     from safetensors import safe_open
 
@@ -333,14 +249,15 @@ def open_weights(path: Path):
         raise CorruptFile(f"cannot read weights ({e})", path) from None
 
 
-def load_lowbit(path: Path, scheme_for: Callable[[dict[str, Any]], Scheme], device: str = "cpu",
-                backend: str | None = None, dtype: Any = None):
-    """Rebuild the model of a diffusers-layout low-bit artifact (verified against its manifest)."""
+def load_lowbit(path: Path, scheme_for: Callable[[dict[str, Any]], Scheme], device: str, backend: str,
+                dtype: Any = None):
+    """Rebuild the model of a diffusers-layout low-bit artifact (verified against its manifest),
+    its quantized Linear modules running kernel ``backend`` (selected by the caller)."""
 
     folder = artifact_folder(path)
     manifest = verify_manifest(folder, read_manifest(folder))
     scheme = scheme_for(manifest)
-    name = choose_backend(manifest["format"], device, backend)
+    name = backend
     model = empty_model(manifest["config"])
     with open_weights(folder / WEIGHTS_NAME) as f:
         for n, rec in manifest["tensors"].items():

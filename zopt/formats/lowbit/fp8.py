@@ -17,18 +17,31 @@ kept in memory, each layer's weight dequantized at call time, matmul in the acti
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ...checkpoint import TensorSource
 from ...errors import ZoptError
+from ..options import Options
 from . import common as C
 from .fp8_comfy import convert_comfy, load_comfy
 from .fp8_ops import VARIANTS, fp8_linear, quantize_fp8  # shared with the comfy layout
 
+COMFY_FILE = "zimage_fp8_scaled.safetensors"
+LAYOUTS = ("diffusers", "comfy")
 
-def variant(options: dict[str, Any], subtype: str | None = None) -> str:
-    v = str(options.get("fp8") or subtype or "e4m3").lower().replace("float8_", "").replace("fn", "")
+
+@dataclass(frozen=True)
+class FP8Options(Options):
+    fp8: str | None = None  # the FP8 type, e4m3 or e5m2 (default: the subtype, else e4m3)
+    layout: str = field(default="diffusers", metadata={"choices": LAYOUTS})  # comfy: ComfyUI scaled-FP8 file
+
+
+def variant(name: str | None, subtype: str | None = None) -> str:
+    """``e4m3`` / ``e5m2`` from an option value or subtype (``float8_e4m3fn`` spellings accepted)."""
+    v = str(name or subtype or "e4m3").lower().replace("float8_", "").replace("fn", "")
     if v not in VARIANTS:
         raise ZoptError(f"unknown FP8 variant {v!r}; choose e4m3 or e5m2")
     return v
@@ -41,8 +54,8 @@ class FP8Scheme(C.Scheme):
         self.var = var
         self.storage = VARIANTS[var][1]
 
-    def options(self) -> dict[str, Any]:
-        return {"fp8": self.var, "scales": "per-output-channel F32"}
+    def describe(self) -> dict[str, Any]:
+        return {"scales": "per-output-channel F32"}
 
     def parts(self, name, shape):
         return [(name, self.storage, tuple(shape)), (name + "_scale", "F32", (shape[0],))]
@@ -56,36 +69,25 @@ class FP8Scheme(C.Scheme):
         return fp8_linear(q, s, backend)
 
 
-def convert(src: TensorSource, out: Path, subtype: str | None, options: dict[str, Any], progress: bool) -> Path:
-    var = variant(options, subtype)
-    layout = options.get("layout") or "diffusers"
-    if layout == "comfy":
+def convert(src: TensorSource, out: Path, subtype: str | None, options: FP8Options, progress: bool, *,
+            format: str = "fp8") -> Path:
+    var = variant(options.fp8, subtype)
+    options = dataclasses.replace(options, fp8=var)  # the manifest records the type actually written
+    if options.layout == "comfy":
         return convert_comfy(src, out, FP8Scheme(var), options, progress)
-    if layout != "diffusers":
-        raise ZoptError(f"fp8 has no layout {layout!r}; choose diffusers or comfy")
     return C.convert_lowbit(src, out, FP8Scheme(var), var, options, progress)
 
 
-def load(path: Path, device: str = "cpu", backend: str | None = None, dtype: Any = None):
+def load(path: Path, device: str, backend: str, dtype: Any = None):
     from ..artifact import read_manifest
 
     folder = C.artifact_folder(path)
     if read_manifest(folder).get("layout") == "comfy":
         return load_comfy(folder, device, backend, dtype)
-    return C.load_lowbit(path, lambda m: FP8Scheme(m["options"].get("fp8", "e4m3")), device, backend, dtype)
+    return C.load_lowbit(path, lambda m: FP8Scheme(variant(C.recorded_options(FP8Options, m).fp8)), device, backend,
+                         dtype)
 
 
 def list_types() -> list[tuple[str, float, str]]:
     return [("e4m3", 8.0, "FP8 E4M3FN weights, per-output-channel F32 scales (default)"),
             ("e5m2", 8.0, "FP8 E5M2 weights (wider range, 2 mantissa bits)")]
-
-
-def _register_backends() -> None:
-    from ...platform.backends import needs_cc, needs_device, register
-
-    register("fp8", "scaled-mm", 30, (needs_device("cuda"), needs_cc(8, 9)),
-             "torch._scaled_mm FP8 matmul (dynamic per-tensor E4M3 activations)")
-    register("fp8", "fp8-storage", 10, (), "FP8 weights in memory, dequantized per layer, matmul in bf16/fp16/fp32")
-
-
-_register_backends()

@@ -34,9 +34,9 @@ def _diffusers_names(orig: str) -> list[tuple[str, int]]:
     return [(zimage.to_diffusers_name(orig), -1)]
 
 
-def convert_comfy(src: TensorSource, out: Path, scheme: C.Scheme, options: dict[str, Any], progress: bool) -> Path:
+def convert_comfy(src: TensorSource, out: Path, scheme: C.Scheme, options: Any, progress: bool) -> Path:
     """Write ``out/`` = {config.json, zimage_fp8_scaled.safetensors, manifest} from ``src``, streaming;
-    ``scheme`` is the fp8 format's scheme (its ``var`` names the FP8 type)."""
+    ``scheme`` is the fp8 format's scheme (its ``var`` names the FP8 type), ``options`` its typed options."""
     import torch
 
     var = scheme.var
@@ -84,10 +84,10 @@ def convert_comfy(src: TensorSource, out: Path, scheme: C.Scheme, options: dict[
                 bar.advance(o.info(n).nbytes)
                 del t
             w.write(MARKER, torch.zeros((), dtype=getattr(torch, VARIANTS[var][0])))
-        write_manifest(tmp, format="fp8", subtype=var,
-                       options={**C.manifest_options(scheme, options), "scales": "per-tensor F32 (ComfyUI)"},
-                       source=source_provenance(src, options.get("hash_source", True)), config=config,
+        write_manifest(tmp, format="fp8", subtype=var, options=options.recorded(),
+                       source=source_provenance(src, options.hash_source), config=config,
                        tensors=records, extra={"layout": "comfy", "file": COMFY_FILE,
+                                               "scheme": {"scales": "per-tensor F32 (ComfyUI)"},
                                                "summary": C.summarize(records)})
     return out
 
@@ -96,10 +96,11 @@ def records_storage(records: dict[str, dict[str, Any]], orig: str) -> str:
     return next(r["storage"] for r in records.values() if r["stored_as"] == orig)
 
 
-def load_comfy(folder: Path, device: str = "cpu", backend: str | None = None, dtype: Any = None):
-    """Rebuild the model from a comfy-layout fp8 artifact folder (qkv split back into q, k, v)."""
+def load_comfy(folder: Path, device: str, backend: str, dtype: Any = None):
+    """Rebuild the model from a comfy-layout fp8 artifact folder (qkv split back into q, k, v),
+    its FP8 Linear modules running kernel ``backend``."""
     manifest = verify_manifest(folder, read_manifest(folder))
-    name = C.choose_backend("fp8", device, backend)
+    name = backend
     model = empty_model(manifest["config"])
     with C.open_weights(folder / manifest["file"]) as f:
         # quantized modules first, so a bias set afterwards lands on the new module

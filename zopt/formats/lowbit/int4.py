@@ -15,16 +15,24 @@ Kernel ``torch-dequant``: unpack and dequantize one layer at a time, matmul in t
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ...checkpoint import TensorSource
 from ...errors import ZoptError
+from ..options import Options
 from . import common as C
 
 GROUP_SIZES = (64, 128)
 DEFAULT_GROUP = 128
 CLIP_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
+
+@dataclass(frozen=True)
+class Int4Options(Options):
+    group_size: int = field(default=DEFAULT_GROUP, metadata={"choices": GROUP_SIZES})  # weights per scale/zero
+    clip_search: bool = True  # search shrunken ranges per group (never worse than round-to-nearest)
 
 
 def _grid(mn, mx):
@@ -131,9 +139,8 @@ class Int4Scheme(C.Scheme):
         self.group, self.clip_search = group, bool(clip_search)
         self.storage = f"INT4_G{group}"
 
-    def options(self) -> dict[str, Any]:
-        return {"group_size": self.group, "clip_search": self.clip_search, "scales": "F16", "zeros": "U8",
-                "packing": "low nibble = even column"}
+    def describe(self) -> dict[str, Any]:
+        return {"scales": "F16", "zeros": "U8", "packing": "low nibble = even column"}
 
     def unsupported(self, shape):
         if shape[1] % self.group:
@@ -153,30 +160,25 @@ class Int4Scheme(C.Scheme):
         return int4_linear(get["weight"], get["weight_scale"], get["weight_zero"], backend)
 
 
-def scheme_from_options(options: dict[str, Any]) -> Int4Scheme:
-    return Int4Scheme(int(options.get("group_size", DEFAULT_GROUP)), options.get("clip_search", True))
+def scheme_from_options(options: Int4Options) -> Int4Scheme:
+    return Int4Scheme(options.group_size, options.clip_search)
 
 
-def convert(src: TensorSource, out: Path, subtype: str | None, options: dict[str, Any], progress: bool) -> Path:
+def convert(src: TensorSource, out: Path, subtype: str | None, options: Int4Options, progress: bool, *,
+            format: str = "int4") -> Path:
     if subtype:  # int4:g64
-        options = {**options, "group_size": int(str(subtype).lower().lstrip("g"))}
+        group = str(subtype).lower().lstrip("g")
+        options = Int4Options.from_dict({**options.recorded(), "hash_source": options.hash_source,
+                                         "group_size": group}, format=format)
     scheme = scheme_from_options(options)
     return C.convert_lowbit(src, out, scheme, f"g{scheme.group}", options, progress)
 
 
-def load(path: Path, device: str = "cpu", backend: str | None = None, dtype: Any = None):
-    return C.load_lowbit(path, lambda m: scheme_from_options(m["options"]), device, backend, dtype)
+def load(path: Path, device: str, backend: str, dtype: Any = None):
+    return C.load_lowbit(path, lambda m: scheme_from_options(C.recorded_options(Int4Options, m)), device, backend,
+                         dtype)
 
 
 def list_types() -> list[tuple[str, float, str]]:
     return [(f"g{g}", 4 + 24 / g, f"INT4 asymmetric, groups of {g}, F16 scale + U8 zero per group")
             for g in GROUP_SIZES]
-
-
-def _register_backends() -> None:
-    from ...platform.backends import register
-
-    register("int4", "torch-dequant", 10, (), "INT4 unpacked and dequantized per layer, matmul in the activation dtype")
-
-
-_register_backends()

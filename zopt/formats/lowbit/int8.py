@@ -13,11 +13,18 @@ Kernels:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ...checkpoint import TensorSource
+from ..options import Options
 from . import common as C
+
+
+@dataclass(frozen=True)
+class Int8Options(Options):
+    """int8 / int8_w8a8: only the shared options (the storage has no knobs)."""
 
 
 def quantize_int8(w):
@@ -92,7 +99,7 @@ class Int8Scheme(C.Scheme):
     def __init__(self, fmt: str = "int8"):
         self.format = fmt
 
-    def options(self) -> dict[str, Any]:
+    def describe(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"weights": "symmetric per-output-channel, codes [-127, 127], F32 scales"}
         if self.format == "int8_w8a8":
             opts["activations"] = "dynamic per-token symmetric INT8"
@@ -112,25 +119,10 @@ class Int8Scheme(C.Scheme):
         return int8_linear(q, s, backend)
 
 
-def convert(src: TensorSource, out: Path, subtype: str | None, options: dict[str, Any], progress: bool) -> Path:
-    return C.convert_lowbit(src, out, Int8Scheme(options.get("format", "int8")), subtype, options, progress)
+def convert(src: TensorSource, out: Path, subtype: str | None, options: Int8Options, progress: bool, *,
+            format: str = "int8") -> Path:
+    return C.convert_lowbit(src, out, Int8Scheme(format), subtype, options, progress)
 
 
-def load(path: Path, device: str = "cpu", backend: str | None = None, dtype: Any = None):
+def load(path: Path, device: str, backend: str, dtype: Any = None):
     return C.load_lowbit(path, lambda m: Int8Scheme(m["format"]), device, backend, dtype)
-
-
-def _register_backends() -> None:
-    from ...platform.backends import needs_device, register
-
-    register("int8", "torch-dequant", 10, (), "INT8 weights dequantized per layer, matmul in the activation dtype")
-    register("int8_w8a8", "int-mm-cuda", 30, (needs_device("cuda"),),
-             "torch._int_mm INT8 x INT8 -> INT32 with dynamic per-token activation scales")
-    # measured on CPU (benchmarks/int_mm_cpu.py): torch._int_mm beats dequant + fp32 matmul
-    register("int8_w8a8", "int-mm-cpu", 20, (needs_device("cpu"),),
-             "torch._int_mm on CPU (oneDNN INT8 GEMM) with dynamic per-token activation scales")
-    register("int8_w8a8", "torch-dequant", 10, (),
-             "simulated W8A8: the same per-token INT8 activations, float matmul (any device)")
-
-
-_register_backends()

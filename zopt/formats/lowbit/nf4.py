@@ -19,17 +19,24 @@ dequantization, any device).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ...checkpoint import TensorSource
 from ...errors import MissingDependency, ZoptError
+from ..options import Options
 from . import common as C
 
 BLOCK = 64
 NESTED_BLOCK = 256
 QS_KEY = "quant_state.bitsandbytes__nf4"
 QS_BYTES = 256  # fixed JSON length (spaces pad it; JSON ignores trailing whitespace)
+
+
+@dataclass(frozen=True)
+class NF4Options(Options):
+    double_quant: bool = True  # quantize the per-block absmax to 8 bits (bitsandbytes' double quantization)
 
 # bitsandbytes' NF4 table (quantiles of N(0, 1) normalized to [-1, 1], with an exact zero)
 NF4_CODE = (
@@ -203,8 +210,8 @@ class NF4Scheme(C.Scheme):
     def __init__(self, double_quant: bool = True):
         self.double_quant = bool(double_quant)
 
-    def options(self) -> dict[str, Any]:
-        return {"blocksize": BLOCK, "double_quant": self.double_quant, "layout": "bitsandbytes Params4bit"}
+    def describe(self) -> dict[str, Any]:
+        return {"blocksize": BLOCK, "layout": "bitsandbytes Params4bit"}
 
     def unsupported(self, shape):
         return "odd number of elements" if (shape[0] * shape[1]) % 2 else None
@@ -227,8 +234,9 @@ class NF4Scheme(C.Scheme):
         return nf4_linear({k[len(wname) + 1 :] if k != wname else "weight": v for k, v in parts.items()}, backend)
 
 
-def convert(src: TensorSource, out: Path, subtype: str | None, options: dict[str, Any], progress: bool) -> Path:
-    scheme = NF4Scheme(options.get("double_quant", True))
+def convert(src: TensorSource, out: Path, subtype: str | None, options: NF4Options, progress: bool, *,
+            format: str = "nf4") -> Path:
+    scheme = NF4Scheme(options.double_quant)
     # diffusers quantizes every Linear unless told to skip it: list the kept ones
     _, config, decisions = C.plan(src, scheme, options)
     linear = C.linear_weight_names(config)
@@ -241,16 +249,6 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: dict[str
     return C.convert_lowbit(src, out, scheme, None, options, progress)
 
 
-def load(path: Path, device: str = "cpu", backend: str | None = None, dtype: Any = None):
-    return C.load_lowbit(path, lambda m: NF4Scheme(m["options"].get("double_quant", True)), device, backend, dtype)
-
-
-def _register_backends() -> None:
-    from ...platform.backends import needs_device, needs_package, register
-
-    register("nf4", "bitsandbytes", 30, (needs_device("cuda"), needs_package("bitsandbytes", "bnb")),
-             "bitsandbytes matmul_4bit (CUDA)")
-    register("nf4", "torch-dequant", 10, (), "zopt's NF4 dequantization per layer, matmul in the activation dtype")
-
-
-_register_backends()
+def load(path: Path, device: str, backend: str, dtype: Any = None):
+    return C.load_lowbit(path, lambda m: NF4Scheme(C.recorded_options(NF4Options, m).double_quant), device, backend,
+                         dtype)

@@ -17,8 +17,8 @@ Both quantized subtypes touch only the MatMuls whose weight is not precision-sen
 
 from __future__ import annotations
 
-import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +26,10 @@ from ..._io import atomic_path
 from ...checkpoint import TensorSource
 from ...errors import MissingDependency, UnsupportedFormat
 from ...families import zimage
+from ...policy import Policy
 from ...quiet import quiet_logging
 from ..artifact import read_manifest, source_provenance, verify_manifest, write_config, write_manifest
+from ..options import Options
 from .export import DATA_NAME, MODEL_NAME, OPSET, export
 
 SUBTYPES = {
@@ -37,6 +39,15 @@ SUBTYPES = {
     "int8": (8.0, "onnxruntime dynamic quantization: per-channel int8 MatMul weights"),
     "int4": (4.0, "onnxruntime MatMulNBits: block-wise 4-bit weight-only"),
 }
+
+
+
+
+@dataclass(frozen=True)
+class ONNXOptions(Options):
+    per_channel: bool = True  # int8: one weight scale per output channel (else per tensor)
+    block_size: int = 32  # int4: weights per MatMulNBits block
+    symmetric: bool = False  # int4: symmetric blocks (no zero point)
 
 
 def list_types() -> list[tuple[str, float, str]]:
@@ -58,21 +69,21 @@ def weight_of(initializer_name: str) -> str:
     return name[: -len("_t")] if name.endswith(".weight_t") else name
 
 
-def quantizable_matmuls(model, keep: list[str] = (), quantize: list[str] = ()) -> tuple[list[str], list[str]]:
-    """(names of MatMul nodes with a non-sensitive constant weight, names of all other MatMuls).
+def quantizable_matmuls(model, policy: Policy | None = None) -> tuple[list[str], list[str]]:
+    """(names of MatMul nodes whose constant weight ``policy`` quantizes, names of all other MatMuls).
 
-    ``keep`` / ``quantize``: regexes of diffusers tensor names that override the Z-Image policy
-    (``zopt convert --keep / --quantize``).
+    ``policy`` defaults to :class:`zopt.policy.Policy` without ``--keep`` / ``--quantize`` patterns.
     """
-    inits = {i.name for i in model.graph.initializer}
+    policy = policy or Policy()
+    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
     body, other = [], []
     for node in model.graph.node:
         if node.op_type != "MatMul":
             continue
         w = node.input[1]
         name = weight_of(w)
-        ok = w in inits and (zimage.sensitive_reason(name) is None or any(re.search(p, name) for p in quantize))
-        ok = ok and not any(re.search(p, name) for p in keep)
+        # a MatMul weight is stored transposed (in, out); the policy speaks of the Linear's (out, in)
+        ok = w in inits and len(inits[w]) == 2 and policy.decide(name, inits[w][::-1]).quantize
         (body if ok else other).append(node.name)
     return body, other
 
@@ -81,15 +92,22 @@ def quantizable_matmuls(model, keep: list[str] = (), quantize: list[str] = ()) -
 _quiet_logging = quiet_logging
 
 
-def quantize_int8(fp32_model: Path, out_model: Path, options: dict[str, Any]) -> dict[str, Any]:
+def _typed(options: ONNXOptions | dict[str, Any] | None) -> ONNXOptions:
+    return options if isinstance(options, ONNXOptions) else ONNXOptions.from_dict(options, format="onnx")
+
+
+def quantize_int8(fp32_model: Path, out_model: Path, options: ONNXOptions | dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
+    """onnxruntime dynamic INT8 quantization of the MatMuls the policy quantizes; returns stats."""
     ort = _ort()
+    options = _typed(options)
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = onnx.load(str(fp32_model), load_external_data=False)
-    body, other = quantizable_matmuls(model, options.get("keep", []), options.get("quantize", []))
+    body, other = quantizable_matmuls(model, Policy.from_options(options))
     del model
-    per_channel = bool(options.get("per_channel", True))
+    per_channel = options.per_channel
     quantize_dynamic(str(fp32_model), str(out_model), op_types_to_quantize=["MatMul"], per_channel=per_channel,
                      weight_type=QuantType.QInt8, nodes_to_quantize=body, nodes_to_exclude=other,
                      use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
@@ -97,15 +115,18 @@ def quantize_int8(fp32_model: Path, out_model: Path, options: dict[str, Any]) ->
             "weight_type": "QInt8", "quantized_matmuls": len(body)}
 
 
-def quantize_int4(fp32_model: Path, out_model: Path, options: dict[str, Any]) -> dict[str, Any]:
+def quantize_int4(fp32_model: Path, out_model: Path, options: ONNXOptions | dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
+    """onnxruntime MatMulNBits 4-bit quantization of the MatMuls the policy quantizes; returns stats."""
     ort = _ort()
+    options = _typed(options)
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    block = int(options.get("block_size", 32))
-    symmetric = bool(options.get("symmetric", False))
+    block = options.block_size
+    symmetric = options.symmetric
     model = onnx.load(str(fp32_model))
-    body, other = quantizable_matmuls(model, options.get("keep", []), options.get("quantize", []))
+    body, other = quantizable_matmuls(model, Policy.from_options(options))
     q = MatMulNBitsQuantizer(model, bits=4, block_size=block, is_symmetric=symmetric, nodes_to_exclude=other)
     q.process()
     q.model.save_model_to_file(str(out_model), use_external_data_format=True)
@@ -120,7 +141,8 @@ def _storage_table(model_path: Path) -> dict[str, dict[str, str]]:
     return {i.name: {"storage": onnx.TensorProto.DataType.Name(i.data_type)} for i in m.graph.initializer}
 
 
-def convert(src: TensorSource, out: Path, subtype: str | None, options: dict[str, Any], progress: bool) -> Path:
+def convert(src: TensorSource, out: Path, subtype: str | None, options: ONNXOptions, progress: bool, *,
+            format: str = "onnx") -> Path:
     """Export ``src`` to an ONNX artifact folder ``out`` (``subtype`` in :data:`SUBTYPES`)."""
     sub = (subtype or "fp32").lower()
     if sub not in SUBTYPES:
@@ -137,12 +159,12 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: dict[str
                 stats["quantization"] = quant(work / MODEL_NAME, tmp / MODEL_NAME, options)
             shutil.rmtree(work)
         else:
-            stats = export(src, tmp, sub, progress)
+            stats = export(src, tmp, sub, progress, Policy.from_options(options))
         write_config(tmp, config)
         data = sorted(p.name for p in tmp.iterdir() if p.name not in (MODEL_NAME, "config.json"))
         write_manifest(
-            tmp, format="onnx", subtype=sub, options={k: v for k, v in options.items() if k != "hash_source"},
-            source=source_provenance(src, options.get("hash_source", True)), config=config,
+            tmp, format="onnx", subtype=sub, options=options.recorded(),
+            source=source_provenance(src, options.hash_source), config=config,
             tensors=_storage_table(tmp / MODEL_NAME),
             extra={"onnx": {"model": MODEL_NAME, "external_data": data, "opset": OPSET, **stats,
                             "inputs": {"latents": "float32 (batch, in_channels, height, width), height/width even",
@@ -159,46 +181,25 @@ def _artifact(path: Path) -> tuple[Path, dict[str, Any]]:
     return folder, read_manifest(folder)
 
 
-def load(path: Path, device: str = "cpu", backend: str | None = None, dtype: Any = None):
+def load(path: Path, device: str, backend: str, dtype: Any = None):
     """An :class:`~zopt.formats.onnx.runtime.OrtTransformer` over the artifact at ``path``.
 
-    ``backend``: ``ort-tensorrt`` / ``ort-cuda`` / ``ort-cpu`` or None (best available here).
+    ``backend``: ``ort-tensorrt`` / ``ort-cuda`` / ``ort-cpu`` (selected by ``zopt.formats.load``).
     ``dtype`` is ignored: the graph's inputs and outputs are float32 whatever its weights.
     """
     _ort()
-    from ...platform import backends
-    from ...platform.hardware import detect
     from .runtime import OrtTransformer, provider_options
 
     folder, manifest = _artifact(Path(path))
     verify_manifest(folder, manifest)
-    hw = detect()
-    if backend is None and device == "cpu":
-        backend = "ort-cpu"
-    sel = backends.select("onnx", hw, prefer=backend)
     sub = manifest.get("subtype") or "fp32"
-    if sub == "bf16" and sel.name == "ort-cpu":
+    if sub == "bf16" and backend == "ort-cpu":
         raise UnsupportedFormat("onnx:bf16 needs the CUDA or TensorRT execution provider "
                                 "(onnxruntime's CPU provider has no bfloat16 MatMul)", folder)
-    run_device = "cpu" if sel.name == "ort-cpu" else device
-    return OrtTransformer(folder / MODEL_NAME, manifest["config"], provider_options(sel.name, folder, sub), run_device)
+    run_device = "cpu" if backend == "ort-cpu" else device
+    return OrtTransformer(folder / MODEL_NAME, manifest["config"], provider_options(backend, folder, sub), run_device)
 
 
 def file_bytes(folder: Path) -> int:
     """Bytes of the graph and its external data (what a runtime reads)."""
     return sum((folder / n).stat().st_size for n in (MODEL_NAME, DATA_NAME) if (folder / n).exists())
-
-
-def _register_backends() -> None:
-    from ...platform.backends import needs_ort_provider, needs_package, register
-
-    register("onnx", "ort-tensorrt", 30, (needs_package("onnxruntime", "onnx"),
-                                          needs_ort_provider("TensorrtExecutionProvider")),
-             "onnxruntime with the TensorRT execution provider (CUDA, CPU fallback per node)")
-    register("onnx", "ort-cuda", 20, (needs_package("onnxruntime", "onnx"), needs_ort_provider("CUDAExecutionProvider")),
-             "onnxruntime CUDA execution provider")
-    register("onnx", "ort-cpu", 10, (needs_package("onnxruntime", "onnx"), needs_ort_provider("CPUExecutionProvider")),
-             "onnxruntime CPU execution provider")
-
-
-_register_backends()

@@ -40,8 +40,9 @@ ALIGN = 4096  # external tensors start on page boundaries so readers can mmap th
 HALF = {"fp32": None, "fp16": "float16", "bf16": "bfloat16"}
 
 
-def trace_graph(config: dict[str, Any], precision: str, path: Path) -> dict[str, Any]:
-    """Trace the skeleton for ``config`` and write the weight-less graph to ``path``.
+def trace_graph(config: dict[str, Any], precision: str, path: Path, policy: Any = None) -> dict[str, Any]:
+    """Trace the skeleton for ``config`` and write the weight-less graph to ``path`` (``policy``:
+    which Linear weights a half-precision export casts, see :func:`~zopt.formats.onnx.graph.half_policy`).
 
     Returns ``{input name: (shape, torch dtype)}`` for every weight input of the traced graph.
     """
@@ -50,7 +51,7 @@ def trace_graph(config: dict[str, Any], precision: str, path: Path) -> dict[str,
     from .graph import graph_inputs, skeleton
 
     half = getattr(torch, HALF[precision]) if HALF[precision] else None
-    g = skeleton(config, half)
+    g = skeleton(config, half, policy)
     # small, unequal trace shapes: 2 rows with different text lengths exercise the masks
     args = graph_inputs(config, batch=2, height=8, width=6, text_len=37)
     shapes = {n: (tuple(t.shape), t.dtype) for n, t in list(g.named_parameters()) + list(g.named_buffers())}
@@ -93,8 +94,10 @@ def _tensor_buffer(t):
     return t.numpy()
 
 
-def export(src: TensorSource, folder: Path, precision: str = "fp32", progress: bool = True) -> dict[str, Any]:
+def export(src: TensorSource, folder: Path, precision: str = "fp32", progress: bool = True,
+           policy: Any = None) -> dict[str, Any]:
     """Write ``folder/model.onnx`` + ``folder/model.onnx.data`` for ``src``; returns export stats.
+    ``policy`` (a :class:`zopt.policy.Policy`) says which weights a fp16/bf16 export casts.
 
     Memory stays at one tensor (plus the trace's activations on tiny inputs) at every model size.
     """
@@ -112,7 +115,7 @@ def export(src: TensorSource, folder: Path, precision: str = "fp32", progress: b
     d = family.as_diffusers(src)
     t0 = time.perf_counter()
     model_path = folder / MODEL_NAME
-    shapes = trace_graph(config, precision, model_path)
+    shapes = trace_graph(config, precision, model_path, policy)
     trace_s = time.perf_counter() - t0
 
     proto = onnx.load(str(model_path), load_external_data=False)

@@ -8,13 +8,12 @@ non-sensitive matmul weights in fp16/bf16 (the family's sensitive rules keep the
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 from torch import nn
 
-from ...families import Family, for_config
+from ...families import for_config
 
 
 def graph_tables(config: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -28,15 +27,18 @@ def graph_inputs(config: dict[str, Any], batch: int = 2, height: int = 16, width
     return for_config(config).graph_inputs(config, batch, height, width, text_len, seed)
 
 
-def half_policy(name: str, half: torch.dtype | None, family: Family) -> torch.dtype:
-    """The dtype tensor ``name`` (diffusers name) is stored in for an export with ``half``."""
-    if half is not None and name.endswith(".weight") and family.sensitive_reason(name) is None \
-            and not re.search(r"norm", name):
+def half_policy(name: str, half: torch.dtype | None, shape: tuple[int, ...], policy: Any = None) -> torch.dtype:
+    """The dtype tensor ``name`` (diffusers name) of ``shape`` is stored in for an export with
+    ``half``: ``half`` where ``policy`` (default: :class:`zopt.policy.Policy` without patterns)
+    quantizes it, float32 where it keeps it."""
+    from ...policy import Policy
+
+    if half is not None and (policy or Policy()).decide(name, tuple(shape)).quantize:
         return half
     return torch.float32
 
 
-def skeleton(config: dict[str, Any], half: torch.dtype | None = None) -> nn.Module:
+def skeleton(config: dict[str, Any], half: torch.dtype | None = None, policy: Any = None) -> nn.Module:
     """A value-free graph module for tracing: every tensor is a zero-stride CPU view (no memory).
 
     Linear layers carry ``weight_t`` (in, out) in their storage dtype; the weights themselves are
@@ -51,7 +53,7 @@ def skeleton(config: dict[str, Any], half: torch.dtype | None = None) -> nn.Modu
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.Linear):
             w = mod._parameters.pop("weight")
-            dt = half_policy(f"{name}.weight", half, family)
+            dt = half_policy(f"{name}.weight", half, tuple(w.shape), policy)
             mod.register_parameter("weight_t", nn.Parameter(hollow((w.shape[1], w.shape[0]), dt), requires_grad=False))
     for name, p in list(model.named_parameters()):
         mod_name, _, attr = name.rpartition(".")

@@ -32,6 +32,7 @@ from ...checkpoint import TensorSource
 from ...errors import CorruptFile, MissingDependency, ShapeMismatch, UnsupportedFormat, ZoptError
 from ...families import zimage
 from ..artifact import read_manifest, source_provenance, verify_manifest, write_config, write_manifest
+from ..options import Options
 
 ENGINE_NAME = "model.plan"
 SUBTYPES = {
@@ -62,9 +63,30 @@ class ShapeRange:
     max_text: int = 512
 
     @classmethod
-    def from_options(cls, options: dict[str, Any]) -> ShapeRange:
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: int(v) for k, v in options.items() if k in known})
+    def from_options(cls, options: Any) -> ShapeRange:
+        """The range a :class:`TensorRTOptions` (or a dict of the same keys) asks for."""
+        get = options.get if isinstance(options, dict) else lambda k, d: getattr(options, k, d)
+        return cls(**{k: int(get(k, f.default)) for k, f in cls.__dataclass_fields__.items()})
+
+
+@dataclass(frozen=True)
+class TensorRTOptions(Options):
+    """The engine's shape profile (image sides in pixels, batch rows, text tokens: min/opt/max),
+    INT8/FP8 calibration and the builder's workspace."""
+
+    min_size: int = ShapeRange.min_size
+    opt_size: int = ShapeRange.opt_size
+    max_size: int = ShapeRange.max_size
+    min_batch: int = ShapeRange.min_batch
+    opt_batch: int = ShapeRange.opt_batch
+    max_batch: int = ShapeRange.max_batch
+    min_text: int = ShapeRange.min_text
+    opt_text: int = ShapeRange.opt_text
+    max_text: int = ShapeRange.max_text
+    calibration: str | None = None  # .npz of latents/timestep/text_embeds/text_lens (default: synthetic)
+    calibration_latent: int = 32  # latent side of the synthetic calibration inputs
+    calibration_samples: int = 4
+    workspace_gb: float = 8.0
 
 
 def profile_shapes(config: dict[str, Any], rng: ShapeRange) -> dict[str, tuple[tuple[int, ...], ...]]:
@@ -115,15 +137,19 @@ def _trt():
 # Q/DQ for int8 / fp8
 
 
-def calibration_feeds(config: dict[str, Any], options: dict[str, Any]) -> list[dict[str, Any]]:
+def calibration_feeds(config: dict[str, Any], options: TensorRTOptions | dict[str, Any]) -> list[dict[str, Any]]:
     """Inputs for activation calibration: ``calibration=FILE.npz`` (arrays latents, timestep,
     text_embeds, text_lens, each with a leading sample axis) or a seeded synthetic set: unit-normal
-    latents (the noise the sampler starts from), timesteps across [0, 1], unit-normal text."""
+    latents (the noise the sampler starts from), timesteps across [0, 1], unit-normal text.
+    ``options``: :class:`TensorRTOptions` or a dict of them."""
     import numpy as np
+
+    if isinstance(options, dict):
+        options = TensorRTOptions.from_dict(options, format="tensorrt")
 
     from .graph import graph_inputs
 
-    path = options.get("calibration")
+    path = options.calibration
     if path:
         try:
             data = np.load(path)
@@ -131,17 +157,18 @@ def calibration_feeds(config: dict[str, Any], options: dict[str, Any]) -> list[d
             return [{k: data[k][i] for k in ("latents", "timestep", "text_embeds", "text_lens")} for i in range(n)]
         except (OSError, KeyError, ValueError) as e:
             raise CorruptFile(f"not a calibration .npz with latents/timestep/text_embeds/text_lens ({e})", path) from None
-    side = int(options.get("calibration_latent", 32))
+    side = options.calibration_latent
     feeds = []
-    for i in range(int(options.get("calibration_samples", 4))):
+    for i in range(options.calibration_samples):
         lat, t, emb, lens = graph_inputs(config, 1, side, side, 64, seed=100 + i)
-        t[:] = (i + 0.5) / int(options.get("calibration_samples", 4))
+        t[:] = (i + 0.5) / options.calibration_samples
         feeds.append({"latents": lat.numpy(), "timestep": t.numpy(), "text_embeds": emb.numpy(),
                       "text_lens": lens.numpy()})
     return feeds
 
 
-def qdq_model(fp32_model: Path, out_model: Path, precision: str, feeds: list[dict[str, Any]]) -> dict[str, Any]:
+def qdq_model(fp32_model: Path, out_model: Path, precision: str, feeds: list[dict[str, Any]],
+              policy: Any = None) -> dict[str, Any]:
     """Write a QDQ copy of the fp32 export with int8 or fp8 (E4M3) Q/DQ around the body's MatMuls."""
     import onnx
     import onnxruntime as ort
@@ -153,6 +180,7 @@ def qdq_model(fp32_model: Path, out_model: Path, precision: str, feeds: list[dic
         quantize_static,
     )
 
+    from ...policy import Policy
     from . import _quiet_logging, quantizable_matmuls
 
     class Reader(CalibrationDataReader):
@@ -163,7 +191,7 @@ def qdq_model(fp32_model: Path, out_model: Path, precision: str, feeds: list[dic
             return next(self.it, None)
 
     model = onnx.load(str(fp32_model), load_external_data=False)
-    body, other = quantizable_matmuls(model)
+    body, other = quantizable_matmuls(model, policy or Policy())
     del model
     qtype = QuantType.QFLOAT8E4M3FN if precision == "fp8" else QuantType.QInt8
     # fp8 scales come from the distribution's std (ORT requires it for float8); int8 from min/max
@@ -214,7 +242,8 @@ def _gpu() -> dict[str, Any]:
     return {"gpu": torch.cuda.get_device_name(), "compute_capability": list(torch.cuda.get_device_capability())}
 
 
-def convert(src: TensorSource, out: Path, subtype: str | None, options: dict[str, Any], progress: bool) -> Path:
+def convert(src: TensorSource, out: Path, subtype: str | None, options: TensorRTOptions, progress: bool, *,
+            format: str = "tensorrt") -> Path:
     """Export ``src`` to ONNX and build a TensorRT engine folder at ``out``."""
     from .export import MODEL_NAME, export
 
@@ -231,16 +260,19 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: dict[str
     with atomic_path(out, is_dir=True) as tmp:
         work = tmp / "_onnx"
         work.mkdir()
-        stats = export(src, work, sub if sub in ("bf16", "fp16") else "fp32", progress)
+        from ...policy import Policy
+
+        policy = Policy.from_options(options)
+        stats = export(src, work, sub if sub in ("bf16", "fp16") else "fp32", progress, policy)
         graph = work / MODEL_NAME
         if sub in ("int8", "fp8"):
-            stats["quantization"] = qdq_model(graph, work / "qdq.onnx", sub, calibration_feeds(config, options))
+            stats["quantization"] = qdq_model(graph, work / "qdq.onnx", sub, calibration_feeds(config, options), policy)
             graph = work / "qdq.onnx"
-        stats.update(build_engine(graph, tmp / ENGINE_NAME, shapes, float(options.get("workspace_gb", 8))))
+        stats.update(build_engine(graph, tmp / ENGINE_NAME, shapes, options.workspace_gb))
         shutil.rmtree(work)
         write_config(tmp, config)
-        write_manifest(tmp, format="tensorrt", subtype=sub, options={k: v for k, v in options.items() if k != "hash_source"},
-                       source=source_provenance(src, options.get("hash_source", True)), config=config,
+        write_manifest(tmp, format="tensorrt", subtype=sub, options=options.recorded(),
+                       source=source_provenance(src, options.hash_source), config=config,
                        tensors={}, extra={"tensorrt": {**stats, **gpu, "profile": asdict(rng),
                                                        "profile_shapes": {k: [list(s) for s in v] for k, v in shapes.items()},
                                                        "image_tokens": list(image_tokens(rng))}})
@@ -298,24 +330,13 @@ def _transformer_class():
     return TensorRTTransformer
 
 
-def load(path: Path, device: str = "cuda", backend: str | None = None, dtype: Any = None):
-    """The engine at ``path`` as a pipeline transformer (``dtype`` ignored: fp32 inputs/outputs)."""
+def load(path: Path, device: str, backend: str, dtype: Any = None):
+    """The engine at ``path`` as a pipeline transformer (``dtype`` ignored: fp32 inputs/outputs);
+    ``backend`` (always ``tensorrt``) was selected by ``zopt.formats.load``."""
     _trt()
-    from ...platform import backends
 
     folder = Path(path)
     manifest = read_manifest(folder)
     verify_manifest(folder, manifest)
-    backends.select("tensorrt", prefer=backend or "tensorrt")
     shapes = {k: [tuple(s) for s in v] for k, v in manifest["tensorrt"]["profile_shapes"].items()}
     return _transformer_class()(folder / ENGINE_NAME, manifest["config"], shapes, "cuda")
-
-
-def _register_backends() -> None:
-    from ...platform.backends import needs_device, needs_package, register
-
-    register("tensorrt", "tensorrt", 10, (needs_device("cuda"), needs_package("tensorrt", "tensorrt")),
-             "TensorRT engine (execute_async_v3 on torch's CUDA stream)")
-
-
-_register_backends()
