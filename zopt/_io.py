@@ -72,8 +72,10 @@ def _umask() -> int:
 
 def sha256_file(path: str | os.PathLike, chunk: int = 16 << 20) -> str:
     """Hex sha256 of a file, read in chunks (constant memory)."""
+    from .validate import open_regular
+
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()

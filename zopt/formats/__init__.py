@@ -119,11 +119,12 @@ def _record_command(result: Path, command: str) -> None:
     manifest = result / MANIFEST_NAME if result.is_dir() else None
     if manifest is None or not manifest.exists():
         return
+    from .._io import atomic_path
+
     data = json.loads(manifest.read_text())
     data["command"] = command
-    tmp = manifest.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, manifest)
+    with atomic_path(manifest) as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
 
 
 def artifact_format(path: str | os.PathLike) -> str:
@@ -140,7 +141,9 @@ def artifact_format(path: str | os.PathLike) -> str:
         return "safetensors"
     for cand in (p / MANIFEST_NAME, p / "transformer" / MANIFEST_NAME):
         if cand.exists():
-            return json.loads(cand.read_text())["format"]
+            from .artifact import read_manifest
+
+            return read_manifest(cand.parent)["format"]
     return "bf16"
 
 

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .. import validate
 from .._io import sha256_file
 from ..errors import ChecksumMismatch, CorruptFile
 from . import MANIFEST_NAME
@@ -78,25 +79,37 @@ def write_manifest(
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    """The checked manifest of the artifact folder (types, required keys, confined paths)."""
     path = Path(folder) / MANIFEST_NAME
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CorruptFile("not a zopt artifact (no zopt-manifest.json)", folder) from None
-    except json.JSONDecodeError as e:
-        raise CorruptFile(f"manifest is not valid JSON ({e.msg})", path) from None
+    if not path.exists():
+        raise CorruptFile("not a zopt artifact (no zopt-manifest.json)", folder)
+    return validate.manifest(validate.read_json(path, "manifest"), path)
 
 
-def verify_manifest(folder: str | os.PathLike, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Check every file listed in the manifest (size, then sha256); raise ChecksumMismatch on the first bad one."""
+def verify_manifest(folder: str | os.PathLike, manifest: dict[str, Any] | None = None,
+                    reads: list[str | os.PathLike] = ()) -> dict[str, Any]:
+    """Check every file listed in the manifest (size, then sha256) and that every file in ``reads``
+    (what the loader will open) is listed; raise ChecksumMismatch on the first bad one.
+
+    Paths stay inside ``folder`` (symlinks included). ``ZOPT_VERIFY=0`` skips the hashing only.
+    """
     folder = Path(folder)
     manifest = manifest or read_manifest(folder)
-    for rel, meta in manifest.get("files", {}).items():
-        f = folder / rel
+    mpath = folder / MANIFEST_NAME
+    files = manifest["files"]
+    if not files:
+        raise ChecksumMismatch("manifest lists no files", mpath)
+    for r in reads:
+        rel = Path(os.path.relpath(r, folder)).as_posix()
+        if rel not in files:
+            raise ChecksumMismatch(f"{rel} would be loaded but is not listed in the manifest", mpath)
+    for rel, meta in files.items():
+        f = validate.confined(folder, rel, mpath, "manifest file")
         if not f.exists():
             raise ChecksumMismatch("file listed in the manifest is missing", f)
-        if f.stat().st_size != meta["bytes"]:
-            raise ChecksumMismatch(f"size {f.stat().st_size} differs from the manifest's {meta['bytes']}", f)
-        if sha256_file(f) != meta["sha256"]:
+        size = validate.regular_file(f).st_size
+        if size != meta["bytes"]:
+            raise ChecksumMismatch(f"size {size} differs from the manifest's {meta['bytes']}", f)
+        if validate.verify_enabled() and sha256_file(f) != meta["sha256"]:
             raise ChecksumMismatch("sha256 differs from the manifest (corrupted or modified)", f)
     return manifest

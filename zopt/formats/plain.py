@@ -80,11 +80,16 @@ def load_source(path: str | os.PathLike | TensorSource, device: str = "cpu", dty
 
 
 def load(path: Path, device: str = "cpu", backend: str | None = None, dtype: Any = None):
+    from .. import checkpoint
     from .artifact import verify_manifest
 
     folder = path / "transformer" if (path / "transformer").is_dir() else path
-    verify_manifest(folder)
-    return load_source(folder, device=device, dtype=dtype)
+    src = checkpoint.open(folder)
+    # everything the source reads (shards, index, config) must be covered by the manifest
+    reads = [*src.files, *(f for f in (folder / "config.json", *folder.glob("*.safetensors.index.json"))
+                           if f.exists())]
+    verify_manifest(folder, reads=reads)
+    return load_source(src, device=device, dtype=dtype)
 
 
 def _register_backends() -> None:

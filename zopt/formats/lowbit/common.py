@@ -323,7 +323,7 @@ def load_lowbit(path: Path, scheme_for: Callable[[dict[str, Any]], Scheme], devi
     """Rebuild the model of a diffusers-layout low-bit artifact (verified against its manifest)."""
 
     folder = artifact_folder(path)
-    manifest = verify_manifest(folder, read_manifest(folder))
+    manifest = verify_manifest(folder, read_manifest(folder), reads=[folder / WEIGHTS_NAME])
     scheme = scheme_for(manifest)
     name = choose_backend(manifest["format"], device, backend)
     model = empty_model(manifest["config"])

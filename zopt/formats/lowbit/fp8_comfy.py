@@ -103,12 +103,14 @@ def _scheme(var: str):
 def load_comfy(folder: Path, device: str = "cpu", backend: str | None = None, dtype: Any = None):
     """Rebuild the model from a comfy-layout fp8 artifact folder (qkv split back into q, k, v)."""
 
-    from .fp8 import fp8_linear
+    from .fp8 import COMFY_FILE, fp8_linear
 
-    manifest = verify_manifest(folder, read_manifest(folder))
+    manifest = read_manifest(folder)
+    weights = folder / manifest.get("file", COMFY_FILE)  # the manifest check keeps "file" inside the folder
+    verify_manifest(folder, manifest, reads=[weights])
     name = C.choose_backend("fp8", device, backend)
     model = empty_model(manifest["config"])
-    with C.open_weights(folder / manifest["file"]) as f:
+    with C.open_weights(weights) as f:
         # quantized modules first, so a bias set afterwards lands on the new module
         for dn, rec in sorted(manifest["tensors"].items(), key=lambda kv: "scale" not in kv[1]):
             t = f.get_tensor(rec["stored_as"])
