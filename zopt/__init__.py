@@ -14,7 +14,14 @@ __version__ = "0.1.0"
 
 __all__ = ["__version__", "open", "convert", "load", "detect", "ZoptError"]
 
+import logging as _logging
+
 from .errors import ZoptError
+
+# bitsandbytes logs, on import, that an optional CPU kernel package is missing; zopt never uses that
+# kernel (NF4 layers run zopt's own path), so the line is only noise before every message
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"))
 
 
 def open(source, *, allow_pickle: bool = False):  # noqa: A001

@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import CorruptFile, UnsupportedFormat
+from ..errors import ChecksumMismatch, CorruptFile, UnsupportedFormat
 from . import HEX64, MAX_DIM, model_config, need, open_regular, parse_json
 
 # the GGML types zopt's reader and loader handle (a test keeps this equal to the writer's table)
@@ -26,6 +26,7 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 MAX_ITEMS = 1 << 22  # array items kept in Python (a tokenizer has ~150K); larger arrays are skipped over
 MAX_COUNT = 1 << 20  # tensors or KV pairs
 ORIG_SHAPE = "comfy.gguf.orig_shape."
+DIGEST_KEY = "zopt.sha256"
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class GGUFHeader:
     tensors: list[GGUFTensor]
     data_offset: int
     size: int
+    digest_at: int | None = None  # file offset of the zopt.sha256 value
 
 
 class _Walk:
@@ -103,10 +105,13 @@ def gguf_header(path: str | os.PathLike) -> GGUFHeader:
             need(n_tensors <= MAX_COUNT and n_kv <= MAX_COUNT, f"GGUF header claims {n_tensors} tensors "
                                                                 f"and {n_kv} keys", path)
             kv: dict[str, tuple[int, Any]] = {}
+            digest_at = None
             for _ in range(n_kv):
                 key = w.string("key", 65535)
                 need(key not in kv, f"GGUF key {key[:120]!r} appears twice", path)
                 vtype = w.take("<I")
+                if key == DIGEST_KEY:
+                    digest_at = w.pos + 8
                 kv[key] = (vtype, w.value(vtype))
             infos = []
             for _ in range(n_tensors):
@@ -147,7 +152,7 @@ def gguf_header(path: str | os.PathLike) -> GGUFHeader:
         need(t.offset >= end, f"tensor {t.name[:120]!r} overlaps the tensor before it", path)
         end = t.offset + t.nbytes
     need(end <= size, f"truncated: tensor data ends at byte {end} but the file has {size}", path)
-    header = GGUFHeader(kv, tensors, data_offset, size)
+    header = GGUFHeader(kv, tensors, data_offset, size, digest_at)
     _check_zopt_keys(header, path)
     return header
 
@@ -173,3 +178,36 @@ def _check_zopt_keys(h: GGUFHeader, path) -> None:
         model_config(parse_json(h.kv["zopt.config"][1], path, "zopt.config"), path, "zopt.config")
     if "zopt.sha256" in h.kv:
         need(HEX64.match(h.kv["zopt.sha256"][1]) is not None, "zopt.sha256 must be 64 hex digits", path)
+
+
+def file_digest(header: bytes | bytearray, digest_at: int, data_hash) -> str:
+    """The ``zopt.sha256`` value: sha256 of (sha256 of the header without the digest's own 64 bytes,
+    sha256 of the data section), so a changed byte anywhere in the file is caught."""
+    import hashlib
+
+    h = hashlib.sha256(bytes(header[:digest_at]) + bytes(header[digest_at + 64:]))
+    return hashlib.sha256((h.hexdigest() + data_hash.hexdigest()).encode()).hexdigest()
+
+
+def verify_digest(header: GGUFHeader, path: str | os.PathLike) -> None:
+    """Check a GGUF's ``zopt.sha256`` (files zopt wrote must carry one; ``ZOPT_VERIFY=0`` skips hashing).
+
+    GGUF files from other tools carry no zopt checksum and are read as they are.
+    """
+    import hashlib
+
+    from . import verify_enabled
+
+    if DIGEST_KEY not in header.kv:
+        need("zopt.version" not in header.kv and "zopt.recipe" not in header.kv,
+             f"GGUF written by zopt has no {DIGEST_KEY} checksum", path)
+        return
+    if not verify_enabled():
+        return
+    with open_regular(path) as f:
+        head = f.read(header.data_offset)
+        data = hashlib.sha256()
+        while block := f.read(16 << 20):
+            data.update(block)
+    if len(head) != header.data_offset or file_digest(head, header.digest_at, data) != header.kv[DIGEST_KEY][1]:
+        raise ChecksumMismatch(f"{DIGEST_KEY} differs from the file's contents (corrupted or modified)", path)
