@@ -232,7 +232,7 @@ def safetensors_header(header: Any, data_size: int, path) -> tuple[dict[str, str
         need(isinstance(e, dict) and set(e) == _ENTRY_KEYS,
              f"{where}entry must hold exactly dtype, shape and data_offsets", path)
         dtype = e["dtype"]
-        need(dtype in SAFETENSORS_ITEMSIZE, f"{where}unknown dtype {str(dtype)[:20]!r}", path)
+        need(isinstance(dtype, str) and dtype in SAFETENSORS_ITEMSIZE, f"{where}unknown dtype {str(dtype)[:20]!r}", path)
         shape = int_list(e["shape"], f"{where}shape", path)
         offs = int_list(e["data_offsets"], f"{where}data_offsets", path, hi=1 << 62, max_len=2)
         need(len(offs) == 2 and offs[0] <= offs[1], f"{where}data_offsets must be [start, end]", path)
