@@ -127,7 +127,8 @@ class Int4Scheme(C.Scheme):
 
     def __init__(self, group: int = DEFAULT_GROUP, clip_search: bool = True):
         if group not in GROUP_SIZES:
-            raise ZoptError(f"int4 group_size must be one of {GROUP_SIZES}, not {group!r}")
+            raise ZoptError(f"int4 group_size (--option group_size=N or int4:gN) must be one of {GROUP_SIZES}, "
+                            f"not {group!r}")
         self.group, self.clip_search = group, bool(clip_search)
         self.storage = f"INT4_G{group}"
 
@@ -154,12 +155,20 @@ class Int4Scheme(C.Scheme):
 
 
 def scheme_from_options(options: dict[str, Any]) -> Int4Scheme:
-    return Int4Scheme(int(options.get("group_size", DEFAULT_GROUP)), options.get("clip_search", True))
+    return Int4Scheme(_group(options.get("group_size", DEFAULT_GROUP)), options.get("clip_search", True))
+
+
+def _group(value: Any) -> int:
+    try:
+        return int(str(value).lower().lstrip("g"))
+    except ValueError:
+        raise ZoptError(f"int4 group_size (--option group_size=N or int4:gN) must be one of {GROUP_SIZES}, "
+                        f"not {value!r}") from None
 
 
 def convert(src: TensorSource, out: Path, subtype: str | None, options: dict[str, Any], progress: bool) -> Path:
     if subtype:  # int4:g64
-        options = {**options, "group_size": int(str(subtype).lower().lstrip("g"))}
+        options = {**options, "group_size": _group(subtype)}
     scheme = scheme_from_options(options)
     return C.convert_lowbit(src, out, scheme, f"g{scheme.group}", options, progress)
 
