@@ -87,6 +87,10 @@ def convert(source: Any, to: str, out: str | os.PathLike, *, options: dict[str, 
     info, sub = parse_spec(to)
     mod = module_for(info)
     src = source if isinstance(source, checkpoint.TensorSource) else checkpoint.open(source, allow_pickle=allow_pickle)
+    if src.kind == "gguf":  # a zopt GGUF is an artifact: checked before it is converted further
+        from ..validate.gguf import verify_digest
+
+        verify_digest(src.header, src.path)
     opts = dict(options or {})
     if info.name in ("bf16", "fp16", "fp32", "int8", "int8_w8a8"):
         opts.setdefault("format", info.name)

@@ -179,7 +179,8 @@ def load(path: Path, device: str = "cpu", backend: str | None = None, dtype: Any
     from .runtime import OrtTransformer, provider_options
 
     folder, manifest = _artifact(Path(path))
-    verify_manifest(folder, manifest)
+    verify_manifest(folder, manifest, reads=[f for f in (folder / MODEL_NAME, folder / DATA_NAME)
+                                             if f.exists() or f.is_symlink()])
     hw = detect()
     if backend is None and device == "cpu":
         backend = "ort-cpu"

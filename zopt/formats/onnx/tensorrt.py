@@ -305,7 +305,7 @@ def load(path: Path, device: str = "cuda", backend: str | None = None, dtype: An
 
     folder = Path(path)
     manifest = read_manifest(folder)
-    verify_manifest(folder, manifest)
+    verify_manifest(folder, manifest, reads=[folder / ENGINE_NAME])
     backends.select("tensorrt", prefer=backend or "tensorrt")
     shapes = {k: [tuple(s) for s in v] for k, v in manifest["tensorrt"]["profile_shapes"].items()}
     return _transformer_class()(folder / ENGINE_NAME, manifest["config"], shapes, "cuda")
