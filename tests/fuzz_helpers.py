@@ -147,7 +147,10 @@ def make_bases(root: Path, tiny_transformer_dir: Path, tiny_q8_gguf: Path) -> di
     (idx / "diffusion_pytorch_model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": 0}, "weight_map": shard_map}))
     repo = assemble([tiny_q8_gguf], root / "repo", mode="copy")
-    return {"safetensors": st, "gguf": gg, "manifest": art, "config": cfgdir, "index": idx, "publish": repo}
+    int8 = convert(tiny_transformer_dir, "int8", root / "int8", progress=False)
+    comfy = convert(tiny_transformer_dir, "fp8", root / "fp8", options={"layout": "comfy"}, progress=False)
+    return {"safetensors": st, "gguf": gg, "manifest": art, "config": cfgdir, "index": idx, "publish": repo,
+            "lowbit": int8, "fp8comfy": comfy}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,28 +418,29 @@ def _edit_json(path: Path, fn: Callable[[dict], None]) -> None:
     path.write_text(json.dumps(m))
 
 
-def cases_manifest(base: Path, rng: random.Random, n: int) -> list[Case]:
-    W, M = "diffusion_pytorch_model.safetensors", "zopt-manifest.json"
+def cases_manifest(base: Path, rng: random.Random, n: int, kind: str = "manifest") -> list[Case]:
+    M = "zopt-manifest.json"
+    W = json.loads((base / M).read_text()).get("file", "diffusion_pytorch_model.safetensors")
 
     def extra(rng: random.Random) -> Case:
         r = rng.randrange(7)
         if r == 0:
-            return Case("manifest", "weights modified", _weights_flip(base, W, rng), True)
+            return Case(kind, "weights modified", _weights_flip(base, W, rng), True)
         if r == 1:
-            return Case("manifest", "weights modified, files: {}", _weights_flip(
+            return Case(kind, "weights modified, files: {}", _weights_flip(
                 base, W, rng, lambda d: _edit_json(d / M, lambda m: m.__setitem__("files", {}))), True)
         if r == 2:
-            return Case("manifest", "weights modified and unlisted", _weights_flip(
+            return Case(kind, "weights modified and unlisted", _weights_flip(
                 base, W, rng, lambda d: _edit_json(d / M, lambda m: m["files"].pop(W))), True)
         if r == 3:
             def add_index(d: Path) -> None:  # an unlisted index + shard dropped into the folder
                 shutil.copyfile(d / W, d / "evil-00001.safetensors")
                 (d / "x.safetensors.index.json").write_text(json.dumps(
                     {"weight_map": {k: "evil-00001.safetensors" for k in _st_names(d / W)}}))
-            return Case("manifest", "unlisted index + shard", _weights_flip(base, W, rng, add_index), True)
+            return Case(kind, "unlisted index + shard", _weights_flip(base, W, rng, add_index), True)
         if r == 4:
             rel = rng.choice(["../outside.bin", "/etc/hostname", "a/../../x", "~/x"])
-            return Case("manifest", f"files entry {rel}", lambda w, rel=rel: _then(
+            return Case(kind, f"files entry {rel}", lambda w, rel=rel: _then(
                 lambda w2: _clone(base, w2), lambda d: _edit_json(d / M, lambda m: m["files"].__setitem__(
                     rel, {"sha256": "0" * 64, "bytes": 1})))(w))
         if r == 5:
@@ -444,12 +448,12 @@ def cases_manifest(base: Path, rng: random.Random, n: int) -> list[Case]:
                 shutil.copyfile(d / "config.json", d.parent / "config-outside.json")
                 (d / "config.json").unlink()
                 (d / "config.json").symlink_to(d.parent / "config-outside.json")
-            return Case("manifest", "listed file linked outside", _then(lambda w: _clone(base, w), link_out), True)
+            return Case(kind, "listed file linked outside", _then(lambda w: _clone(base, w), link_out), True)
         label, act = _special(rng, W)
-        return Case("manifest", f"weights {label}", _then(lambda w: _clone(base, w), lambda d: act(d / W)),
+        return Case(kind, f"weights {label}", _then(lambda w: _clone(base, w), lambda d: act(d / W)),
                     label == "link outside")
 
-    return _folder_cases("manifest", base, M, rng, n, extra)
+    return _folder_cases(kind, base, M, rng, n, extra)
 
 
 def _st_names(path: Path) -> list[str]:
@@ -540,7 +544,9 @@ def cases_publish(base: Path, rng: random.Random, n: int) -> list[Case]:
 
 
 GENERATORS = {"safetensors": cases_safetensors, "gguf": cases_gguf, "manifest": cases_manifest,
-              "config": cases_config, "index": cases_index, "publish": cases_publish}
+              "config": cases_config, "index": cases_index, "publish": cases_publish,
+              "lowbit": lambda b, r, n: cases_manifest(b, r, n, "lowbit"),
+              "fp8comfy": lambda b, r, n: cases_manifest(b, r, n, "fp8comfy")}
 
 
 def entries(full: bool = False) -> dict[str, Callable[[Path], None]]:
@@ -581,4 +587,4 @@ def entries(full: bool = False) -> dict[str, Callable[[Path], None]]:
             empty_model(cfg)
 
     return {"safetensors": read_all, "gguf": gguf, "manifest": manifest, "config": config, "index": read_all,
-            "publish": lambda p: publish.verify(p, load=full)}
+            "publish": lambda p: publish.verify(p, load=full), "lowbit": formats.load, "fp8comfy": formats.load}

@@ -9,7 +9,8 @@ import fuzz_helpers as F
 import pytest
 
 # cases per kind: a few hundred each; the artifact kinds hash an 18 MB file per case
-PER_KIND = {"safetensors": 300, "gguf": 300, "config": 250, "index": 250, "manifest": 200, "publish": 200}
+PER_KIND = {"safetensors": 300, "gguf": 300, "config": 250, "index": 250, "manifest": 200, "publish": 200,
+            "lowbit": 120, "fp8comfy": 120}
 
 
 @pytest.fixture(scope="module")
@@ -27,5 +28,5 @@ def test_mutated_inputs_fail_cleanly(kind, bases, tmp_path):
     assert not bad, f"{len(bad)} of {len(cases)} {kind} cases were not handled cleanly: {bad[:5]}"
     # the generator really produces rejected inputs, and the tampering ones are among them
     assert counts[(kind, "clean")] >= len(cases) // 2
-    if kind in ("gguf", "manifest", "publish"):
+    if kind in ("gguf", "manifest", "publish", "lowbit", "fp8comfy"):
         assert any(c.tamper for c in cases)

@@ -112,4 +112,18 @@ def verify_manifest(folder: str | os.PathLike, manifest: dict[str, Any] | None =
             raise ChecksumMismatch(f"size {size} differs from the manifest's {meta['bytes']}", f)
         if validate.verify_enabled() and sha256_file(f) != meta["sha256"]:
             raise ChecksumMismatch("sha256 differs from the manifest (corrupted or modified)", f)
+    _same_config(folder, manifest, mpath)
     return manifest
+
+
+def _same_config(folder: Path, manifest: dict[str, Any], mpath: Path) -> None:
+    """The manifest's config (which loaders build from) must agree with the checksummed config.json."""
+    if "config.json" not in manifest["files"]:
+        return
+    written = validate.read_json(folder / "config.json", "config.json")
+    if not isinstance(written, dict):
+        raise CorruptFile("config.json is not a JSON object", folder / "config.json")
+    cfg = manifest["config"]
+    for k in sorted((set(cfg) | set(written)) & validate.CONFIG_KEYS - {"quantization_config"}):
+        if written.get(k) != cfg.get(k):
+            raise ChecksumMismatch(f"manifest config {k}={str(cfg.get(k))[:40]} differs from config.json", mpath)

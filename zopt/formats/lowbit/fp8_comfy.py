@@ -103,11 +103,22 @@ def _scheme(var: str):
 def load_comfy(folder: Path, device: str = "cpu", backend: str | None = None, dtype: Any = None):
     """Rebuild the model from a comfy-layout fp8 artifact folder (qkv split back into q, k, v)."""
 
-    from .fp8 import COMFY_FILE, fp8_linear
+    from .fp8 import COMFY_FILE
 
     manifest = read_manifest(folder)
     weights = folder / manifest.get("file", COMFY_FILE)  # the manifest check keeps "file" inside the folder
     verify_manifest(folder, manifest, reads=[weights])
+    with C.manifest_mismatch(folder):
+        C.check_record_shapes(manifest, folder)
+        model = _build_comfy(folder, manifest, weights, device, backend, dtype)
+    check_no_meta(model, folder)
+    return model
+
+
+def _build_comfy(folder: Path, manifest: dict[str, Any], weights: Path, device: str, backend: str | None,
+                 dtype: Any):
+    from .fp8 import fp8_linear
+
     name = C.choose_backend("fp8", device, backend)
     model = empty_model(manifest["config"])
     with C.open_weights(weights) as f:
@@ -121,6 +132,5 @@ def load_comfy(folder: Path, device: str = "cpu", backend: str | None = None, dt
                 replace_module(model, dn.rsplit(".", 1)[0], mod)
             else:
                 set_tensor(model, dn, t.to(device=device, dtype=dtype or t.dtype))
-    check_no_meta(model, folder)
     model.zopt_backend = name
     return model
