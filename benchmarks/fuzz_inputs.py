@@ -2,8 +2,9 @@
 
     PYTHONPATH=$PWD python benchmarks/fuzz_inputs.py [--per-kind 200] [--seed 0] [--quick] [--cli 12]
 
-Inputs are mutations of zopt's own small files (safetensors, GGUF, artifact manifests, model
-configs, sharded indexes, publish folders; see ``tests/fuzz_helpers.py``). Each case runs in this
+Inputs are mutations of zopt's own small files (safetensors, GGUF, artifact manifests of bf16,
+int8 and fp8 (ComfyUI) folders, model configs, sharded indexes, publish folders; see
+``tests/fuzz_cases.py``). Each case runs in this
 process under a time limit through the entry point users reach: by default artifacts are loaded
 all the way to a model (``--quick``: stop after verification and the shape check, as the test
 suite does). ``--cli N`` also runs N cases through the ``zopt`` command and checks exit code 2
@@ -27,10 +28,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+import fuzz_cases as C  # noqa: E402
 import fuzz_helpers as F  # noqa: E402
 
-CLI_COMMANDS = {"safetensors": ["inspect"], "gguf": ["inspect"], "manifest": ["verify", "--no-load"],
-                "config": ["inspect"], "index": ["inspect"], "publish": ["verify", "--no-load"]}
+# artifact folders are loaded by `zopt generate` (one 64x64 step); the rest by inspect / verify
+ARTIFACT_KINDS = ("manifest", "lowbit", "fp8comfy")
+CLI_COMMANDS = {"safetensors": ["inspect"], "gguf": ["inspect"], "config": ["inspect"], "index": ["inspect"],
+                "publish": ["verify", "--no-load"]}
 
 
 def _cli_checks(cases: list[F.Case], work: Path) -> Counter:
@@ -41,11 +45,10 @@ def _cli_checks(cases: list[F.Case], work: Path) -> Counter:
         d = work / f"cli{i}"
         d.mkdir(parents=True)
         target = c.build(d)
-        cmd = CLI_COMMANDS[c.kind]
-        if c.kind == "manifest":
+        if c.kind in ARTIFACT_KINDS:
             cmd = ["generate", "--model", str(target), "--steps", "1", "--resolution", "64x64", "--out", str(d / "o")]
         else:
-            cmd = [*cmd, str(target)]
+            cmd = [*CLI_COMMANDS[c.kind], str(target)]
         try:
             r = subprocess.run([sys.executable, "-m", "zopt.cli", *cmd], capture_output=True, text=True, env=env,
                                timeout=120)
@@ -54,7 +57,7 @@ def _cli_checks(cases: list[F.Case], work: Path) -> Counter:
             continue
         lines = r.stderr.strip().splitlines()
         if r.returncode == 0:
-            out["accepted"] += 1
+            out["tampering" if c.tamper else "accepted"] += 1
         elif r.returncode == 2 and len(lines) == 1 and lines[0].startswith("zopt: error: "):
             out["clean (exit 2, one line)"] += 1
         else:
@@ -82,11 +85,11 @@ def main() -> int:
         q8 = convert(tiny, "gguf:Q8_0", root / "tiny-Q8_0.gguf", progress=False)
         bases = F.make_bases(root / "bases", tiny, q8)
         rng = random.Random(args.seed)
-        cases = [c for kind, gen in F.GENERATORS.items() for c in gen(bases[kind], rng, args.per_kind)]
+        cases = [c for kind, gen in C.GENERATORS.items() for c in gen(bases[kind], rng, args.per_kind)]
         t0 = time.perf_counter()
-        counts, details = F.run_all(cases, F.entries(full=not args.quick), root / "work", args.limit)
+        counts, details = F.run_all(cases, C.entries(full=not args.quick), root / "work", args.limit)
         wall = time.perf_counter() - t0
-        kinds = list(F.GENERATORS)
+        kinds = list(C.GENERATORS)
         print(f"{len(cases)} cases, seed {args.seed}, {'quick' if args.quick else 'full load'}, {wall:.0f} s")
         print(f"{'kind':<12}" + "".join(f"{o:>11}" for o in F.OUTCOMES) + f"{'total':>8}")
         for k in kinds + ["all"]:
@@ -97,7 +100,7 @@ def main() -> int:
                 print(f"  {o}: {d}")
         if args.cli:
             crng = random.Random(args.seed + 1)
-            picked = crng.sample([c for c in cases if c.kind != "config"], args.cli)
+            picked = crng.sample(cases, args.cli)
             cli = _cli_checks(picked, root / "cli")
             print(f"zopt command on {args.cli} cases: {dict(cli)}")
         bad = sum(len(details[o]) for o in ("unclean", "hang", "tampering"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import fuzz_cases as C
 import fuzz_helpers as F
 import pytest
 
@@ -21,8 +22,8 @@ def bases(tmp_path_factory, tiny_transformer_dir, tiny_gguf):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", list(PER_KIND))
 def test_mutated_inputs_fail_cleanly(kind, bases, tmp_path):
-    cases = F.GENERATORS[kind](bases[kind], random.Random(f"fuzz-{kind}"), PER_KIND[kind])
-    counts, details = F.run_all(cases, F.entries(), tmp_path, limit_s=20.0)
+    cases = C.GENERATORS[kind](bases[kind], random.Random(f"fuzz-{kind}"), PER_KIND[kind])
+    counts, details = F.run_all(cases, C.entries(), tmp_path, limit_s=20.0)
     assert len(cases) >= PER_KIND[kind]
     bad = details["unclean"] + details["hang"] + details["tampering"]
     assert not bad, f"{len(bad)} of {len(cases)} {kind} cases were not handled cleanly: {bad[:5]}"
