@@ -171,6 +171,11 @@ def _folder_cases(kind: str, base: Path, doc_name: str, rng: random.Random, n: i
             continue
         if r < 0.8:
             label, m = _json_mutations(doc, rng)
+            if isinstance(m, dict) and "manifest_sha256" in m and rng.random() < 0.5:
+                # a consistent (re-digested) manifest: the checks behind the digest must hold too
+                from zopt.formats.artifact import manifest_digest
+
+                m["manifest_sha256"], label = manifest_digest(m), label + " (re-digested)"
             data = json.dumps(m).encode()
         else:
             label, data = _text_mutation(text, rng)
@@ -197,8 +202,13 @@ def _weights_flip(base: Path, name: str, rng: random.Random, then: Callable[[Pat
 
 
 def _edit_json(path: Path, fn: Callable[[dict], None]) -> None:
+    """Edit a JSON file; an artifact manifest gets its digest recomputed (a deliberate edit)."""
+    from zopt.formats.artifact import manifest_digest
+
     m = json.loads(path.read_text())
     fn(m)
+    if "manifest_sha256" in m:
+        m["manifest_sha256"] = manifest_digest(m)
     path.write_text(json.dumps(m))
 
 

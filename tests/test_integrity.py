@@ -32,9 +32,14 @@ def _flip(path, at=-100, n=1):
     path.write_bytes(bytes(b))
 
 
-def _edit(path, fn):
+def _edit(path, fn, redigest=True):
+    """Edit a manifest; by default its own digest is recomputed, so the checks behind it are tested."""
+    from zopt.formats.artifact import manifest_digest
+
     m = json.loads(path.read_text())
     fn(m)
+    if redigest and "manifest_sha256" in m:
+        m["manifest_sha256"] = manifest_digest(m)
     path.write_text(json.dumps(m))
 
 
@@ -187,4 +192,25 @@ def test_zopt_verify_opt_out_skips_hashing_only(tmp_path, bf16, monkeypatch):
     formats.load(art)  # the user opted out of hashing
     os.remove(art / "config.json")
     with pytest.raises(ChecksumMismatch, match="missing"):
+        formats.load(art)
+
+
+def test_manifest_carries_its_own_digest(tmp_path, bf16):
+    art = _copy(bf16, tmp_path / "a")
+    _edit(art / M, lambda m: m["source"].__setitem__("path", "/elsewhere"), redigest=False)
+    with pytest.raises(ChecksumMismatch, match="manifest_sha256"):
+        formats.load(art)
+
+
+def test_manifest_rows_that_do_not_fit_the_config_are_refused(tmp_path, tiny_transformer_dir):
+    art = formats.convert(tiny_transformer_dir, "fp8", tmp_path / "fp8", options={"layout": "comfy"}, progress=False)
+    _edit(art / M, lambda m: m["tensors"]["layers.0.attention.to_v.weight"].pop("rows"))
+    with pytest.raises(CorruptFile, match="to_v.weight.*shape"):
+        formats.load(art)
+
+
+def test_manifest_config_must_match_config_json(tmp_path, bf16):
+    art = _copy(bf16, tmp_path / "a")
+    _edit(art / M, lambda m: m["config"].__setitem__("rope_theta", 10.0))
+    with pytest.raises(ChecksumMismatch, match="rope_theta"):
         formats.load(art)

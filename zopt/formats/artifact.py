@@ -18,6 +18,18 @@ from ..errors import ChecksumMismatch, CorruptFile
 from . import MANIFEST_NAME
 
 MANIFEST_VERSION = 1
+DIGEST_FIELD = "manifest_sha256"
+# fields outside the manifest's own digest: the digest itself, and the reproducing command that
+# is added once the artifact is in place
+UNDIGESTED = (DIGEST_FIELD, "command")
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, no spaces), digest and command left out."""
+    import hashlib
+
+    body = {k: v for k, v in manifest.items() if k not in UNDIGESTED}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def source_provenance(src: Any, hash_source: bool = True) -> dict[str, Any]:
@@ -74,6 +86,7 @@ def write_manifest(
         "files": files,
         **(extra or {}),
     }
+    manifest[DIGEST_FIELD] = manifest_digest(manifest)
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
     return manifest
 
@@ -83,7 +96,12 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     path = Path(folder) / MANIFEST_NAME
     if not path.exists():
         raise CorruptFile("not a zopt artifact (no zopt-manifest.json)", folder)
-    return validate.manifest(validate.read_json(path, "manifest"), path)
+    m = validate.manifest(validate.read_json(path, "manifest"), path)
+    # the manifest says how tensors are rebuilt, so it is checked like the files it lists
+    # (manifests written before the digest existed carry none and get the structural checks only)
+    if DIGEST_FIELD in m and m[DIGEST_FIELD] != manifest_digest(m):
+        raise ChecksumMismatch(f"{DIGEST_FIELD} differs from the manifest's contents (corrupted or modified)", path)
+    return m
 
 
 def verify_manifest(folder: str | os.PathLike, manifest: dict[str, Any] | None = None,

@@ -319,7 +319,7 @@ def manifest(m: Any, path) -> dict[str, Any]:
     need(m.get("subtype") is None or isinstance(m["subtype"], str), "manifest 'subtype' must be a string", path)
     for key in ("options", "source", "summary"):
         need_type(m, key, dict, path, "manifest ", required=key == "options")
-    for key in ("layout", "command", "zopt_version", "created", "family"):
+    for key in ("layout", "command", "zopt_version", "created", "family", "manifest_sha256"):
         need_type(m, key, str, path, "manifest ", required=False)
     if "file" in m:
         rel_path(m["file"], path, "manifest 'file'")

@@ -354,19 +354,30 @@ class manifest_mismatch:  # noqa: N801 (used as a context manager: ``with manife
                               self.folder / "zopt-manifest.json") from None
 
 
-def check_record_shapes(manifest: dict[str, Any], folder: Path) -> None:
-    """Every tensor record's shape is the one its config implies (records drive module shapes)."""
+def check_record_shapes(manifest: dict[str, Any], folder: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor record's shape is the one its config implies (records drive module shapes);
+    returns the shapes the config implies."""
     from ...errors import CorruptFile
 
     want = zimage.expected_shapes(manifest["config"])
     for n, rec in manifest["tensors"].items():
         if n not in want or ("shape" in rec and tuple(rec["shape"]) != want[n]):
             raise CorruptFile(f"manifest tensor {n[:120]!r} is not a tensor of this config", folder / "zopt-manifest.json")
+    return want
+
+
+def check_shape(t, want: tuple[int, ...], name: str, folder: Path) -> None:
+    """A tensor placed into the model as stored must have the shape the config implies."""
+    if tuple(t.shape) != tuple(want):
+        from ...errors import CorruptFile
+
+        raise CorruptFile(f"tensor {name[:120]!r} has shape {list(t.shape)}, the config implies {list(want)}",
+                          folder / "zopt-manifest.json")
 
 
 def _load_lowbit_tensors(folder: Path, manifest: dict[str, Any], scheme: Scheme, device: str, backend: str | None,
                          dtype: Any):
-    check_record_shapes(manifest, folder)
+    want = check_record_shapes(manifest, folder)
     name = choose_backend(manifest["format"], device, backend)
     model = empty_model(manifest["config"])
     with open_weights(folder / WEIGHTS_NAME) as f:
@@ -378,6 +389,7 @@ def _load_lowbit_tensors(folder: Path, manifest: dict[str, Any], scheme: Scheme,
         for n, rec in manifest["tensors"].items():
             if "parts" not in rec:
                 t = f.get_tensor(n)
+                check_shape(t, want[n], n, folder)
                 set_tensor(model, n, t.to(device=device, dtype=dtype or t.dtype))
     model.zopt_backend = name
     return model

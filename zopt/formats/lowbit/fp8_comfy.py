@@ -109,14 +109,14 @@ def load_comfy(folder: Path, device: str = "cpu", backend: str | None = None, dt
     weights = folder / manifest.get("file", COMFY_FILE)  # the manifest check keeps "file" inside the folder
     verify_manifest(folder, manifest, reads=[weights])
     with C.manifest_mismatch(folder):
-        C.check_record_shapes(manifest, folder)
-        model = _build_comfy(folder, manifest, weights, device, backend, dtype)
+        want = C.check_record_shapes(manifest, folder)
+        model = _build_comfy(folder, manifest, weights, want, device, backend, dtype)
     check_no_meta(model, folder)
     return model
 
 
-def _build_comfy(folder: Path, manifest: dict[str, Any], weights: Path, device: str, backend: str | None,
-                 dtype: Any):
+def _build_comfy(folder: Path, manifest: dict[str, Any], weights: Path, want: dict[str, tuple[int, ...]],
+                 device: str, backend: str | None, dtype: Any):
     from .fp8 import fp8_linear
 
     name = C.choose_backend("fp8", device, backend)
@@ -127,6 +127,7 @@ def _build_comfy(folder: Path, manifest: dict[str, Any], weights: Path, device: 
             t = f.get_tensor(rec["stored_as"])
             if "rows" in rec:
                 t = t[rec["rows"][0] : rec["rows"][1]]
+            C.check_shape(t, want[dn], dn, folder)
             if "scale" in rec:
                 mod = fp8_linear(t, f.get_tensor(rec["scale"]), name).to(device)
                 replace_module(model, dn.rsplit(".", 1)[0], mod)
