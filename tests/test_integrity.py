@@ -214,3 +214,19 @@ def test_manifest_config_must_match_config_json(tmp_path, bf16):
     _edit(art / M, lambda m: m["config"].__setitem__("rope_theta", 10.0))
     with pytest.raises(ChecksumMismatch, match="rope_theta"):
         formats.load(art)
+
+
+def test_zopt_gguf_without_checksum_is_refused_unless_opted_out(tmp_path, monkeypatch):
+    import torch
+
+    from zopt.formats.gguf import quantize_rows
+    from zopt.formats.gguf.writer import StreamingGGUFWriter
+    from zopt.validate.gguf import gguf_header, verify_digest
+
+    p = tmp_path / "old.gguf"
+    with StreamingGGUFWriter(p, [("w", (4, 64), "Q8_0")], {"zopt.version": "0.0.9"}) as w:
+        w.write("w", quantize_rows(torch.ones(4, 64), "Q8_0"))
+    with pytest.raises(CorruptFile, match="no zopt.sha256"):
+        verify_digest(gguf_header(p), p)
+    monkeypatch.setenv("ZOPT_VERIFY", "0")
+    verify_digest(gguf_header(p), p)

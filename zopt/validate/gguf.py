@@ -190,7 +190,7 @@ def file_digest(header: bytes | bytearray, digest_at: int, data_hash) -> str:
 
 
 def verify_digest(header: GGUFHeader, path: str | os.PathLike) -> None:
-    """Check a GGUF's ``zopt.sha256`` (files zopt wrote must carry one; ``ZOPT_VERIFY=0`` skips hashing).
+    """Check a GGUF's ``zopt.sha256`` (files zopt wrote must carry one; ``ZOPT_VERIFY=0`` skips the check).
 
     GGUF files from other tools carry no zopt checksum and are read as they are.
     """
@@ -198,11 +198,12 @@ def verify_digest(header: GGUFHeader, path: str | os.PathLike) -> None:
 
     from . import verify_enabled
 
+    if not verify_enabled():
+        return
     if DIGEST_KEY not in header.kv:
         need("zopt.version" not in header.kv and "zopt.recipe" not in header.kv,
-             f"GGUF written by zopt has no {DIGEST_KEY} checksum", path)
-        return
-    if not verify_enabled():
+             f"GGUF written by zopt has no {DIGEST_KEY} checksum (made by an older zopt, or altered): "
+             "convert it again, or set ZOPT_VERIFY=0 to load it unchecked", path)
         return
     with open_regular(path) as f:
         head = f.read(header.data_offset)
