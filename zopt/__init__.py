@@ -12,8 +12,15 @@ from __future__ import annotations
 
 __all__ = ["__version__", "open", "convert", "load", "detect", "ZoptError"]
 
+import logging as _logging
+
 from ._version import __version__
 from .errors import ZoptError
+
+# bitsandbytes logs, on import, that an optional CPU kernel package is missing; zopt never uses that
+# kernel (NF4 layers run zopt's own path), so the line is only noise before every message
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"))
 
 
 def open(source, *, allow_pickle: bool = False):  # noqa: A001

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import secrets
 import shutil
-import tempfile
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+
+TMP_TAG = ".zopt-tmp"  # .NAME.PID.RANDOM.zopt-tmp: an output being written by process PID
+OLD_TAG = ".zopt-old"  # .NAME.PID.zopt-old: an earlier output set aside while PID swaps in a new one
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO, errno.EFBIG}
 
 
 @contextlib.contextmanager
@@ -19,31 +25,108 @@ def atomic_path(final: str | os.PathLike, *, is_dir: bool = False) -> Iterator[P
     failed or interrupted write never leaves a partial output at ``final``. An existing ``final``
     is replaced only when that loses nothing but an earlier output: a file by a file, a folder by
     a folder only if it is empty or holds a zopt manifest (ZoptError otherwise, before any work).
+    A folder is swapped in atomically (``renameat2(RENAME_EXCHANGE)``; elsewhere the old one is
+    renamed aside first), so a complete output exists at ``final`` at every instant. Temporary
+    names carry the writer's pid: leftovers of a killed process are removed by the next write
+    to the same path (and a set-aside output is restored if the swap was cut short).
+    Disk full or permission errors become one ZoptError naming ``final``.
     """
     final = Path(final)
     _check_replaceable(final, is_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-        os.close(fd)
-        tmp = Path(name)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
-    if is_dir:
-        os.chmod(tmp, 0o777 & ~_umask())
+    remove_stale(final)
+    tmp = final.parent / f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_TAG}"
     try:
-        yield tmp
-        if is_dir and final.exists():
-            shutil.rmtree(final) if final.is_dir() else final.unlink()
-        os.replace(tmp, final)
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
+        if is_dir:
+            tmp.mkdir()  # mode 0o777 less the umask, like any folder the user makes
         else:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            open(tmp, "xb").close()  # noqa: SIM115 (0o666 less the umask)
+        yield tmp
+        _swap_in(tmp, final, is_dir)
+    except BaseException as e:
+        _remove(tmp)
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRORS:
+            from .errors import ZoptError
+
+            raise ZoptError(f"cannot write the output ({e.strerror})", final) from None
         raise
+
+
+def _swap_in(tmp: Path, final: Path, is_dir: bool) -> None:
+    if not (is_dir and (final.exists() or final.is_symlink())):
+        os.replace(tmp, final)
+        return
+    if _exchange(tmp, final):  # tmp now holds the old output
+        _remove(tmp)
+        return
+    old = final.parent / f".{final.name}.{os.getpid()}{OLD_TAG}"
+    os.rename(final, old)
+    os.rename(tmp, final)
+    _remove(old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux ``renameat2(RENAME_EXCHANGE)``; False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(b))
+
+
+def remove_stale(final: str | os.PathLike) -> list[Path]:
+    """Remove temporary outputs for ``final`` left by processes that no longer run; restore a
+    set-aside earlier output if ``final`` itself is missing. Returns what was removed."""
+    final = Path(final)
+    prefix, removed = f".{final.name}.", []
+    try:
+        entries = list(os.scandir(final.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        if not name.startswith(prefix) or not name.endswith((TMP_TAG, OLD_TAG)):
+            continue
+        pid = name[len(prefix):].split(".", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        if name.endswith(OLD_TAG) and not (final.exists() or final.is_symlink()):
+            os.rename(entry.path, final)
+            continue
+        _remove(Path(entry.path))
+        removed.append(Path(entry.path))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
 
 
 # a folder holding one of these was written by zopt and may be replaced by a new conversion
@@ -72,8 +155,10 @@ def _umask() -> int:
 
 def sha256_file(path: str | os.PathLike, chunk: int = 16 << 20) -> str:
     """Hex sha256 of a file, read in chunks (constant memory)."""
+    from .validate import open_regular
+
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import validate
 from .errors import CorruptFile, OfflineError, PickleRefused, SourceNotFound, ZoptError
 
 # safetensors dtype name -> (torch dtype name, bytes per element)
@@ -143,7 +144,14 @@ class SafetensorsFile(TensorSource):
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._fh = builtins.open(self.path, "rb")
+        self._fh = validate.open_regular(self.path)
+        try:
+            self._read_header()
+        except BaseException:
+            self._fh.close()
+            raise
+
+    def _read_header(self) -> None:
         size = os.fstat(self._fh.fileno()).st_size
         if size < 8:
             raise CorruptFile(f"truncated: {size} bytes is too short for a safetensors header", self.path)
@@ -152,32 +160,13 @@ class SafetensorsFile(TensorSource):
             raise CorruptFile(
                 f"truncated or not safetensors: header claims {hlen} bytes but the file has {size}", self.path
             )
-        try:
-            header = json.loads(self._fh.read(hlen))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CorruptFile(f"safetensors header is not valid JSON ({e.__class__.__name__})", self.path) from None
-        if not isinstance(header, dict):
-            raise CorruptFile("safetensors header is not a JSON object", self.path)
-        self.metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+        header = validate.parse_json(self._fh.read(hlen), self.path, "safetensors header")
         self._data_start = 8 + hlen
-        self._entries: dict[str, tuple[TensorInfo, int]] = {}
-        for name, e in header.items():
-            try:
-                dtype, shape, (a, b) = e["dtype"], tuple(int(d) for d in e["shape"]), e["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise CorruptFile(f"malformed header entry for tensor {name!r}", self.path) from None
-            if dtype not in SAFETENSORS_DTYPES:
-                raise CorruptFile(f"tensor {name!r} has unknown dtype {dtype!r}", self.path)
-            info = TensorInfo(name, shape, dtype, int(b) - int(a))
-            if info.nbytes != info.numel * SAFETENSORS_DTYPES[dtype][1] or a < 0:
-                raise CorruptFile(f"tensor {name!r}: byte range does not match its shape {shape}", self.path)
-            if self._data_start + int(b) > size:
-                raise CorruptFile(
-                    f"truncated: tensor {name!r} ends at byte {self._data_start + int(b)} "
-                    f"but the file has {size} bytes",
-                    self.path,
-                )
-            self._entries[name] = (info, int(a))
+        meta, entries = validate.safetensors_header(header, size - self._data_start, self.path)
+        self.metadata = dict(meta)
+        self._entries: dict[str, tuple[TensorInfo, int]] = {
+            name: (TensorInfo(name, shape, dtype, b - a), a) for name, dtype, shape, a, b in entries
+        }
         self._names = list(self._entries)
 
     def names(self) -> list[str]:
@@ -244,19 +233,10 @@ class MultiSource(TensorSource):
 
 
 def _open_diffusers_folder(folder: Path) -> TensorSource:
-    cfg_path = folder / "config.json"
-    config = None
-    if cfg_path.exists():
-        try:
-            config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise CorruptFile(f"config.json is not valid JSON ({e.msg})", cfg_path) from None
+    config = _read_config(folder / "config.json")
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
-        try:
-            weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CorruptFile("not a valid sharded-checkpoint index (no weight_map)", indexes[0]) from None
+        weight_map = validate.shard_index(validate.read_json(indexes[0], "index"), indexes[0])
         shard_names = list(dict.fromkeys(weight_map.values()))
         for s in shard_names:
             if not (folder / s).exists():
@@ -268,6 +248,19 @@ def _open_diffusers_folder(folder: Path) -> TensorSource:
             raise SourceNotFound("no .safetensors weights in this folder", folder)
         parts = [SafetensorsFile(f) for f in files]
     return MultiSource(folder, parts, kind="diffusers", config=config)
+
+
+def _read_config(path: Path) -> dict[str, Any] | None:
+    """A model folder's config.json, read with the JSON bounds and checked when it describes a
+    transformer config zopt knows (others are passed on unchecked)."""
+    if not path.exists():
+        return None
+    cfg = validate.read_json(path, "config.json")
+    if not isinstance(cfg, dict):
+        raise CorruptFile("config.json is not a JSON object", path)
+    if validate.is_model_config(cfg):
+        validate.model_config(cfg, path, "config.json")
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,7 +275,10 @@ class GGUFSource(TensorSource):
     def __init__(self, path: str | os.PathLike):
         import gguf
 
+        from .validate import gguf as validate_gguf
+
         self.path = Path(path)
+        self.header = validate_gguf.gguf_header(self.path)  # bounded walk first: gguf-py trusts counts
         try:
             self.reader = gguf.GGUFReader(self.path, "r")
         except Exception as e:  # gguf-py raises ValueError/struct.error/etc. for bad files
@@ -297,10 +293,8 @@ class GGUFSource(TensorSource):
                 continue
             if isinstance(val, (str, int, float, bool)):
                 self.metadata[key] = str(val)
-        orig_shapes = {}
-        for key, field in self.reader.fields.items():
-            if key.startswith("comfy.gguf.orig_shape."):
-                orig_shapes[key[len("comfy.gguf.orig_shape.") :]] = tuple(int(x) for x in field.contents())
+        orig_shapes = {key[len(validate_gguf.ORIG_SHAPE):]: tuple(val[1]) for key, (_, val) in self.header.kv.items()
+                       if key.startswith(validate_gguf.ORIG_SHAPE)}
         self._tensors = {}
         for t in self.reader.tensors:
             shape = orig_shapes.get(t.name) or tuple(int(x) for x in reversed(t.shape.tolist()))
@@ -357,6 +351,7 @@ class PickleSource(TensorSource):
 
         self.path = path
         self.metadata = {}
+        validate.regular_file(path)
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
@@ -474,18 +469,17 @@ def open(source: str | os.PathLike, *, allow_pickle: bool = False) -> TensorSour
         return PickleSource(path)
     if suffix == ".safetensors" or suffix == "":
         src = SafetensorsFile(path)
-        cfg = path.parent / "config.json"
-        if cfg.exists():
-            try:
-                src.config = json.loads(cfg.read_text())
-            except json.JSONDecodeError:
-                pass
+        try:
+            src.config = _read_config(path.parent / "config.json")
+        except CorruptFile as e:
+            if "not valid JSON" not in str(e):  # an unreadable neighbour is ignored; a bad config is not
+                raise
         return src
     raise ZoptError(f"unrecognized checkpoint type {suffix!r} (expected .safetensors, .gguf or a folder)", path)
 
 
 def _magic(path: Path) -> bytes:
-    with builtins.open(path, "rb") as f:
+    with validate.open_regular(path) as f:
         return f.read(4)
 
 
@@ -503,7 +497,9 @@ def _cached_sha256(files: list[Path]) -> str:
     cache_file = cache_dir() / "sha256-cache.json"
     try:
         cache = json.loads(cache_file.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):
+        cache = {}
+    if not isinstance(cache, dict):
         cache = {}
     digests = []
     changed = False

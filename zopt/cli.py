@@ -108,6 +108,12 @@ def _run(mod, args, debug: bool) -> int:
             raise
         print("zopt: error: out of memory", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permissions, I/O: the OS's words and the path, one line
+        if debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"zopt: error: {where}{e.strerror or e.__class__.__name__}", file=sys.stderr)
+        return 2
     except Exception as e:  # an unexpected failure: still one line unless --debug
         if debug:
             raise

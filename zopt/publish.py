@@ -80,19 +80,19 @@ def describe_variant(path: str | os.PathLike) -> Variant:
     from .formats import artifact_format
 
     p = Path(path)
-    if not p.exists():
+    if not p.exists() and not p.is_symlink():
         raise SourceNotFound("no such file or folder", p)
+    _refuse_links(p)
     fmt = artifact_format(p)
     if fmt == "gguf":
         from . import checkpoint
+        from .validate.gguf import verify_digest
 
         src = checkpoint.open(p)
+        verify_digest(src.header, p)
         md = src.metadata
         recipe = md.get("zopt.recipe") or md.get("general.file_type", "?")
-        try:
-            config = json.loads(md.get("zopt.config", "{}"))
-        except json.JSONDecodeError:
-            raise CorruptFile("zopt.config metadata is not valid JSON", p) from None
+        config = json.loads(md.get("zopt.config", "{}"))  # checked when the header was read
         if not config:
             from .families import detect
 
@@ -105,9 +105,15 @@ def describe_variant(path: str | os.PathLike) -> Variant:
                        md.get("zopt.source.name") or None, md.get("zopt.version"),
                        _command(spec, md.get("zopt.source.name"), {}), config)
     folder = p / "transformer" if (p / "transformer").is_dir() and not (p / "zopt-manifest.json").exists() else p
-    from .formats.artifact import read_manifest
+    from .formats.artifact import read_manifest, verify_manifest
 
-    m = read_manifest(folder)
+    m = verify_manifest(folder, read_manifest(folder))
+    unlisted = sorted(f.relative_to(folder).as_posix() for f in folder.rglob("*")
+                      if f.is_file() and f.name != "zopt-manifest.json"
+                      and f.relative_to(folder).as_posix() not in m["files"])
+    if unlisted:
+        raise ChecksumMismatch("is not listed in the variant's manifest; publish copies only verified files",
+                               folder / unlisted[0])
     size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
     weights = sum(f.stat().st_size for f in folder.rglob("*") if f.suffix in (".safetensors", ".onnx", ".data", ".engine"))
     config = m.get("config", {})
@@ -118,6 +124,19 @@ def describe_variant(path: str | os.PathLike) -> Variant:
     return Variant(p.name, "folder", m["format"], m.get("subtype"), spec, size, params,
                    (8 * weights / params) if params else None, src.get("sha256"), name,
                    m.get("zopt_version"), m.get("command") or _command(spec, name, {}), config, m.get("options", {}))
+
+
+def _refuse_links(p: Path) -> None:
+    """A variant must be made of regular files and folders: a symlink could pull in anything."""
+    if p.is_symlink():
+        raise ZoptError("is a symlink; publish takes only regular files and folders", p)
+    for root, dirs, files in os.walk(p):
+        for n in dirs + files:
+            q = Path(root) / n
+            if q.is_symlink():
+                raise ZoptError("is a symlink; publish takes only regular files and folders", q)
+            if n in files and not q.is_file():
+                raise ZoptError("is not a regular file; publish takes only regular files and folders", q)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,32 +268,41 @@ def verify(repo_dir: str | os.PathLike, load: bool = True, progress=None) -> dic
 
     Raises ChecksumMismatch (or the loader's error) naming the first bad file.
     """
+    from . import validate
+
     repo = Path(repo_dir)
     mpath = repo / PUBLISH_MANIFEST
-    try:
-        manifest = json.loads(mpath.read_text())
-    except FileNotFoundError:
-        raise CorruptFile(f"not a zopt publish folder (no {PUBLISH_MANIFEST})", repo) from None
-    except json.JSONDecodeError as e:
-        raise CorruptFile(f"manifest is not valid JSON ({e.msg})", mpath) from None
-    listed = manifest.get("files", {})
+    if not mpath.exists():
+        raise CorruptFile(f"not a zopt publish folder (no {PUBLISH_MANIFEST})", repo)
+    manifest = validate.publish_manifest(validate.read_json(mpath, "publish manifest"), mpath)
+    listed = manifest["files"]
+    # walk without following links: whatever is in the folder is what gets uploaded
+    present: list[str] = []
+    for root, dirs, files in os.walk(repo):
+        for n in sorted(dirs + files):
+            q = Path(root) / n
+            rel = q.relative_to(repo).as_posix()
+            if rel == ".cache" or rel.startswith(".cache/huggingface"):
+                continue  # huggingface_hub's own upload bookkeeping
+            if q.is_symlink():
+                raise ChecksumMismatch("is a symlink; a published folder holds only regular files", q)
+            if n in files and rel != PUBLISH_MANIFEST:
+                present.append(rel)
     for rel, meta in listed.items():
-        f = repo / rel
-        if not f.is_file():
+        f = validate.confined(repo, rel, mpath, "publish manifest file")
+        if not f.exists():
             raise ChecksumMismatch("listed in the manifest but missing", f)
-        if f.stat().st_size != meta["bytes"] or sha256_file(f) != meta["sha256"]:
+        if validate.regular_file(f).st_size != meta["bytes"] or sha256_file(f) != meta["sha256"]:
             raise ChecksumMismatch("sha256 differs from the publish manifest (corrupted or modified)", f)
         if progress:
             progress(rel)
-    extra = sorted(q.relative_to(repo).as_posix() for q in repo.rglob("*")
-                   if q.is_file() and q.name != PUBLISH_MANIFEST and not q.relative_to(repo).as_posix().startswith(".")
-                   and q.relative_to(repo).as_posix() not in listed)
+    extra = sorted(set(present) - set(listed))
     if extra:
         raise ChecksumMismatch("file is not listed in the publish manifest", repo / extra[0])
     if load:
         from . import formats
 
-        for v in manifest.get("variants", []):
+        for v in manifest["variants"]:
             formats.load(repo / v["name"], device="cpu")
     return manifest
 

@@ -8,7 +8,6 @@ reads a results file, a single record, a list of records or a folder of them.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -182,10 +181,12 @@ def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
         for f in files:
             out += load_records(f)
         return out
+    from ..validate import read_json
+
     try:
-        doc = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptFile(f"not a JSON results file ({e.__class__.__name__}: {str(e)[:120]})", p) from None
+        doc = read_json(p, "results file")
+    except CorruptFile as e:
+        raise CorruptFile(f"not a JSON results file ({e.problem})", p) from None
     if isinstance(doc, dict) and doc.get("schema") == RESULTS_NAME:
         records = doc.get("records")
     elif isinstance(doc, dict):

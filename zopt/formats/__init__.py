@@ -51,6 +51,10 @@ def convert(source: Any, to: str, out: str | os.PathLike, *, options: dict[str, 
     opts = options if isinstance(options, Options) else info.parse_options(options)
     src = source if isinstance(source, checkpoint.TensorSource) else \
         checkpoint.open(resolve_source(source), allow_pickle=allow_pickle)
+    if src.kind == "gguf":  # a zopt GGUF is an artifact: checked before it is converted further
+        from ..validate.gguf import verify_digest
+
+        verify_digest(src.header, src.path)
     result = mod.convert(src, Path(out), sub, opts, progress, format=info.name)
     source_spec = os.fspath(source.path) if isinstance(source, checkpoint.TensorSource) else os.fspath(source)
     _record_command(result, command_line(to, source_spec, opts.changed()))
@@ -85,11 +89,12 @@ def _record_command(result: Path, command: str) -> None:
     manifest = result / MANIFEST_NAME if result.is_dir() else None
     if manifest is None or not manifest.exists():
         return
+    from .._io import atomic_path
+
     data = json.loads(manifest.read_text())
     data["command"] = command
-    tmp = manifest.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, manifest)
+    with atomic_path(manifest) as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
 
 
 def artifact_format(path: str | os.PathLike) -> str:
@@ -106,7 +111,9 @@ def artifact_format(path: str | os.PathLike) -> str:
         return "safetensors"
     for cand in (p / MANIFEST_NAME, p / "transformer" / MANIFEST_NAME):
         if cand.exists():
-            return json.loads(cand.read_text())["format"]
+            from .artifact import read_manifest
+
+            return read_manifest(cand.parent)["format"]
     return "bf16"
 
 

@@ -12,11 +12,24 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .. import validate
 from .._io import sha256_file
 from ..errors import ChecksumMismatch, CorruptFile
 from . import MANIFEST_NAME
 
 MANIFEST_VERSION = 1
+DIGEST_FIELD = "manifest_sha256"
+# fields outside the manifest's own digest: the digest itself, and the reproducing command that
+# is added once the artifact is in place
+UNDIGESTED = (DIGEST_FIELD, "command")
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, no spaces), digest and command left out."""
+    import hashlib
+
+    body = {k: v for k, v in manifest.items() if k not in UNDIGESTED}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def source_provenance(src: Any, hash_source: bool = True) -> dict[str, Any]:
@@ -77,30 +90,62 @@ def write_manifest(
         "files": files,
         **(extra or {}),
     }
+    manifest[DIGEST_FIELD] = manifest_digest(manifest)
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
     return manifest
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    """The checked manifest of the artifact folder (types, required keys, confined paths)."""
     path = Path(folder) / MANIFEST_NAME
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CorruptFile("not a zopt artifact (no zopt-manifest.json)", folder) from None
-    except json.JSONDecodeError as e:
-        raise CorruptFile(f"manifest is not valid JSON ({e.msg})", path) from None
+    if not path.exists():
+        raise CorruptFile("not a zopt artifact (no zopt-manifest.json)", folder)
+    m = validate.manifest(validate.read_json(path, "manifest"), path)
+    # the manifest says how tensors are rebuilt, so it is checked like the files it lists
+    # (manifests written before the digest existed carry none and get the structural checks only)
+    if DIGEST_FIELD in m and m[DIGEST_FIELD] != manifest_digest(m):
+        raise ChecksumMismatch(f"{DIGEST_FIELD} differs from the manifest's contents (corrupted or modified)", path)
+    return m
 
 
-def verify_manifest(folder: str | os.PathLike, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Check every file listed in the manifest (size, then sha256); raise ChecksumMismatch on the first bad one."""
+def verify_manifest(folder: str | os.PathLike, manifest: dict[str, Any] | None = None,
+                    reads: list[str | os.PathLike] = ()) -> dict[str, Any]:
+    """Check every file listed in the manifest (size, then sha256) and that every file in ``reads``
+    (what the loader will open) is listed; raise ChecksumMismatch on the first bad one.
+
+    Paths stay inside ``folder`` (symlinks included). ``ZOPT_VERIFY=0`` skips the hashing only.
+    """
     folder = Path(folder)
     manifest = manifest or read_manifest(folder)
-    for rel, meta in manifest.get("files", {}).items():
-        f = folder / rel
+    mpath = folder / MANIFEST_NAME
+    files = manifest["files"]
+    if not files:
+        raise ChecksumMismatch("manifest lists no files", mpath)
+    for r in reads:
+        rel = Path(os.path.relpath(r, folder)).as_posix()
+        if rel not in files:
+            raise ChecksumMismatch(f"{rel} would be loaded but is not listed in the manifest", mpath)
+    for rel, meta in files.items():
+        f = validate.confined(folder, rel, mpath, "manifest file")
         if not f.exists():
             raise ChecksumMismatch("file listed in the manifest is missing", f)
-        if f.stat().st_size != meta["bytes"]:
-            raise ChecksumMismatch(f"size {f.stat().st_size} differs from the manifest's {meta['bytes']}", f)
-        if sha256_file(f) != meta["sha256"]:
+        size = validate.regular_file(f).st_size
+        if size != meta["bytes"]:
+            raise ChecksumMismatch(f"size {size} differs from the manifest's {meta['bytes']}", f)
+        if validate.verify_enabled() and sha256_file(f) != meta["sha256"]:
             raise ChecksumMismatch("sha256 differs from the manifest (corrupted or modified)", f)
+    _same_config(folder, manifest, mpath)
     return manifest
+
+
+def _same_config(folder: Path, manifest: dict[str, Any], mpath: Path) -> None:
+    """The manifest's config (which loaders build from) must agree with the checksummed config.json."""
+    if "config.json" not in manifest["files"]:
+        return
+    written = validate.read_json(folder / "config.json", "config.json")
+    if not isinstance(written, dict):
+        raise CorruptFile("config.json is not a JSON object", folder / "config.json")
+    cfg = manifest["config"]
+    for k in sorted((set(cfg) | set(written)) & validate.CONFIG_KEYS - {"quantization_config"}):
+        if written.get(k) != cfg.get(k):
+            raise ChecksumMismatch(f"manifest config {k}={str(cfg.get(k))[:40]} differs from config.json", mpath)

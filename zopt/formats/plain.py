@@ -95,9 +95,24 @@ def load_source(path: str | os.PathLike | TensorSource, device: str = "cpu", dty
     return model
 
 
-def load(path: Path, device: str, backend: str, dtype: Any = None):
+def open_verified(path: str | os.PathLike) -> TensorSource:
+    """The source of a bf16/fp16/fp32 artifact folder after checking it against its manifest: every
+    file the source reads (weights, shards, index, config) must be listed and match its sha256."""
+    from .. import checkpoint
     from .artifact import verify_manifest
 
+    path = Path(path)
     folder = path / "transformer" if (path / "transformer").is_dir() else path
-    verify_manifest(folder)
-    return load_source(folder, device=device, dtype=dtype)
+    src = checkpoint.open(folder)
+    try:
+        reads = [*src.files, *(f for f in (folder / "config.json", *folder.glob("*.safetensors.index.json"))
+                               if f.exists() or f.is_symlink())]
+        verify_manifest(folder, reads=reads)
+    except BaseException:
+        src.close()
+        raise
+    return src
+
+
+def load(path: Path, device: str, backend: str, dtype: Any = None):
+    return load_source(open_verified(path), device=device, dtype=dtype)

@@ -126,7 +126,9 @@ def resolve_base(model: str | os.PathLike, transformer_config: dict[str, Any], b
         return tiny_pipeline_dir()
     manifest = (p / "zopt-manifest.json") if p.is_dir() else None
     if manifest and manifest.exists():
-        src = Path(json.loads(manifest.read_text()).get("source", {}).get("path", ""))
+        from ..formats.artifact import read_manifest
+
+        src = Path(str(read_manifest(p).get("source", {}).get("path", "")))
         for cand in (src, src.parent):
             if (cand / "model_index.json").exists():
                 return cand

@@ -71,8 +71,11 @@ def tiny_pipeline_dir(root: str | os.PathLike | None = None) -> Path:
     import shutil
     import tempfile
 
+    from ..._io import TMP_TAG, remove_stale
+
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+    remove_stale(target)  # what a killed build left behind
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=TMP_TAG, dir=root))
     try:
         build_tiny_pipeline(TINY_SEED).save_pretrained(tmp, safe_serialization=True)
         (tmp / "zopt.json").write_text(json.dumps({"kind": "tiny", "seed": TINY_SEED, "version": TINY_VERSION}))

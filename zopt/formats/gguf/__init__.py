@@ -25,6 +25,7 @@ from ...checkpoint import TensorSource
 from ...errors import ZoptError
 from ...families import zimage
 from ...progress import progress_bar
+from ...validate.gguf import DIGEST_KEY
 from ..options import Options
 from . import recipes as gguf_recipes
 from .recipes import FILE_TYPE, FLOAT_TYPES, TensorPlan
@@ -121,6 +122,7 @@ def metadata_for(src: TensorSource, subtype: str, config: dict[str, Any], plans:
         "zopt.source.sha256": sha256 or "",
         "zopt.bits_per_weight": round(gguf_recipes.bits_per_weight(plans), 4),
         "zopt.config": json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True),
+        DIGEST_KEY: "0" * 64,  # filled in by the writer when the file is complete
     }
     if changed:
         meta["zopt.options"] = json.dumps(changed, sort_keys=True)

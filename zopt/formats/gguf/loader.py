@@ -250,6 +250,9 @@ def load(path: str | os.PathLike, device: str, backend: str, dtype: Any = None,
     src = checkpoint.open(path)
     if getattr(src, "kind", None) != "gguf":
         raise UnsupportedFormat("not a GGUF file", path)
+    from ...validate.gguf import verify_digest
+
+    verify_digest(src.header, path)
     config = _config(src, path)
     zimage.check_shapes(src, config)
     view = zimage.as_diffusers(src)

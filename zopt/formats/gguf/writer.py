@@ -9,6 +9,7 @@ before any tensor is quantized and the writer never holds more than the tensor b
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, BinaryIO
 
 from gguf.constants import GGMLQuantizationType, GGUFValueType
 
+from ...validate.gguf import DIGEST_KEY, file_digest
 from .recipes import TYPE_LAYOUT, tensor_nbytes
 
 GGUF_MAGIC = b"GGUF"
@@ -103,6 +105,8 @@ class StreamingGGUFWriter:
             header += struct.pack("<IQ", GGML_TYPE_ID[t], offset)
             offset += self._sizes[n] + _pad(self._sizes[n])
         header += b"\0" * _pad(len(header))
+        self._header = header  # kept to compute the zopt.sha256 digest once patched values are in
+        self._data_hash = hashlib.sha256()
         self.data_start = len(header)
         self.total_bytes = len(header) + offset
         self._f: BinaryIO = open(self.path, "wb")  # noqa: SIM115 (closed in close())
@@ -123,9 +127,11 @@ class StreamingGGUFWriter:
             if written > self._sizes[name]:
                 break
             self._f.write(buf.data)
+            self._data_hash.update(buf.data)
         if written != self._sizes[name]:
             raise ValueError(f"tensor {name}: {written} bytes given, {self._sizes[name]} declared")
         self._f.write(b"\0" * _pad(written))
+        self._data_hash.update(b"\0" * _pad(written))
         self._next += 1
 
     def patch_string(self, key: str, value: str) -> None:
@@ -135,6 +141,7 @@ class StreamingGGUFWriter:
         enc = value.encode("utf-8")
         if len(enc) != length:
             raise ValueError(f"{key}: patched value must be {length} bytes, got {len(enc)}")
+        self._header[pos:pos + length] = enc
         here = self._f.tell()
         self._f.seek(pos)
         self._f.write(enc)
@@ -144,6 +151,9 @@ class StreamingGGUFWriter:
         if self._f.closed:
             return
         complete = self._next == len(self._order)
+        if complete and DIGEST_KEY in self._value_at:  # a checksum of everything but itself
+            pos, length = self._value_at[DIGEST_KEY]
+            self.patch_string(DIGEST_KEY, file_digest(self._header, pos, self._data_hash))
         self._f.close()
         if not complete:
             raise ValueError(f"{len(self._order) - self._next} declared tensors were never written")

@@ -255,8 +255,61 @@ def load_lowbit(path: Path, scheme_for: Callable[[dict[str, Any]], Scheme], devi
     its quantized Linear modules running kernel ``backend`` (selected by the caller)."""
 
     folder = artifact_folder(path)
-    manifest = verify_manifest(folder, read_manifest(folder))
-    scheme = scheme_for(manifest)
+    manifest = verify_manifest(folder, read_manifest(folder), reads=[folder / WEIGHTS_NAME])
+    with manifest_mismatch(folder):
+        scheme = scheme_for(manifest)
+        model = _load_lowbit_tensors(folder, manifest, scheme, device, backend, dtype)
+    check_no_meta(model, folder)
+    return model
+
+
+class manifest_mismatch:  # noqa: N801 (used as a context manager: ``with manifest_mismatch(folder):``)
+    """Turn a manifest that disagrees with its (checksummed) weights into one CorruptFile: the
+    manifest drives how tensors are rebuilt, so a bad record fails inside torch or safetensors."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        from safetensors import SafetensorError
+
+        bad = (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError, StopIteration,
+               SafetensorError)
+        if exc_type is not None and issubclass(exc_type, bad):
+            from ...errors import CorruptFile
+
+            first = (str(exc).strip().splitlines() or [exc_type.__name__])[0][:160]
+            raise CorruptFile(f"manifest does not match the weights ({first})",
+                              self.folder / "zopt-manifest.json") from None
+
+
+def check_record_shapes(manifest: dict[str, Any], folder: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor record's shape is the one its config implies (records drive module shapes);
+    returns the shapes the config implies."""
+    from ...errors import CorruptFile
+
+    want = zimage.expected_shapes(manifest["config"])
+    for n, rec in manifest["tensors"].items():
+        if n not in want or ("shape" in rec and tuple(rec["shape"]) != want[n]):
+            raise CorruptFile(f"manifest tensor {n[:120]!r} is not a tensor of this config", folder / "zopt-manifest.json")
+    return want
+
+
+def check_shape(t, want: tuple[int, ...], name: str, folder: Path) -> None:
+    """A tensor placed into the model as stored must have the shape the config implies."""
+    if tuple(t.shape) != tuple(want):
+        from ...errors import CorruptFile
+
+        raise CorruptFile(f"tensor {name[:120]!r} has shape {list(t.shape)}, the config implies {list(want)}",
+                          folder / "zopt-manifest.json")
+
+
+def _load_lowbit_tensors(folder: Path, manifest: dict[str, Any], scheme: Scheme, device: str, backend: str | None,
+                         dtype: Any):
+    want = check_record_shapes(manifest, folder)
     name = backend
     model = empty_model(manifest["config"])
     with open_weights(folder / WEIGHTS_NAME) as f:
@@ -268,7 +321,7 @@ def load_lowbit(path: Path, scheme_for: Callable[[dict[str, Any]], Scheme], devi
         for n, rec in manifest["tensors"].items():
             if "parts" not in rec:
                 t = f.get_tensor(n)
+                check_shape(t, want[n], n, folder)
                 set_tensor(model, n, t.to(device=device, dtype=dtype or t.dtype))
-    check_no_meta(model, folder)
     model.zopt_backend = name
     return model

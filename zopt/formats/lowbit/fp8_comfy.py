@@ -99,20 +99,31 @@ def records_storage(records: dict[str, dict[str, Any]], orig: str) -> str:
 def load_comfy(folder: Path, device: str, backend: str, dtype: Any = None):
     """Rebuild the model from a comfy-layout fp8 artifact folder (qkv split back into q, k, v),
     its FP8 Linear modules running kernel ``backend``."""
-    manifest = verify_manifest(folder, read_manifest(folder))
+    manifest = read_manifest(folder)
+    weights = folder / manifest.get("file", COMFY_FILE)  # the manifest check keeps "file" inside the folder
+    verify_manifest(folder, manifest, reads=[weights])
+    with C.manifest_mismatch(folder):
+        want = C.check_record_shapes(manifest, folder)
+        model = _build_comfy(folder, manifest, weights, want, device, backend, dtype)
+    check_no_meta(model, folder)
+    return model
+
+
+def _build_comfy(folder: Path, manifest: dict[str, Any], weights: Path, want: dict[str, tuple[int, ...]],
+                 device: str, backend: str, dtype: Any):
     name = backend
     model = empty_model(manifest["config"])
-    with C.open_weights(folder / manifest["file"]) as f:
+    with C.open_weights(weights) as f:
         # quantized modules first, so a bias set afterwards lands on the new module
         for dn, rec in sorted(manifest["tensors"].items(), key=lambda kv: "scale" not in kv[1]):
             t = f.get_tensor(rec["stored_as"])
             if "rows" in rec:
                 t = t[rec["rows"][0] : rec["rows"][1]]
+            C.check_shape(t, want[dn], dn, folder)
             if "scale" in rec:
                 mod = fp8_linear(t, f.get_tensor(rec["scale"]), name).to(device)
                 replace_module(model, dn.rsplit(".", 1)[0], mod)
             else:
                 set_tensor(model, dn, t.to(device=device, dtype=dtype or t.dtype))
-    check_no_meta(model, folder)
     model.zopt_backend = name
     return model

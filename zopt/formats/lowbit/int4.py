@@ -135,7 +135,8 @@ class Int4Scheme(C.Scheme):
 
     def __init__(self, group: int = DEFAULT_GROUP, clip_search: bool = True):
         if group not in GROUP_SIZES:
-            raise ZoptError(f"int4 group_size must be one of {GROUP_SIZES}, not {group!r}")
+            raise ZoptError(f"int4 group_size (--option group_size=N or int4:gN) must be one of {GROUP_SIZES}, "
+                            f"not {group!r}")
         self.group, self.clip_search = group, bool(clip_search)
         self.storage = f"INT4_G{group}"
 

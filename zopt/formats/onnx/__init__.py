@@ -191,7 +191,8 @@ def load(path: Path, device: str, backend: str, dtype: Any = None):
     from .runtime import OrtTransformer, provider_options
 
     folder, manifest = _artifact(Path(path))
-    verify_manifest(folder, manifest)
+    verify_manifest(folder, manifest, reads=[f for f in (folder / MODEL_NAME, folder / DATA_NAME)
+                                             if f.exists() or f.is_symlink()])
     sub = manifest.get("subtype") or "fp32"
     if sub == "bf16" and backend == "ort-cpu":
         raise UnsupportedFormat("onnx:bf16 needs the CUDA or TensorRT execution provider "

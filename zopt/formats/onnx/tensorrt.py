@@ -337,6 +337,6 @@ def load(path: Path, device: str, backend: str, dtype: Any = None):
 
     folder = Path(path)
     manifest = read_manifest(folder)
-    verify_manifest(folder, manifest)
+    verify_manifest(folder, manifest, reads=[folder / ENGINE_NAME])
     shapes = {k: [tuple(s) for s in v] for k, v in manifest["tensorrt"]["profile_shapes"].items()}
     return _transformer_class()(folder / ENGINE_NAME, manifest["config"], shapes, "cuda")
