@@ -26,6 +26,7 @@ fp32):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -344,11 +345,14 @@ def plan(hw: Hardware, width: int = 1024, height: int = 1024, batch: int = 1,
         for backend in backends:
             c = held(cand, backend, hw.device)
             fp = footprint(config, c, shape, width, height, elem, att.name)
+            if dtype == "fp16":  # the VAE runs in fp32 there (it overflows fp16)
+                fp = dataclasses.replace(fp, vae=VAE_PARAMS * 4)
             for mode, te in stages.placements(hw):
                 for tiled in (False, True):
                     o = stages.Option(cand.spec, backend, mode, te, tiled, qi, cand.fallback,
                                       backend in costs.APPROXIMATE, fp.transformer)
-                    o.stages = stages.stage_bytes(mode, te, tiled, fp, act_te, act_tr, width, height, elem, VAE_ACT)
+                    o.stages = stages.stage_bytes(mode, te, tiled, fp, act_te, act_tr, width, height, elem,
+                                                 VAE_ACT, 4 if dtype == "fp16" else elem)
                     o.step_s, o.image_s = stages.timing(o, hw, work, c, fp, quant, elem, steps, batch)
                     o.fits = o.peak <= budget
                     mine.append(o)

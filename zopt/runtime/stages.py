@@ -118,14 +118,15 @@ def _tr_share(mode: str, fp, active: bool) -> int:
 
 
 def stage_bytes(mode: str, te: str, tiled: bool, fp, act_te: int, act_tr: int, width: int, height: int,
-                elem: int, vae_act: float) -> dict[str, int]:
-    """Device bytes of each stage (see the module docstring)."""
+                elem: int, vae_act: float, vae_elem: int | None = None) -> dict[str, int]:
+    """Device bytes of each stage (see the module docstring); the VAE decodes in ``vae_elem`` bytes."""
     vae = fp.vae
     vae_idle = vae if mode == "none" else 0
     if tiled:
-        dec_act = int(vae_act * 128 * min(width, VAE_TILE) * min(height, VAE_TILE) * elem + 3 * width * height * 4)
+        dec_act = int(vae_act * 128 * min(width, VAE_TILE) * min(height, VAE_TILE) * (vae_elem or elem)
+                      + 3 * width * height * 4)
     else:
-        dec_act = int(vae_act * 128 * width * height * elem)
+        dec_act = int(vae_act * 128 * width * height * (vae_elem or elem))
     return {
         "text": _te_share(mode, te, elem, True) + act_te + _tr_share(mode, fp, False) + vae_idle,
         "denoise": _tr_share(mode, fp, True) + act_tr + _te_share(mode, te, elem, False) + vae_idle,

@@ -302,9 +302,16 @@ def hardware_for(device: str):
 
 
 def choose_backend(fmt: str, device: str, backend: str | None) -> str:
-    from ...platform.backends import select
+    """``backend`` as given (the caller selected it for the device that computes, which is not
+    ``device`` when weights load into RAM for offloading), else the best one for ``device``."""
+    from ...platform.backends import backends_for, select
 
-    return select(fmt, hardware_for(device), prefer=backend).name
+    if backend and backend != "auto":
+        known = [b.name for b in backends_for(fmt)]
+        if backend not in known:
+            raise UnsupportedFormat(f"format {fmt!r} has no backend {backend!r}; known: {', '.join(known)}")
+        return backend
+    return select(fmt, hardware_for(device)).name
 
 
 def open_weights(path: Path):
