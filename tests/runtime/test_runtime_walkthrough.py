@@ -132,3 +132,33 @@ def test_other_preferences_run_too(machine, prefer, approximate, artifacts, tmp_
     ch = _execute(hw, p, artifacts, tmp_path)
     if approximate and prefer == "speed":
         assert ch.backend == "scaled-mm"  # FP8 tensor-core kernel, run by torch._scaled_mm on the CPU here
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("offload, text_encoder, spec", [
+    (None, None, None),  # this machine's own recommendation
+    ("model", "cpu", "fp8"), ("model", "int8", "gguf:Q4_K_M"), ("group-stream", "free", "nf4"), ("none", "nf4", "int8")])
+def test_plans_run_on_this_gpu(offload, text_encoder, spec, artifacts, tmp_path):
+    """On a real GPU: the same choices, placed on the device for real (streams, host encoder)."""
+    import torch
+
+    from zopt.platform.hardware import detect
+    from zopt.runtime import pipeline as P
+
+    hw = detect()
+    p = planner.plan(hw)
+    r = p.recommended
+    spec, offload = spec or r.spec, offload or r.offload
+    text_encoder = text_encoder or r.text_encoder
+    pipe, ch = P.prepare(artifacts(spec), offload=offload, text_encoder=text_encoder, width=64, height=64)
+    assert (ch.offload, ch.text_encoder, ch.stand_in_for) == (offload, text_encoder, None)
+    assert ch.device == hw.torch_device
+    from zopt.platform.backends import select
+
+    # chosen for the GPU even when the weights load into RAM for offloading
+    assert ch.backend == select(spec.split(":")[0], hw).name
+    req = P.GenerateRequest(prompts=["a red fox in snow"], seeds=[0], steps=2, height=64, width=64,
+                            max_sequence_length=32)
+    out = P.run(pipe, req, tmp_path)
+    assert out[0].path.is_file()
+    torch.cuda.synchronize()

@@ -124,7 +124,7 @@ def _register_backends() -> None:
     from ...platform.backends import needs_device, register
 
     register("int8", "torch-dequant", 10, (), "INT8 weights dequantized per layer, matmul in the activation dtype")
-    register("int8_w8a8", "int-mm-cuda", 30, (needs_device("cuda"),),
+    register("int8_w8a8", "int-mm-cuda", 30, (needs_device("cuda", "rocm"),),  # torch._int_mm: hipBLASLt on ROCm
              "torch._int_mm INT8 x INT8 -> INT32 with dynamic per-token activation scales")
     # measured on CPU (benchmarks/int_mm_cpu.py): torch._int_mm beats dequant + fp32 matmul
     register("int8_w8a8", "int-mm-cpu", 20, (needs_device("cpu"),),

@@ -248,8 +248,8 @@ def load(path: Path, device: str = "cpu", backend: str | None = None, dtype: Any
 def _register_backends() -> None:
     from ...platform.backends import needs_device, needs_package, register
 
-    register("nf4", "bitsandbytes", 30, (needs_device("cuda"), needs_package("bitsandbytes", "bnb")),
-             "bitsandbytes matmul_4bit (CUDA)")
+    register("nf4", "bitsandbytes", 30, (needs_device("cuda", "rocm"), needs_package("bitsandbytes", "bnb")),
+             "bitsandbytes matmul_4bit (CUDA; ROCm builds of bitsandbytes >= 0.45)")
     register("nf4", "torch-dequant", 10, (), "zopt's NF4 dequantization per layer, matmul in the activation dtype")
 
 

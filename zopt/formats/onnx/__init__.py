@@ -205,6 +205,12 @@ def _register_backends() -> None:
              "onnxruntime with the TensorRT execution provider (CUDA, CPU fallback per node)")
     register("onnx", "ort-cuda", 20, (needs_package("onnxruntime", "onnx"), needs_ort_provider("CUDAExecutionProvider")),
              "onnxruntime CUDA execution provider")
+    # AMD GPUs: onnxruntime-rocm / onnxruntime-migraphx builds
+    register("onnx", "ort-migraphx", 25, (needs_package("onnxruntime", "onnx"),
+                                          needs_ort_provider("MIGraphXExecutionProvider")),
+             "onnxruntime MIGraphX execution provider (AMD GPU, ROCm provider and CPU fallback)")
+    register("onnx", "ort-rocm", 15, (needs_package("onnxruntime", "onnx"), needs_ort_provider("ROCMExecutionProvider")),
+             "onnxruntime ROCm execution provider (AMD GPU)")
     register("onnx", "ort-cpu", 10, (needs_package("onnxruntime", "onnx"), needs_ort_provider("CPUExecutionProvider")),
              "onnxruntime CPU execution provider")
 
