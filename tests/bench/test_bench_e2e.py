@@ -17,15 +17,19 @@ from zopt.cli import main
 def test_tiny_sweep_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench"
     code = main(["bench", "--formats", "bf16,nosuchformat", "--steps", "2", "--resolution", "64x64",
-                 "--repeats", "1", "--warmup", "0", "-o", str(out), "--no-progress", "--reconvert"])
+                 "--repeats", "1", "--warmup", "0", "-o", str(out), "--no-progress", "--reconvert",
+                 "--offload", "none,model", "--attention", "auto"])
     stdout = capsys.readouterr().out
     assert code == 0
     assert "bf16@torch" in stdout and "report:" in stdout
     records = load_records(out / "results.json")
     by = {r["label"]: r for r in records}
-    assert set(by) == {"reference", "bf16@torch", "nosuchformat"}
+    assert set(by) == {"reference", "bf16@torch", "bf16@torch+offload=model", "nosuchformat"}
     assert all(validate(r) == [] for r in records)
-    assert len(list((out / "records").glob("*.json"))) == 3
+    assert len(list((out / "records").glob("*.json"))) == 4
+    # one record per offload mode; on a CPU device model offload has nowhere to move weights to
+    moved = by["bf16@torch+offload=model"]
+    assert moved["settings"]["offload"] == "model" and moved["status"] == "skipped" and "CPU" in moved["message"]
     ref, var = by["reference"], by["bf16@torch"]
     assert ref["status"] == "ok", ref["message"]
     assert var["status"] == "ok", var["message"]
@@ -36,6 +40,11 @@ def test_tiny_sweep_end_to_end(tmp_path, capsys):
     assert m["latency"]["step_ms"]["n"] == prompts * 2 and m["latency"]["image_s"]["n"] == prompts
     assert 0 < m["latency"]["step_ms"]["median"] <= m["latency"]["step_ms"]["p90"]
     assert m["memory"]["kind"] == "cpu_rss" and m["memory"]["peak_bytes"] > 1_000_000
+    assert m["memory"]["counter"] == "process-rss"
+    assert len(m["latency"]["step_ms"]["samples"]) == m["latency"]["step_ms"]["n"]
+    assert len(m["latency"]["step_cpu_ms"]["samples"]) == m["latency"]["step_ms"]["n"]
+    # the run went through prepare(): its runtime decisions are in the record
+    assert (var["runtime"]["format"], var["runtime"]["backend"], var["runtime"]["offload"]) == ("bf16", "torch", "none")
     assert m["load_s"] > 0 and m["artifact_bytes"] > 0
     assert m["cached"] is False and m["convert_s"] > 0  # --reconvert: converted in this sweep
     # a bf16 folder holds 2 bytes per weight plus small config/manifest files
@@ -73,3 +82,17 @@ def test_tiny_sweep_end_to_end(tmp_path, capsys):
         # per prompt: reference and bf16 images and bf16's difference map; quality vs size, quality vs
         # latency, latency vs memory, per-step error
         check_renders(report, tmp_path, n_images=3 * prompts, n_plots=4)
+
+
+@pytest.mark.gpu
+def test_offload_is_a_bench_dimension_on_a_gpu(tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", "--formats", "bf16", "--steps", "2", "--resolution", "64x64", "--repeats", "1",
+                 "--warmup", "0", "-o", str(out), "--no-progress", "--no-report",
+                 "--offload", "none,model", "--attention", "auto"]) == 0
+    by = {r["label"]: r for r in load_records(out / "results.json")}
+    for label, mode in (("bf16@torch", "none"), ("bf16@torch+offload=model", "model")):
+        r = by[label]
+        assert r["status"] == "ok", r["message"]
+        assert r["runtime"]["offload"] == mode and r["metrics"]["memory"]["peak_bytes"] > 0
+        assert r["metrics"]["memory"]["counter"] in ("nvml-process", "torch-allocator")

@@ -14,7 +14,7 @@ from zopt.platform.backends import Backend, needs_device, needs_package
 from zopt.platform.fakes import FAKES
 
 # the quality order and effective bits the planner used before candidates moved into the registry
-PLANNER_ORDER = ["bf16", "fp8", "int8", "gguf:Q8_0", "gguf:Q6_K", "gguf:Q5_K_M", "gguf:Q4_K_M", "nf4", "int4",
+PLANNER_ORDER = ["bf16", "fp8", "int8", "gguf:Q8_0", "gguf:Q6_K", "gguf:Q5_K_M", "gguf:Q4_K_M", "gguf:Q4_K_S", "nf4", "int4",
                  "gguf:Q3_K_M", "gguf:Q2_K"]
 
 

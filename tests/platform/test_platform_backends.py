@@ -200,7 +200,8 @@ def test_fp8_rules():
     pytest.importorskip("zopt.formats.lowbit.fp8")
     got = _select_all("fp8")
     for m, name in got.items():
-        assert name == ("scaled-mm" if m in ("cuda-sm89-8gb", "cuda-sm90-80gb") else "fp8-storage"), m
+        # FP8 tensor cores: NVIDIA sm_89+ and AMD gfx94x/gfx95x (E4M3FNUZ on gfx94x)
+        assert name == ("scaled-mm" if m in ("cuda-sm89-8gb", "cuda-sm90-80gb", "rocm-mi300x") else "fp8-storage"), m
 
 
 def test_nf4_rules():
@@ -212,7 +213,8 @@ def test_nf4_rules():
 def test_int8_rules():
     pytest.importorskip("zopt.formats.lowbit.int8")
     # torch._int_mm on CUDA; on CPU it was measured faster than dequant + matmul (docs/lowbit.md)
-    expected = {m: "int-mm-cuda" if m in CUDA else "int-mm-cpu" if m == "cpu-only" else "torch-dequant" for m in FAKES}
+    gpu = CUDA | {"rocm-mi300x"}  # torch._int_mm runs on ROCm too (hipBLASLt)
+    expected = {m: "int-mm-cuda" if m in gpu else "int-mm-cpu" if m == "cpu-only" else "torch-dequant" for m in FAKES}
     assert _select_all("int8_w8a8") == expected
     assert set(_select_all("int8").values()) == {"torch-dequant"}
 

@@ -31,9 +31,12 @@ def test_auto_picks_the_fastest_mode_that_fits(machine, spec, res):
     try:
         ch = O.choose("auto", hw, fp)
     except ZoptError as e:
-        assert "sequential" in str(e) and O.device_bytes("sequential", fp) > budget
+        if hw.unified_memory:  # nothing to offload to: only "none" counts
+            assert "unified memory" in str(e) and O.device_bytes("none", fp) > budget
+        else:
+            assert "sequential" in str(e) and O.device_bytes("sequential", fp) > budget
         return
-    if hw.device == "cpu":
+    if hw.unified_memory:
         assert ch.mode == "none"
         return
     order = ["none", "model", "group-stream" if hw.has_streams else "group", "sequential"]
@@ -52,9 +55,11 @@ def test_anchor_decisions():
     # 8 GB: the 4B text encoder alone exceeds the budget, so whole-model offload cannot work
     assert O.choose("auto", FAKES["cuda-sm89-8gb"], bf16).mode == "group-stream"
     assert O.choose("auto", FAKES["cpu-only"], full_footprint("bf16", elem=4)).mode == "none"
-    # MPS has no copy streams: plain group offload when blocks must stream
+    # MPS shares one pool with the CPU: offloading saves nothing, so auto never offloads there
     small_mps = dataclasses.replace(FAKES["apple-mps"], free_memory=6 * GIB)
-    assert O.choose("auto", small_mps, bf16).mode == "group"
+    with pytest.raises(ZoptError, match="unified memory"):
+        O.choose("auto", small_mps, bf16)
+    assert "saves no memory" in O.choose("group", small_mps, bf16).reason
     # a 24 GB card with 16 GB free: the transformer fits alone -> model offload
     busy = dataclasses.replace(FAKES["cuda-sm80-24gb"], free_memory=16 * GIB)
     assert O.choose("auto", busy, bf16).mode == "model"

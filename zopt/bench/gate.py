@@ -5,7 +5,16 @@ Two records are comparable when they ran on the same hardware fingerprint, from 
 (steps, resolution, prompts, seeds, guidance, device, compute dtype; ``repeats`` and ``warmup``
 only change how many samples are taken, so they may differ). Limits read like
 ``"latency=10%,memory=5%,psnr=0.5dB"``: a percentage is relative to the baseline, anything else
-is absolute in the metric's unit. Exit codes: 0 pass, 3 a metric regressed, 4 nothing comparable.
+is absolute in the metric's unit. Exit codes: 0 pass, 3 a regression, 4 nothing comparable.
+
+Regressions besides metrics: a run whose format now runs on another backend than in the baseline
+(a fallback, e.g. scaled-mm -> fp8-storage after a package went missing), and a baseline run that
+is missing from the new records (a format that no longer converts or loads).
+
+Latency is noisy on shared machines: when both records carry at least :data:`MIN_SAMPLES` step
+samples, the allowance is the larger of the limit and a noise band, :data:`NOISE_K` times the
+larger of the two runs' robust spreads (1.4826 x median absolute deviation / median). A run whose
+steps scatter widely cannot show a small regression, and the gate says so instead of failing it.
 """
 
 from __future__ import annotations
@@ -20,6 +29,10 @@ from .schema import get_path
 
 EXIT_PASS, EXIT_REGRESSION, EXIT_NOTHING_COMPARED = 0, 3, 4
 DEFAULT_LIMITS = "latency=10%,memory=5%,psnr=0.5dB"
+MIN_SAMPLES = 8  # step samples per run needed before a noise band is estimated
+NOISE_K = 3.0  # band = NOISE_K x the larger robust relative spread of the two runs
+NOISY = {"latency": "latency.step_ms", "latency_p90": "latency.step_ms"}  # metric -> the stats holding samples
+
 
 
 @dataclass(frozen=True)
@@ -85,12 +98,28 @@ def parse_limits(text: str) -> list[Limit]:
     return limits
 
 
-def comparison_key(rec: dict[str, Any]) -> str:
-    """What must be equal for two records to be compared."""
+def comparison_key(rec: dict[str, Any], backend: bool = True) -> str:
+    """What must be equal for two records to be compared (``backend=False``: all but the backend,
+    to find a run that fell back to another backend)."""
     s = {k: v for k, v in rec.get("settings", {}).items() if k not in ("repeats", "warmup")}
     return json.dumps([rec.get("hardware_fingerprint"), get_path(rec, "source.sha256"), rec.get("role"),
-                       get_path(rec, "format.spec"), rec.get("backend"), rec.get("options", {}), s],
+                       get_path(rec, "format.spec"), rec.get("backend") if backend else None, rec.get("options", {}), s],
                       sort_keys=True, default=str)
+
+
+def robust_spread(stats: dict[str, Any] | None) -> float | None:
+    """1.4826 x MAD / median of the ``samples`` in a latency stats dict; None with too few samples."""
+    xs = sorted((stats or {}).get("samples") or [])
+    if len(xs) < MIN_SAMPLES:
+        return None
+    med = _median(xs)
+    mad = _median(sorted(abs(x - med) for x in xs))
+    return 1.4826 * mad / med if med > 0 else None
+
+
+def _median(xs: list[float]) -> float:
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
 @dataclass
@@ -113,9 +142,13 @@ class Change:
     def describe(self) -> str:
         if self.metric == "status":
             return f"{self.label}: status {self.old} -> {self.new} ({self.note})"
+        if self.metric == "backend":
+            return f"{self.label}: ran on backend {self.new} instead of {self.old} (a fallback: {self.note})"
+        if self.metric == "missing":
+            return f"{self.label}: in the baseline ({self.old}) but missing from this run"
         unit = METRICS[self.metric].unit
         return (f"{self.label}: {self.metric} {self.old:.4g} -> {self.new:.4g}{unit and ' ' + unit} "
-                f"({self.delta()}), limit {self.limit}")
+                f"({self.delta()}), limit {self.limit}{' ' + self.note if self.note else ''}")
 
 
 @dataclass
@@ -141,32 +174,71 @@ def compare(baseline: list[dict[str, Any]], new: list[dict[str, Any]], limits: l
     base = {comparison_key(r): r for r in baseline}
     res = GateResult()
     matched = set()
+    pending = []
     for rec in new:
         key = comparison_key(rec)
-        old = base.get(key)
-        if old is None:
+        if key in base:
+            matched.add(key)
+            _compare_pair(base[key], rec, limits, res)
+        else:
+            pending.append(rec)
+    for rec in pending:  # same run on another backend: a fallback
+        loose = comparison_key(rec, backend=False)
+        old_key = next((k for k, r in base.items() if k not in matched and comparison_key(r, False) == loose), None)
+        if old_key is None:
             res.unmatched_new.append(rec["label"])
             continue
-        matched.add(key)
-        if old["status"] != "ok":
-            continue  # nothing to hold the new run to
+        matched.add(old_key)
+        old = base[old_key]
         res.compared += 1
-        if rec["status"] != "ok":
-            res.changes.append(Change(rec["label"], "status", old["status"], rec["status"], "-", True,
-                                      rec.get("message") or ""))
+        res.changes.append(Change(rec["label"], "backend", old.get("backend"), rec.get("backend"), "-", True,
+                                  rec.get("backend_reason") or ""))
+    contexts = {_context(r) for r in new}
+    for k, r in base.items():
+        if k in matched:
             continue
-        for lim in limits:
-            m = lim.metric
-            a, b = get_path(old["metrics"], m.path), get_path(rec["metrics"], m.path)
-            if a is None or b is None:
-                continue
-            a, b = a / m.scale, b / m.scale
-            allowance = abs(a) * lim.value if lim.relative else lim.value
-            worse = (b - a) if m.better == "lower" else (a - b)
-            res.changes.append(Change(rec["label"], m.name, a, b, lim.text(), worse > allowance + 1e-12,
-                                      relative=lim.relative))
-    res.unmatched_baseline = [r["label"] for k, r in base.items() if k not in matched]
+        res.unmatched_baseline.append(r["label"])
+        # missing from a run of the same machine and workload (not from a run of something else)
+        if r.get("status") == "ok" and _context(r) in contexts:
+            res.changes.append(Change(r["label"], "missing", r.get("status"), None, "-", True))
     return res
+
+
+def _context(rec: dict[str, Any]) -> str:
+    s = {k: v for k, v in rec.get("settings", {}).items() if k not in ("repeats", "warmup")}
+    return json.dumps([rec.get("hardware_fingerprint"), get_path(rec, "source.sha256"), s], sort_keys=True,
+                      default=str)
+
+
+def _compare_pair(old: dict[str, Any], rec: dict[str, Any], limits: list[Limit], res: GateResult) -> None:
+    if old["status"] != "ok":
+        return  # nothing to hold the new run to
+    res.compared += 1
+    if rec["status"] != "ok":
+        res.changes.append(Change(rec["label"], "status", old["status"], rec["status"], "-", True,
+                                  rec.get("message") or ""))
+        return
+    for lim in limits:
+        m = lim.metric
+        stats = NOISY.get(m.name)
+        note = ""
+        a, b = get_path(old["metrics"], m.path), get_path(rec["metrics"], m.path)
+        if a is None or b is None:
+            continue
+        a, b = a / m.scale, b / m.scale
+        allowance = abs(a) * lim.value if lim.relative else lim.value
+        if stats:
+            spreads = [robust_spread(get_path(r["metrics"], stats)) for r in (old, rec)]
+            if None in spreads:
+                note = f"{note} (fewer than {MIN_SAMPLES} samples: no noise band)".strip()
+            else:
+                band = NOISE_K * max(spreads) * abs(a)
+                if band > allowance:
+                    allowance = band
+                    note = f"{note} (noise band {band / abs(a) * 100:.0f}% from the runs' spread)".strip()
+        worse = (b - a) if m.better == "lower" else (a - b)
+        res.changes.append(Change(rec["label"], m.name, a, b, lim.text(), worse > allowance + 1e-12, note,
+                                  relative=lim.relative))
 
 
 def print_gate(res: GateResult, console=None) -> None:
@@ -179,8 +251,8 @@ def print_gate(res: GateResult, console=None) -> None:
     for c in ("run", "metric", "baseline", "new", "change", "limit", "verdict"):
         t.add_column(c, justify="left" if c in ("run", "metric", "verdict") else "right")
     for c in res.changes:
-        if c.metric == "status":
-            t.add_row(c.label, "status", str(c.old), str(c.new), "-", "-", "[red]REGRESSED[/red]")
+        if c.metric in ("status", "backend", "missing"):
+            t.add_row(c.label, c.metric, str(c.old), str(c.new), "-", "-", "[red]REGRESSED[/red]")
             continue
         t.add_row(c.label, c.metric, f"{c.old:.4g}", f"{c.new:.4g}", c.delta(), c.limit,
                   "[red]REGRESSED[/red]" if c.regressed else "[green]ok[/green]")
@@ -188,8 +260,6 @@ def print_gate(res: GateResult, console=None) -> None:
     for label in res.unmatched_new:
         console.print(f"  {label}: no comparable baseline record (new run, or different hardware/settings)",
                       highlight=False, markup=False)
-    for label in res.unmatched_baseline:
-        console.print(f"  {label}: in the baseline but not in this run", highlight=False, markup=False)
     if res.regressions:
         names = sorted({c.metric for c in res.regressions})
         console.print(f"[red bold]regression[/red bold] in {', '.join(names)}:", highlight=False)

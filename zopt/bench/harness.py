@@ -53,6 +53,9 @@ class BenchConfig:
     timeout: float = 1800.0
     progress: bool = True
     reconvert: bool = False  # ignore (and replace) cached conversions
+    offload: list[str] = field(default_factory=lambda: ["none"])  # each variant runs once per mode
+    attention: list[str] = field(default_factory=lambda: ["auto"])  # ... and per attention kernel
+    reference_offload: str = "auto"  # lets the reference run where bf16 does not fit resident
 
 
 @dataclass
@@ -66,10 +69,14 @@ class Planned:
     reason: str | None = None
     status: str | None = None
     message: str | None = None
+    offload: str = "none"
+    attention: str = "auto"
 
     @property
     def label(self) -> str:
-        return self.spec + (f"@{self.backend}" if self.backend else "")
+        extra = (f"+offload={self.offload}" if self.offload != "none" else "") + (
+            f"+attention={self.attention}" if self.attention != "auto" else "")
+        return self.spec + (f"@{self.backend}" if self.backend else "") + extra
 
 
 def safe_name(label: str) -> str:
@@ -161,6 +168,34 @@ def plan(specs: list[str], backend: str, hw) -> list[Planned]:
     return [r for r in rows if not (r.label in seen or seen.add(r.label))]
 
 
+def runtime_rows(rows: list[Planned], offload: list[str], attention: list[str], hw) -> list[Planned]:
+    """Each runnable row once per (offload mode, attention kernel); a combination this machine
+    refuses (e.g. model offload on a CPU device) is kept as a skipped row with the reason."""
+    import dataclasses
+
+    from ..errors import ZoptError
+    from ..runtime import attention as A
+    from ..runtime import offload as O
+
+    probe = O.Footprint(0, 0, 0, 0, 0, 0, 0)
+    dtype = "fp32" if hw.device == "cpu" else "bf16" if hw.bf16 else "fp16"
+    out = []
+    for r in rows:
+        if r.status is not None:
+            out.append(r)
+            continue
+        for mode in offload:
+            for att in attention:
+                row = dataclasses.replace(r, offload=mode, attention=att)
+                try:
+                    O.choose(mode, hw, probe)
+                    A.choose(att, hw, dtype)
+                except ZoptError as e:
+                    row.status, row.message = "skipped", str(e)
+                out.append(row)
+    return out
+
+
 def cache_key(source_sha: str, spec: str, options: dict[str, Any]) -> str:
     from .._version import __version__
 
@@ -214,6 +249,8 @@ def software_versions() -> dict[str, Any]:
 def _record(common: dict[str, Any], row: Planned, role: str, result: dict[str, Any], metrics: dict[str, Any],
             compute_dtype: str | None, out: Path) -> dict[str, Any]:
     settings = dict(common["settings"], compute_dtype=result.get("compute_dtype", compute_dtype))
+    if row.offload != "none" or row.attention != "auto":  # runtime dimensions: part of what is compared
+        settings.update(offload=row.offload, attention=row.attention)
     images = [dict(im, path=os.path.relpath(im["path"], out)) for im in result.get("images", [])]
     return {
         "schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "run_id": common["run_id"],
@@ -226,6 +263,7 @@ def _record(common: dict[str, Any], row: Planned, role: str, result: dict[str, A
         "hardware": common["hardware"], "hardware_fingerprint": common["fingerprint"],
         "software": common["software"], "metrics": {**metrics, **result.get("metrics", {})},
         "images": images, "duration_s": result.get("duration_s"),
+        **({"runtime": result["runtime"]} if result.get("runtime") else {}),
     }
 
 
@@ -255,8 +293,9 @@ def sweep(cfg: BenchConfig, display=None) -> list[dict[str, Any]]:
                      "seeds": list(cfg.seeds), "repeats": cfg.repeats, "warmup": cfg.warmup,
                      "guidance_scale": cfg.guidance_scale, "device": device},
     }
-    rows = plan(expand_formats(cfg.formats), cfg.backend, hw)
-    check_options(cfg.options, {r.name for r in rows if r.status is None})
+    planned = plan(expand_formats(cfg.formats), cfg.backend, hw)
+    check_options(cfg.options, {r.name for r in planned if r.status is None})
+    rows = runtime_rows(planned, cfg.offload, cfg.attention, hw)
     base = cfg.base or pipeline_folder_of(cfg.source)
     display = display or SweepDisplay(1 + sum(r.status is None for r in rows), enabled=cfg.progress)
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=out))
@@ -281,6 +320,7 @@ def sweep(cfg: BenchConfig, display=None) -> list[dict[str, Any]]:
             images_dir = out / "images" / "reference"
             shutil.rmtree(images_dir, ignore_errors=True)
             res = run_worker(dict(run_base, role="reference", model=str(cfg.source), dtype=ref_dtype, backend=None,
+                                  offload=cfg.reference_offload, attention="auto",
                                   image_dir=str(images_dir)), work, "reference", cfg.timeout, display.event,
                              out / "logs" / "reference.log")
             ref = _record(common, ref_row, "reference", res,
@@ -338,6 +378,7 @@ def _run_variant(cfg, common, row: Planned, run_base, ref_images, work: Path, ou
     images_dir = out / "images" / name
     shutil.rmtree(images_dir, ignore_errors=True)
     res = run_worker(dict(run_base, role="variant", model=str(artifact), dtype=None, backend=row.backend,
+                          offload=row.offload, attention=row.attention,
                           image_dir=str(images_dir), ref_images=ref_images), work, name, cfg.timeout,
                      display.event, out / "logs" / f"{name}.log")
     return _record(common, row, "variant", res, metrics, None, out)

@@ -37,6 +37,9 @@ class PeakMemory:
     diffusers already imported). A thread samples RSS every ``interval`` seconds; the kernel's
     high-water mark (``ru_maxrss``) makes the peak exact whenever it rose inside the block.
     CUDA: ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` since entry.
+    Device memory outside torch's allocator (onnxruntime, TensorRT, workspaces): the per-process
+    counter of :mod:`zopt.bench.devmem` (NVML on NVIDIA, the Metal driver on MPS) is sampled by the
+    same thread; ``counter`` in the result names what ``peak_bytes`` was read from.
     """
 
     def __init__(self, device: str = "cpu", interval: float = 0.005):
@@ -48,6 +51,9 @@ class PeakMemory:
         self.cuda_reserved: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.device_counter: str | None = None
+        self._device_read = None
+        self.device_baseline = self.device_peak = 0
 
     def _rss(self) -> int:
         import psutil
@@ -59,6 +65,8 @@ class PeakMemory:
 
         proc = psutil.Process(os.getpid())
         while not self._stop.wait(self.interval):
+            if self._device_read is not None:
+                self.device_peak = max(self.device_peak, self._device_read())
             try:
                 self.peak = max(self.peak, int(proc.memory_info().rss))
             except psutil.Error:
@@ -71,6 +79,12 @@ class PeakMemory:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.baseline = int(torch.cuda.memory_allocated())
+        from .devmem import counter
+
+        found = counter(self.device) if self.device != "cpu" else None
+        if found is not None:
+            self.device_counter, self._device_read = found
+            self.device_baseline = self.device_peak = self._device_read()
         self._ru_start = _ru_maxrss_bytes()
         self.rss_baseline = self._rss()
         self.peak = self.rss_baseline
@@ -83,6 +97,8 @@ class PeakMemory:
         if self._thread is not None:
             self._thread.join()
         self.peak = max(self.peak, self._rss())
+        if self._device_read is not None:
+            self.device_peak = max(self.device_peak, self._device_read())
         ru_end = _ru_maxrss_bytes()
         if ru_end > self._ru_start:  # the process high-water mark was set inside the block
             self.peak = max(self.peak, ru_end)
@@ -95,11 +111,16 @@ class PeakMemory:
 
     def as_dict(self) -> dict[str, Any]:
         rss_peak = max(0, self.peak - self.rss_baseline)
+        if self.device_counter is not None:
+            return {"kind": self.device.split(":")[0], "counter": self.device_counter,
+                    "peak_bytes": max(0, self.device_peak - self.device_baseline),
+                    "baseline_bytes": self.device_baseline, "cuda_max_allocated": self.cuda_allocated,
+                    "cuda_max_reserved": self.cuda_reserved, "host_rss_peak_bytes": rss_peak}
         if self.cuda_allocated is not None:
-            return {"kind": "cuda", "peak_bytes": max(0, self.cuda_allocated - self.baseline),
+            return {"kind": "cuda", "counter": "torch-allocator", "peak_bytes": max(0, self.cuda_allocated - self.baseline),
                     "baseline_bytes": self.baseline, "cuda_max_allocated": self.cuda_allocated,
                     "cuda_max_reserved": self.cuda_reserved, "host_rss_peak_bytes": rss_peak}
-        return {"kind": "cpu_rss", "peak_bytes": rss_peak, "baseline_bytes": self.rss_baseline,
+        return {"kind": "cpu_rss", "counter": "process-rss", "peak_bytes": rss_peak, "baseline_bytes": self.rss_baseline,
                 "cuda_max_allocated": None, "cuda_max_reserved": None}
 
 

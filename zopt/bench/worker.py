@@ -35,10 +35,13 @@ def emit(**event: Any) -> None:
 
 
 def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
+    """Wait for queued device work, so a timer measures the work and not its launch."""
+    import torch
 
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
+    elif device.startswith("mps"):
+        torch.mps.synchronize()
 
 
 def _convert(spec: dict[str, Any], metrics: dict[str, Any]) -> None:
@@ -63,7 +66,10 @@ class _StepProbe:
         self.capture: dict[str, list] | None = None
         self.start = 0.0
         self.excluded = 0.0
+        self.cpu_start = 0.0
+        self.cpu_excluded = 0.0
         self.times: list[float] = []
+        self.cpu_times: list[float] = []  # process CPU seconds per step (all threads)
         self._h1 = transformer.register_forward_pre_hook(self._pre, with_kwargs=True)
         self._h2 = transformer.register_forward_hook(self._post)
 
@@ -75,19 +81,22 @@ class _StepProbe:
             self.capture["cap"].append([v.detach().cpu().clone() for v in cap])
         _sync(self.device)
         self.start = time.perf_counter()
-        self.excluded = 0.0
+        self.cpu_start = time.process_time()
+        self.excluded = self.cpu_excluded = 0.0
 
     def _post(self, module, args, output):
         if self.capture is not None:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = output[0] if isinstance(output, (tuple, list)) and isinstance(output[0], (list, tuple)) else output
             out = out.sample if hasattr(out, "sample") else out
             self.capture["out"].append([v.detach().float().cpu().clone() for v in out])
             self.excluded += time.perf_counter() - t0
+            self.cpu_excluded += time.process_time() - c0
 
     def step_done(self) -> None:
         _sync(self.device)
         self.times.append(time.perf_counter() - self.start - self.excluded)
+        self.cpu_times.append(time.process_time() - self.cpu_start - self.cpu_excluded)
 
 
 def _generate(pipe, probe: _StepProbe, spec: dict[str, Any], prompt: str, seed: int, on_step):
@@ -154,13 +163,16 @@ def _run(spec: dict[str, Any], metrics: dict[str, Any], result: dict[str, Any]) 
     emit(phase="load")
     with PeakMemory(device) as mem:
         t0 = time.perf_counter()
-        transformer = P.load_transformer(spec["model"], device, dtype=dtype, backend=spec.get("backend"))
+        # the same path as `zopt generate`: backend, offload, text encoder, attention decided by prepare()
+        pipe, choice = P.prepare(spec["model"], device=device, offload=spec.get("offload") or "none",
+                                 attention=spec.get("attention") or "auto", backend=spec.get("backend"),
+                                 dtype=dtype, base=spec.get("base"), width=int(spec["width"]),
+                                 height=int(spec["height"]), guidance=float(spec.get("guidance_scale") or 0.0),
+                                 text_encoder=spec.get("text_encoder") or "auto")
         _sync(device)
         metrics["load_s"] = round(time.perf_counter() - t0, 4)
-        t0 = time.perf_counter()
-        pipe = P.build_pipeline(spec["model"], device=device, dtype=dtype, base=spec.get("base"),
-                                backend=spec.get("backend"), transformer=transformer)
-        metrics["pipeline_s"] = round(time.perf_counter() - t0, 4)
+        metrics["pipeline_s"] = round(choice.load_seconds, 4)
+        result["runtime"] = choice.to_dict()
         probe = _StepProbe(pipe.transformer, device)
         for n in range(warmup + repeats * len(jobs)):
             measuring = n >= warmup
@@ -174,7 +186,7 @@ def _run(spec: dict[str, Any], metrics: dict[str, Any], result: dict[str, Any]) 
             probe.capture = {"x": [], "t": [], "cap": [], "out": []} if (reference and first_pass) else None
             image, final, seconds = _generate(pipe, probe, spec, jobs[k][0], jobs[k][1], on_step)
             if not measuring:
-                probe.times = []
+                probe.times, probe.cpu_times = [], []
                 continue
             image_times.append(seconds)
             if first_pass:
@@ -188,7 +200,11 @@ def _run(spec: dict[str, Any], metrics: dict[str, Any], result: dict[str, Any]) 
                     torch.save(probe.capture, ref_dir / f"capture-{k:03d}.pt")
                     probe.capture = None
     metrics["memory"] = mem.as_dict()
-    metrics["latency"] = {"step_ms": latency_stats(probe.times, 1000.0, 3), "image_s": latency_stats(image_times)}
+    step_ms = latency_stats(probe.times, 1000.0, 3)
+    step_ms["samples"] = [round(t * 1000.0, 3) for t in probe.times]  # the gate's noise band needs them
+    step_cpu_ms = latency_stats(probe.cpu_times, 1000.0, 3)
+    step_cpu_ms["samples"] = [round(t * 1000.0, 3) for t in probe.cpu_times]
+    metrics["latency"] = {"step_ms": step_ms, "step_cpu_ms": step_cpu_ms, "image_s": latency_stats(image_times)}
     if reference:
         metrics["quality"] = None
         return

@@ -22,6 +22,12 @@ def add_arguments(p) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed images before timing (default 1)")
     p.add_argument("--guidance", type=float, default=0.0, help="CFG scale (Turbo: 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--offload", default="none",
+                   help="offload modes to run each variant with, comma separated (none, model, group, group-stream, "
+                        "sequential, disk); each is a separate record")
+    p.add_argument("--attention", default="auto", help="attention kernels, comma separated (auto, native, flash...)")
+    p.add_argument("--reference-offload", default="auto",
+                   help="offload mode of the reference run (auto: whatever fits, so a 16 GB card can run bf16)")
     p.add_argument("--base", default=None, help="pipeline folder supplying text encoder, tokenizer and VAE")
     p.add_argument("--option", action="append", default=[], metavar="K=V", help="conversion option for every format")
     p.add_argument("--reconvert", action="store_true", help="convert again instead of using cached conversions")
@@ -67,6 +73,15 @@ def _seeds(items: list[str]) -> list[int]:
         raise ZoptError(f"--seeds {' '.join(items)!r}: seeds are integers") from None
 
 
+def _list(text: str) -> list[str]:
+    from ..errors import ZoptError
+
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ZoptError(f"empty list {text!r}")
+    return list(dict.fromkeys(items))
+
+
 def _options(items: list[str]) -> dict[str, str]:
     from ..errors import ZoptError
 
@@ -107,7 +122,9 @@ def run(args) -> int:
                           width=w, height=h, seeds=_seeds(args.seeds), repeats=args.repeats, warmup=args.warmup,
                           guidance_scale=args.guidance, device=args.device, base=args.base,
                           options=_options(args.option), out=out, timeout=args.timeout,
-                          progress=not args.no_progress, reconvert=args.reconvert)
+                          progress=not args.no_progress, reconvert=args.reconvert,
+                          offload=_list(args.offload), attention=_list(args.attention),
+                          reference_offload=args.reference_offload)
         prompts = _prompts(args.prompts)
         if prompts:
             cfg.prompts = prompts

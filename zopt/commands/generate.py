@@ -24,6 +24,10 @@ def add_arguments(p) -> None:
     p.add_argument("--offload", default="auto",
                    help="auto, none, model, group, group-stream, sequential or disk (see docs/runtime.md)")
     p.add_argument("--attention", default="auto", help="auto or a diffusers attention backend (native, flash, ...)")
+    p.add_argument("--text-encoder", default="auto", choices=["auto", "device", "free", "cpu", "int8", "nf4"],
+                   help="where the text encoder runs: on the device, freed after encoding (needs an offload mode), "
+                        "on the CPU, or quantized on the fly (see zopt plan)")
+    p.add_argument("--vae-tiling", action="store_true", help="decode in 512-pixel tiles (less memory at large sizes)")
     p.add_argument("-o", "--out", default="exports/images", help="a .png file (one image) or a folder")
 
 
@@ -94,9 +98,10 @@ def run(args) -> int:
     out_dir = Path(args.out).parent / (".zopt-gen-" + Path(args.out).stem) if single else Path(args.out)
     pipe, choice = P.prepare(args.model, device=args.device, offload=args.offload, attention=args.attention,
                              backend=args.backend, dtype=dtype, base=args.base, width=w, height=h,
-                             batch=min(args.batch_size, len(jobs)), disk_dir=out_dir / ".offload")
+                             batch=min(args.batch_size, len(jobs)), disk_dir=out_dir / ".offload",
+                             text_encoder=args.text_encoder, vae_tiling=args.vae_tiling, guidance=args.guidance)
     print(f"{choice.format} via {choice.backend} on {choice.device} ({choice.dtype}); offload {choice.offload}: "
-          f"{choice.offload_reason}; attention {choice.attention}")
+          f"{choice.offload_reason}; text encoder {choice.text_encoder}; attention {choice.attention}")
     from .._compile import enabled
 
     if choice.backend == "int-mm-cpu" and choice.format == "gguf" and enabled():

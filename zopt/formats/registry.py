@@ -25,7 +25,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import MissingDependency, UnsupportedFormat
-from ..platform.backends import Backend, Selection, needs_cc, needs_device, needs_ort_provider, needs_package
+from ..platform.backends import (
+    Backend,
+    Selection,
+    needs_any,
+    needs_cc,
+    needs_device,
+    needs_ort_provider,
+    needs_package,
+    needs_rocm_arch,
+)
 from ..platform.backends import select as _select
 
 
@@ -40,6 +49,7 @@ class Candidate:
     fallback: bool = False  # below 4 bits: recommended only when no 4-bit-or-better format fits at all
     transient: bool = True  # a dequantizing backend also holds one BF16 copy of the largest matrix
     quality: int = 0  # quality rank across all formats, best (lowest) first; the planner's order
+    unpack: float = 1.0  # dequantization passes per weight: 1 a cast and a scale, 3 K-quant/NF4/INT4 unpacking
 
 
 @dataclass(frozen=True)
@@ -89,7 +99,7 @@ _ORT = needs_package("onnxruntime", "onnx")
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("bf16", "zopt.formats.plain", "diffusers folder, bfloat16 (the reference)", 16, "folder", "PlainOptions",
-           (_TORCH,), (Candidate("bf16", 16.0, False, "reference", quality=0),)),
+           (_TORCH,), (Candidate("bf16", 16.0, False, "reference", quality=0, unpack=0.0),)),
     Format("fp16", "zopt.formats.plain", "diffusers folder, float16", 16, "folder", "PlainOptions", (_TORCH,)),
     Format("fp32", "zopt.formats.plain", "diffusers folder, float32", 32, "folder", "PlainOptions", (_TORCH,)),
     Format("gguf", "zopt.formats.gguf", "GGUF file (llama.cpp/ComfyUI/sd.cpp), F32 ... Q2_K and K-quant recipes",
@@ -101,16 +111,17 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
                        "keeps GGUF blocks in memory, dequantizes each Linear weight exactly on the fly in torch "
                        "(any device)")),
            (Candidate("gguf:Q8_0", 8.5, True, "32-weight blocks, fp16 scale", quality=30),
-            Candidate("gguf:Q6_K", 6.5625, True, "256-weight super-blocks", quality=40),
-            Candidate("gguf:Q5_K_M", 5.7, True, "Q5_K body, Q6_K on sensitive rows (mix)", quality=50),
-            Candidate("gguf:Q4_K_M", 4.85, True, "Q4_K body, Q6_K on sensitive rows (mix)", quality=60),
-            Candidate("gguf:Q3_K_M", 3.9, True, "Q3_K body (mix)", fallback=True, quality=90),
-            Candidate("gguf:Q2_K", 2.625, True, "lowest quality", fallback=True, quality=100)),
+            Candidate("gguf:Q6_K", 6.5625, True, "256-weight super-blocks", quality=40, unpack=3.0),
+            Candidate("gguf:Q5_K_M", 5.7, True, "Q5_K body, Q6_K on sensitive rows (mix)", quality=50, unpack=3.0),
+            Candidate("gguf:Q4_K_M", 4.85, True, "Q4_K body, Q6_K on sensitive rows (mix)", quality=60, unpack=3.0),
+            Candidate("gguf:Q4_K_S", 4.6, True, "Q4_K body, fewer Q5_K rows (mix)", quality=65, unpack=3.0),
+            Candidate("gguf:Q3_K_M", 3.9, True, "Q3_K body (mix)", fallback=True, quality=90, unpack=3.0),
+            Candidate("gguf:Q2_K", 2.625, True, "lowest quality", fallback=True, quality=100, unpack=3.0)),
            ("gguf",), default_subtype="Q8_0", suffix=".gguf"),
     Format("fp8", "zopt.formats.lowbit.fp8", "FP8 E4M3FN (or E5M2) weights, per-output-channel scales", 8, "folder",
            "FP8Options", (
-               Backend("scaled-mm", 30, (needs_device("cuda"), needs_cc(8, 9)),
-                       "torch._scaled_mm FP8 matmul (dynamic per-tensor E4M3 activations)"),
+               Backend("scaled-mm", 30, (needs_any(needs_cc(8, 9), needs_rocm_arch("gfx94", "gfx95")),),
+                       "torch._scaled_mm FP8 matmul (dynamic per-tensor E4M3 activations; E4M3FNUZ on gfx94x)"),
                Backend("fp8-storage", 10, (),
                        "FP8 weights in memory, dequantized per layer, matmul in bf16/fp16/fp32")),
            (Candidate("fp8", 8.0 + 16 / 3840, True, "E4M3 + one bf16 scale per output row", quality=10),),
@@ -120,7 +131,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            (Candidate("int8", 8.0 + 16 / 3840, True, "+ one bf16 scale per output row", quality=20),), ("int8",)),
     Format("int8_w8a8", "zopt.formats.lowbit.int8", "INT8 weights + dynamic per-token INT8 activations", 8, "folder",
            "Int8Options", (
-               Backend("int-mm-cuda", 30, (needs_device("cuda"),),
+               Backend("int-mm-cuda", 30, (needs_device("cuda", "rocm"),),  # torch._int_mm: hipBLASLt on ROCm
                        "torch._int_mm INT8 x INT8 -> INT32 with dynamic per-token activation scales"),
                # measured on CPU (benchmarks/int_mm_cpu.py): torch._int_mm beats dequant + fp32 matmul
                Backend("int-mm-cpu", 20, (needs_device("cpu"),),
@@ -131,19 +142,24 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("int4", "zopt.formats.lowbit.int4", "INT4 group-wise asymmetric weights with clipping search", 4, "folder",
            "Int4Options",
            (Backend("torch-dequant", 10, (), "INT4 unpacked and dequantized per layer, matmul in the activation dtype"),),
-           (Candidate("int4", 4.25, True, "128-weight groups, bf16 scale + zero", quality=80),), ("int4",)),
+           (Candidate("int4", 4.25, True, "128-weight groups, bf16 scale + zero", quality=80, unpack=3.0),), ("int4",)),
     Format("nf4", "zopt.formats.lowbit.nf4", "bitsandbytes 4-bit NormalFloat, blocksize 64", 4, "folder", "NF4Options",
-           (Backend("bitsandbytes", 30, (needs_device("cuda"), needs_package("bitsandbytes", "bnb")),
-                    "bitsandbytes matmul_4bit (CUDA)"),
+           (Backend("bitsandbytes", 30, (needs_device("cuda", "rocm"), needs_package("bitsandbytes", "bnb")),
+                    "bitsandbytes matmul_4bit (CUDA; ROCm builds of bitsandbytes >= 0.45)"),
             Backend("torch-dequant", 10, (),
                     "zopt's NF4 dequantization per layer, matmul in the activation dtype")),
-           (Candidate("nf4", 4.5, True, "64-weight blocks, fp32 absmax", quality=70),), ("nf4",)),
+           (Candidate("nf4", 4.5, True, "64-weight blocks, fp32 absmax", quality=70, unpack=3.0),), ("nf4",)),
     Format("onnx", "zopt.formats.onnx", "ONNX export (fp32/fp16/bf16) and onnxruntime int8/int4 variants",
            None, "folder", "ONNXOptions", (
                Backend("ort-tensorrt", 30, (_ORT, needs_ort_provider("TensorrtExecutionProvider")),
                        "onnxruntime with the TensorRT execution provider (CUDA, CPU fallback per node)"),
                Backend("ort-cuda", 20, (_ORT, needs_ort_provider("CUDAExecutionProvider")),
                        "onnxruntime CUDA execution provider"),
+               # AMD GPUs: onnxruntime-rocm / onnxruntime-migraphx builds
+               Backend("ort-migraphx", 25, (_ORT, needs_ort_provider("MIGraphXExecutionProvider")),
+                       "onnxruntime MIGraphX execution provider (AMD GPU, ROCm provider and CPU fallback)"),
+               Backend("ort-rocm", 15, (_ORT, needs_ort_provider("ROCMExecutionProvider")),
+                       "onnxruntime ROCm execution provider (AMD GPU)"),
                Backend("ort-cpu", 10, (_ORT, needs_ort_provider("CPUExecutionProvider")),
                        "onnxruntime CPU execution provider")),
            tags=("onnx",), needs=(("onnx", "onnx"), ("onnxruntime", "onnx")), default_subtype="fp32"),

@@ -64,12 +64,63 @@ FAKES: dict[str, Hardware] = {
     ),
 }
 
+_BNB = {"bitsandbytes": "0.45.5"}
+_DESK = _X86 + ("avx_vnni",)
+
+
+def _geforce(name: str, cc: tuple[int, int], total_gib: float, free_gib: float, system_gib: int, cores: int = 8,
+             packages: dict[str, str] | None = None, flags: tuple[str, ...] = _X86) -> Hardware:
+    """A consumer NVIDIA card driving the desktop (free < total: the display holds some memory)."""
+    return Hardware("cuda", f"NVIDIA GeForce {name}", cc, f"sm_{cc[0]}{cc[1]}", int(total_gib * GB),
+                    int(free_gib * GB), bf16=cc >= (8, 0), fp16=True, fp8_matmul=cc >= (8, 9),
+                    int8_matmul=cc >= (7, 5), cpu_flags=flags, cores=cores, packages=dict(packages or _BNB),
+                    ort_providers=_ORT_NV, system_memory=system_gib * GB, system_free=int(system_gib * 0.7 * GB),
+                    torch_version="2.7.0")
+
+
+def _cpu(name: str, ram_gib: int, free_gib: float, cores: int, flags: tuple[str, ...]) -> Hardware:
+    return Hardware("cpu", name, None, "x86_64", ram_gib * GB, int(free_gib * GB), bf16=True, fp16=True,
+                    fp8_matmul=False, int8_matmul=True, cpu_flags=flags, cores=cores,
+                    packages={"onnxruntime": "1.22.0"}, ort_providers=_ORT_CPU, system_memory=ram_gib * GB,
+                    system_free=int(free_gib * GB), torch_version="2.7.0")
+
+
+# The machines people run Z-Image on: the planner's profiles (the table in docs/runtime.md). The
+# registry matrix and the backend tests use :data:`FAKES`; every simulated name works with ``fake()``.
+PROFILES: dict[str, Hardware] = {**FAKES, **{
+    "rtx4090-24gb": _geforce("RTX 4090", (8, 9), 24, 23.0, 64, 16, flags=_DESK),
+    "rtx4080-16gb": _geforce("RTX 4080", (8, 9), 16, 15.2, 32, 8, flags=_DESK),
+    "rtx4060ti-16gb": _geforce("RTX 4060 Ti", (8, 9), 16, 15.2, 32, 8, flags=_DESK),
+    "rtx3060-12gb": _geforce("RTX 3060", (8, 6), 12, 11.3, 32, 8),
+    "rtx3070-8gb": _geforce("RTX 3070", (8, 6), 8, 7.3, 32, 8),
+    "rtx3050-6gb": _geforce("RTX 3050", (8, 6), 6, 5.4, 16, 6),
+    "rtx2060-6gb": _geforce("RTX 2060", (7, 5), 6, 5.4, 16, 6, packages={}),
+    "rtx3050-laptop-4gb": _geforce("RTX 3050 Laptop GPU", (8, 6), 4, 3.6, 16, 8),
+    # Turing datacenter card: no bf16, no display; 15 GiB usable of its 16 GB.
+    "t4-16gb": Hardware("cuda", "Tesla T4", (7, 5), "sm_75", 15 * GB, int(14.6 * GB), bf16=False, fp16=True,
+                        fp8_matmul=False, int8_matmul=True, cpu_flags=_X86 + ("avx512f",), cores=8,
+                        packages=dict(_BNB), ort_providers=_ORT_NV, system_memory=52 * GB, system_free=48 * GB,
+                        torch_version="2.7.0"),
+    # RDNA3 under ROCm: no FP8 matmul, no flash-attn wheels.
+    "rocm-7900xtx": Hardware("rocm", "AMD Radeon RX 7900 XTX", None, "gfx1100", 24 * GB, int(23.2 * GB),
+                             bf16=True, fp16=True, fp8_matmul=False, int8_matmul=True, cpu_flags=_DESK, cores=16,
+                             packages={"onnxruntime": "1.22.0"},
+                             ort_providers=("MIGraphXExecutionProvider", "CPUExecutionProvider"),
+                             system_memory=64 * GB, system_free=48 * GB, torch_version="2.7.0"),
+    "apple-m2-16gb": Hardware("mps", "Apple M2", None, "arm64", 16 * GB, int(10.5 * GB), bf16=True, fp16=True,
+                              cpu_flags=("neon", "asimd"), cores=8, packages={"onnxruntime": "1.22.0"},
+                              ort_providers=("CoreMLExecutionProvider", "CPUExecutionProvider"),
+                              system_memory=16 * GB, system_free=int(10.5 * GB), torch_version="2.7.0"),
+    "cpu-16gb": _cpu("Intel Core i7-1260P", 16, 10.5, 12, _X86 + ("avx_vnni",)),
+    "cpu-32gb": _cpu("AMD Ryzen 7 5800X", 32, 24.0, 8, _X86),
+}}
+
 
 def fake(name: str) -> Hardware:
-    """The simulated record ``name`` (one of :data:`FAKES`); raises ZoptError listing the names."""
+    """The simulated record ``name`` (one of :data:`PROFILES`); raises ZoptError listing the names."""
     from ..errors import ZoptError
 
     try:
-        return FAKES[name]
+        return PROFILES[name]
     except KeyError:
-        raise ZoptError(f"unknown simulated hardware {name!r}; choose one of {', '.join(FAKES)}") from None
+        raise ZoptError(f"unknown simulated hardware {name!r}; choose one of {', '.join(PROFILES)}") from None

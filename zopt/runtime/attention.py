@@ -6,9 +6,11 @@ requirements as the same predicates the format backends use, so ``zopt doctor`` 
 refusal on any (simulated) machine; :func:`apply` additionally runs diffusers' own check on the
 real machine before switching.
 
-Z-Image passes an attention mask only when the sequences in a batch differ in length (several
-prompts of different token counts). The plain flash-attn 2/3 and SageAttention kernels refuse
-masks, so for batches > 1 ``auto`` picks their ``varlen`` forms, which take the mask.
+Z-Image passes an attention mask only when the sequences in a batch differ in length: several
+prompts of different token counts, or one prompt and its negative prompt under classifier-free
+guidance (guidance > 0 runs both as one batch of two). The plain flash-attn 2/3 and SageAttention
+kernels refuse masks, so for batches > 1 or guidance > 0 ``auto`` picks their ``varlen`` forms,
+which take the mask, and asking for a mask-less kernel there is refused.
 """
 
 from __future__ import annotations
@@ -94,28 +96,36 @@ class AttentionChoice:
     reason: str
 
 
-def why_not(name: str, hw: Hardware, dtype: str = "bf16", batch: int = 1) -> list[str]:
-    """What stops attention backend ``name`` on ``hw`` for ``dtype`` inputs and ``batch`` (empty: runs)."""
+def needs_masks(batch: int = 1, guidance: float = 0.0) -> bool:
+    """Whether attention may see sequences of unequal length: several prompts, or CFG's negative prompt."""
+    return batch > 1 or guidance > 0
+
+
+def why_not(name: str, hw: Hardware, dtype: str = "bf16", batch: int = 1, guidance: float = 0.0) -> list[str]:
+    """What stops attention backend ``name`` on ``hw`` for ``dtype`` inputs, ``batch`` and CFG
+    ``guidance`` (empty: runs)."""
     a = _get(name)
     out = a.why_not(hw)
     if a.half_only and dtype not in ("bf16", "fp16"):
         out.append(f"needs bf16/fp16 activations (running {dtype}; pass --dtype bf16)")
-    if batch > 1 and not a.masks:
-        out.append("does not take attention masks (batches of several prompts); use its varlen form or native")
+    if needs_masks(batch, guidance) and not a.masks:
+        why = "batches of several prompts" if batch > 1 else "guidance > 0 batches the negative prompt"
+        out.append(f"does not take attention masks ({why}); use its varlen form or native")
     return out
 
 
-def choose(requested: str, hw: Hardware, dtype: str = "bf16", batch: int = 1) -> AttentionChoice:
+def choose(requested: str, hw: Hardware, dtype: str = "bf16", batch: int = 1,
+           guidance: float = 0.0) -> AttentionChoice:
     """``auto`` -> the best exact kernel available; a name -> that one, or a ZoptError saying what to install."""
     if requested and requested != "auto":
-        missing = why_not(requested, hw, dtype, batch)
+        missing = why_not(requested, hw, dtype, batch, guidance)
         if missing:
             raise UnsupportedFormat(f"attention backend {requested!r} cannot run here: {'; '.join(missing)}")
         return AttentionChoice(requested, f"{requested} requested")
     ranked = sorted((a for a in ATTENTION.values() if a.auto_rank is not None), key=lambda a: -a.auto_rank)
     passed = []
     for a in ranked:
-        missing = why_not(a.name, hw, dtype, batch)
+        missing = why_not(a.name, hw, dtype, batch, guidance)
         if not missing:
             note = f" (unavailable: {', '.join(passed)})" if passed else ""
             return AttentionChoice(a.name, f"{a.name}: {a.description}{note}")

@@ -16,7 +16,12 @@ Modes, fastest first (all are diffusers' hooks):
 
 On a CPU device there is nothing to move weights *to*: ``auto`` gives ``none``, and ``model``,
 ``group``, ``group-stream`` and ``sequential`` are refused with an explanation; ``disk`` is
-allowed (group offload to disk, onloading to CPU), trading speed for system RAM.
+allowed (group offload to disk, onloading to CPU), trading speed for system RAM. Apple MPS shares
+one memory pool with the CPU, so moving weights saves nothing there either: ``auto`` gives
+``none`` and asking for a mode runs it but says so.
+
+Quantized modules hold their weights in buffers (packed codes, scales); every mode moves buffers
+as they are, so quantized weights stay quantized in RAM and travel packed.
 """
 
 from __future__ import annotations
@@ -97,6 +102,15 @@ def choose(requested: str, hw: Hardware, fp: Footprint) -> OffloadChoice:
         return OffloadChoice("disk", "disk requested", device_bytes("disk", fp))
     if requested == "group-stream" and not hw.has_streams:
         raise ZoptError(f"--offload group-stream needs CUDA streams; {hw.device} has none: use --offload group")
+    if hw.device == "mps":
+        need = device_bytes("none", fp)
+        if requested == "auto":
+            if need > budget:
+                raise ZoptError(f"does not fit: needs {_gb(need)} of unified memory, {_gb(budget)} usable; offloading "
+                                "saves nothing on unified memory: choose a smaller format (see zopt plan)")
+            return OffloadChoice("none", f"unified memory: needs {_gb(need)} of {_gb(budget)} usable", need)
+        if requested != "none":
+            return OffloadChoice(requested, f"{requested} requested (unified memory: it saves no memory)", need)
     if requested != "auto":
         need = device_bytes(requested, fp)
         note = "" if need <= budget else f" (predicted {_gb(need)} > {_gb(budget)} budget: may run out of memory)"
@@ -115,29 +129,45 @@ def choose(requested: str, hw: Hardware, fp: Footprint) -> OffloadChoice:
                     f"{_gb(budget)} usable; choose a smaller format or resolution (see zopt plan)")
 
 
-def apply(pipe, mode: str, device: str, disk_dir: str | os.PathLike | None = None) -> None:
-    """Install offload ``mode`` on a pipeline whose components are still on CPU."""
+def apply(pipe, mode: str, device: str, disk_dir: str | os.PathLike | None = None,
+          skip: tuple[str, ...] = ()) -> None:
+    """Install offload ``mode`` on a pipeline whose components are still on CPU; components named in
+    ``skip`` stay where they are (e.g. a text encoder that runs on the host)."""
     import torch
 
     dev = torch.device(device)
+    modules = {n: c for n, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
     if mode == "none":
-        pipe.to(dev)
-    elif mode == "model":
-        pipe.enable_model_cpu_offload(device=dev)
-    elif mode == "sequential":
-        pipe.enable_sequential_cpu_offload(device=dev)
+        for name, comp in modules.items():
+            if name not in skip:
+                comp.to(dev)
+    elif mode in ("model", "sequential"):
+        # diffusers offloads every component it sees (and moves excluded ones to the device):
+        # hide the skipped ones while it installs its hooks
+        held = {name: modules[name] for name in skip if name in modules}
+        for name in held:
+            setattr(pipe, name, None)
+        try:
+            if mode == "model":
+                pipe.enable_model_cpu_offload(device=dev)
+            else:
+                pipe.enable_sequential_cpu_offload(device=dev)
+        finally:
+            for name, comp in held.items():
+                setattr(pipe, name, comp)
     elif mode in ("group", "group-stream", "disk"):
         if mode == "disk" and disk_dir is None:
             raise ZoptError("--offload disk needs a folder for the offloaded weights")
-        stream = mode == "group-stream"
+        # streams exist on CUDA/ROCm only; a CPU standing in for a GPU runs the same groups without them
+        stream = mode == "group-stream" and dev.type == "cuda"
         kwargs = dict(onload_device=dev, offload_device=torch.device("cpu"), offload_type="block_level",
                       num_blocks_per_group=1, use_stream=stream, non_blocking=stream)
         # Per component, each with its own disk folder: group ids such as "layers_0_0" repeat across the
         # text encoder and the transformer, and one shared folder would let their files overwrite each other.
         from diffusers.hooks import apply_group_offloading
 
-        for name, comp in pipe.components.items():
-            if not isinstance(comp, torch.nn.Module):
+        for name, comp in modules.items():
+            if name in skip:
                 continue
             extra = {}
             if mode == "disk":

@@ -81,6 +81,9 @@ class RuntimeChoice:
     attention_reason: str
     hardware: str  # Hardware.fingerprint()
     load_seconds: float = 0.0
+    text_encoder: str = "device"  # device, free, cpu, int8, nf4 (see runtime/text_encoder.py)
+    vae_tiling: bool = False
+    stand_in_for: str | None = None  # decisions were made for this device; ``device`` stood in for it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -190,12 +193,19 @@ def _transformer_estimate(model, fmt: str, elem: int, config: dict[str, Any] | N
 def prepare(model: str | os.PathLike = "tiny", *, device: str = "auto", offload: str = "auto",
             attention: str | None = "auto", backend: str | None = None, dtype=None, base: str | None = None,
             hardware=None, width: int = 1024, height: int = 1024, batch: int = 1,
-            disk_dir: str | os.PathLike | None = None):
+            disk_dir: str | os.PathLike | None = None, text_encoder: str = "auto", vae_tiling: bool | None = None,
+            guidance: float = 0.0, place: str | None = None):
     """Load ``model`` (any variant) into a ready pipeline of its family on this machine.
 
-    Decides device, backend (``select_backend``, once), offload mode (``offload.choose`` from free memory
-    and the loaded sizes) and attention kernel (``attention.choose``); ``attention=None`` leaves the
-    model's default. Returns ``(pipe, RuntimeChoice)``; the choice is also ``pipe.zopt_runtime``.
+    Decides device, compute dtype (bf16 on GPUs that have it, fp16 on older ones, fp32 on CPU),
+    backend (``select_backend``, once, for the device that computes, also when weights load into
+    RAM for offloading: the loader receives the selection as made), offload mode
+    (``offload.choose``), text-encoder placement (``text_encoder.PLACEMENTS``; ``auto`` =
+    ``device``), VAE tiling and the attention kernel (``attention.choose``, which accounts for
+    guidance); ``attention=None`` leaves the model's default. ``place`` runs the decisions made for
+    ``hardware`` on another device (a simulated GPU's plan on the CPU); a kernel that cannot run
+    there is recorded but not switched on. Returns ``(pipe, RuntimeChoice)``; the choice is also
+    ``pipe.zopt_runtime``.
     """
     import torch
 
@@ -204,18 +214,22 @@ def prepare(model: str | os.PathLike = "tiny", *, device: str = "auto", offload:
     from ..formats.registry import select_backend
     from . import attention as A
     from . import offload as O
-    from .planner import _key, _param_split, activation_bytes, shape_for
+    from . import text_encoder as TE
+    from .planner import _key, _param_split, activation_bytes, compute_dtype, shape_for
 
     t0 = time.perf_counter()
     model = resolve_source(model)
     hw = runtime_hardware(device, hardware)
-    dev = hw.torch_device
-    dtype = dtype or default_dtype(dev)
+    dev = place or hw.torch_device
+    dtype = dtype or {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[compute_dtype(hw)]
     dname = DTYPE_NAMES[str(dtype).replace("torch.", "")]
     elem = torch.tensor([], dtype=dtype).element_size()
     fmt = _format_of(model)
+    te = "device" if text_encoder in (None, "auto") else text_encoder
+    if te not in TE.PLACEMENTS:
+        raise ZoptError(f"--text-encoder {te!r}: choose auto or one of {', '.join(TE.PLACEMENTS)}")
     sel = select_backend(fmt, hw, prefer=backend)  # the one selection: load() receives it as made
-    att = A.choose(attention, hw, dname, batch) if attention else None
+    att = A.choose(attention, hw, dname, batch, guidance) if attention else None
     from .. import checkpoint
 
     try:
@@ -237,7 +251,7 @@ def prepare(model: str | os.PathLike = "tiny", *, device: str = "auto", offload:
     total = quant + other  # block / non-block / largest-matrix shares of the parameters, applied to bytes
     fp = O.Footprint(
         transformer=t_bytes,
-        text_encoder=_module_bytes(parts and parts["text_encoder"]),
+        text_encoder=0 if te == "cpu" else _module_bytes(parts and parts["text_encoder"]),
         vae=_module_bytes(parts and parts["vae"]),
         activations=activation_bytes(act_cfg, shape_for(width, height, batch), elem, att.name if att else "native"),
         largest_block=t_bytes * block // total,
@@ -245,6 +259,10 @@ def prepare(model: str | os.PathLike = "tiny", *, device: str = "auto", offload:
         largest_leaf=t_bytes * largest // total,
     )
     off = O.choose(offload, hw, fp)
+    if te == "free" and off.mode == "none":
+        raise ZoptError("--text-encoder free moves the encoder in for encoding and out again: it needs --offload "
+                        "model (or a streaming mode); with --offload none use device, cpu, int8 or nf4")
+    # weights that will be offloaded load into RAM; the backend stays the one chosen for `dev`
     transformer = load_transformer(model, dev if off.mode == "none" else "cpu", dtype=dtype, backend=sel)
     if parts is None:
         base_dir = resolve_base(model, dict(transformer.config), base)
@@ -252,16 +270,33 @@ def prepare(model: str | os.PathLike = "tiny", *, device: str = "auto", offload:
         parts = family.pipeline_class().from_pretrained(base_dir, transformer=None).components
         for name in ("vae", "text_encoder"):
             parts[name].to(dtype=dtype)
+    if dtype == torch.float16:
+        parts["vae"].to(dtype=torch.float32)  # the 16-channel VAE overflows fp16 (NaN images); it is small
+    if te in ("int8", "nf4"):
+        TE.quantize(parts["text_encoder"], te)
+    elif te == "cpu":
+        TE.keep_on_host(parts["text_encoder"], dev, dtype)
     parts["transformer"] = transformer
     pipe = family.pipeline_class()(**parts)
+    att_reason = att.reason if att else "model default"
     if att is not None:
-        A.apply(pipe.transformer, att.name)
-    O.apply(pipe, off.mode, dev, disk_dir=disk_dir or (Path(os.fspath(base_dir)).parent / ".zopt-offload"))
+        if place and place != hw.torch_device and A.ATTENTION[att.name].requires:
+            att_reason += f" (not switched on: {place} stands in for {hw.device})"
+        else:
+            A.apply(pipe.transformer, att.name)
+    O.apply(pipe, off.mode, dev, disk_dir=disk_dir or (Path(os.fspath(base_dir)).parent / ".zopt-offload"),
+            skip=("text_encoder",) if te == "cpu" else ())
+    tiling = bool(vae_tiling)
+    if tiling:
+        pipe.vae.enable_tiling()
+    if batch > 1:
+        pipe.vae.enable_slicing()  # decode one image at a time: the batch's decode peak is one image's
     pipe.set_progress_bar_config(disable=True)
     torch.set_grad_enabled(False)
     choice = RuntimeChoice(dev, dname, fmt, sel.name, sel.reason, off.mode, off.reason,
-                           att.name if att else "default", att.reason if att else "model default",
-                           hw.fingerprint(), round(time.perf_counter() - t0, 3))
+                           att.name if att else "default", att_reason, hw.fingerprint(),
+                           round(time.perf_counter() - t0, 3), TE.placement_of(pipe.text_encoder)
+                           if te != "free" else "free", tiling, hw.torch_device if dev != hw.torch_device else None)
     pipe.zopt_runtime = choice
     return pipe, choice
 

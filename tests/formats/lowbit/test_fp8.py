@@ -126,3 +126,29 @@ def test_scaled_mm_matches_storage_kernel_on_cuda(root, tiny_transformer_dir, ti
     assert fast.zopt_backend == "scaled-mm"
     slow = zopt.load(out, device="cuda", backend="fp8-storage", dtype=torch.bfloat16)
     assert rel_err(output(fast, inputs).cpu(), output(slow, inputs).cpu()) < 0.05
+
+
+def test_fnuz_conversion_is_exact():
+    """MI300-class GPUs multiply E4M3FNUZ: every E4M3FN code, halved, is one (the kernel scales by 2)."""
+    import torch
+
+    from zopt.formats.lowbit.fp8 import to_fnuz
+
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    finite = codes[torch.isfinite(codes.float())]
+    assert torch.equal(to_fnuz(finite).float() * 2, finite.float())
+
+
+def test_densified_fp8_matches_the_storage_kernel(root, tiny_transformer_dir, tiny_reference_inputs):
+    """What an MPS device gets (no float8 dtype there): the same weights held dense."""
+    import torch
+
+    import zopt
+    from zopt.formats.lowbit.fp8 import densify
+
+    out = artifact(root, tiny_transformer_dir, "fp8")
+    fp8 = zopt.load(out, dtype=torch.float32)
+    dense = densify(zopt.load(out, dtype=torch.float32), torch.float32)
+    kinds = {type(m).__name__ for m in dense.modules()}
+    assert "FP8Linear" not in kinds and "Linear" in kinds
+    assert rel_err(output(dense, tiny_reference_inputs), output(fp8, tiny_reference_inputs)) < 1e-5

@@ -27,7 +27,7 @@ from ...errors import ZoptError
 from ..options import Options
 from . import common as C
 from .fp8_comfy import convert_comfy, load_comfy
-from .fp8_ops import VARIANTS, fp8_linear, quantize_fp8  # shared with the comfy layout
+from .fp8_ops import VARIANTS, densify, fp8_linear, needs_fnuz, quantize_fp8, to_fnuz  # noqa: F401  (shared with the comfy layout)
 
 COMFY_FILE = "zimage_fp8_scaled.safetensors"
 LAYOUTS = ("diffusers", "comfy")
@@ -84,8 +84,13 @@ def load(path: Path, device: str, backend: str, dtype: Any = None):
     folder = C.artifact_folder(path)
     if read_manifest(folder).get("layout") == "comfy":
         return load_comfy(folder, device, backend, dtype)
-    return C.load_lowbit(path, lambda m: FP8Scheme(variant(C.recorded_options(FP8Options, m).fp8)), device, backend,
-                         dtype)
+    scheme = lambda m: FP8Scheme(variant(C.recorded_options(FP8Options, m).fp8))  # noqa: E731
+    if str(device).startswith("mps"):  # no float8 on MPS: held as fp16/bf16 there (the planner counts it so)
+        import torch
+
+        model = C.load_lowbit(path, scheme, "cpu", "fp8-storage", dtype)
+        return densify(model, dtype or torch.bfloat16).to(device)
+    return C.load_lowbit(path, scheme, device, backend, dtype)
 
 
 def list_types() -> list[tuple[str, float, str]]:

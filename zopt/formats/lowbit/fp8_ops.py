@@ -39,10 +39,16 @@ def _fp8_linear_class():
         if not m.mm_ok:
             return storage_kernel(m, x)
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
-        sx = (x.abs().amax().float() / 448.0).clamp_min(1e-12)
-        xq = (x.float() / sx).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
-        one = torch.ones((), device=x.device, dtype=torch.float32)
-        y = torch._scaled_mm(xq, m.weight.view(m.fp8_dtype).t(), scale_a=sx, scale_b=one, out_dtype=out_dtype)
+        fnuz = needs_fnuz(x.device)
+        if fnuz and m.weight_fnuz is None:  # once per layer, on the device
+            m.weight_fnuz = to_fnuz(m.weight.view(m.fp8_dtype))
+        fmax, qtype = (240.0, torch.float8_e4m3fnuz) if fnuz else (448.0, torch.float8_e4m3fn)
+        sx = (x.abs().amax().float() / fmax).clamp_min(1e-12)
+        xq = (x.float() / sx).clamp(-fmax, fmax).to(qtype)
+        w = m.weight_fnuz if fnuz else m.weight.view(m.fp8_dtype)
+        # an e4m3fn weight halved is exactly its e4m3fnuz code: scale it back by 2
+        one = torch.full((), 2.0 if fnuz else 1.0, device=x.device, dtype=torch.float32)
+        y = torch._scaled_mm(xq, w.t(), scale_a=sx, scale_b=one, out_dtype=out_dtype)
         y = y[0] if isinstance(y, tuple) else y
         return y * m.weight_scale.to(y.dtype)  # per-output-channel weight scales act on columns
 
@@ -58,6 +64,7 @@ def _fp8_linear_class():
             self.register_buffer("weight_scale", scale.float().reshape(-1).expand(q.shape[0]).contiguous())
             # torch._scaled_mm needs both matrix dims divisible by 16
             self.mm_ok = q.shape[0] % 16 == 0 and q.shape[1] % 16 == 0
+            self.weight_fnuz = None  # the weight as e4m3fnuz, made on first use on an MI300-class GPU
 
         def dequantize(self, dtype=None):
             import torch as _t
@@ -68,6 +75,42 @@ def _fp8_linear_class():
 
 
 _CLS = None
+
+
+def to_fnuz(w):
+    """E4M3FN weight -> the E4M3FNUZ tensor of half its values (exact: every E4M3FN value halved is
+    an E4M3FNUZ value); MI300-class GPUs (gfx94x) multiply only the FNUZ variant."""
+    import torch
+
+    return (w.float() / 2).to(torch.float8_e4m3fnuz)
+
+
+def needs_fnuz(device) -> bool:
+    """Whether ``device`` is a ROCm GPU of the gfx94x generation (FP8 matmul in E4M3FNUZ)."""
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda" or not getattr(torch.version, "hip", None):
+        return False
+    return "gfx94" in getattr(torch.cuda.get_device_properties(device), "gcnArchName", "")
+
+
+def densify(model, dtype):
+    """Replace every FP8 Linear in ``model`` by a plain ``torch.nn.Linear`` holding its weight in
+    ``dtype`` (devices without float8 tensors, e.g. Apple MPS). Returns ``model``."""
+    import torch
+
+    global _CLS
+    _CLS = _CLS or _fp8_linear_class()
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, _CLS):
+            lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, dtype=dtype,
+                                  device="meta")
+            lin.weight = torch.nn.Parameter(mod.dequantize(dtype), requires_grad=False)
+            if mod.bias is not None:
+                lin.bias = torch.nn.Parameter(mod.bias.detach().to(dtype), requires_grad=False)
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, lin)
+    return model
 
 
 def fp8_linear(q, scale, backend: str = "fp8-storage"):

@@ -21,6 +21,8 @@ from ...errors import CorruptFile, ShapeMismatch
 PROVIDERS = {
     "ort-tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
     "ort-cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "ort-migraphx": ("MIGraphXExecutionProvider", "ROCMExecutionProvider", "CPUExecutionProvider"),
+    "ort-rocm": ("ROCMExecutionProvider", "CPUExecutionProvider"),
     "ort-cpu": ("CPUExecutionProvider",),
 }
 

@@ -1,0 +1,164 @@
+"""Every profile's recommendation, executed: plan -> convert -> prepare() -> generate.
+
+The plan is made for the simulated machine (full-size model, 1024x1024); the same choices
+(format, backend, offload mode, text-encoder placement, VAE tiling, attention, compute dtype)
+then go through ``prepare()`` with the tiny model, and the CPU stands in for the device: the
+offload hooks, the quantized text encoder, the host-side text encoder and the format's kernels
+all run for real. Only an attention kernel that needs a GPU is recorded without being switched
+on (``prepare`` says so in the reason).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from zopt.platform.fakes import PROFILES
+from zopt.runtime import planner
+
+SPECS: dict[str, object] = {}
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory):
+    """Tiny conversions, one per format spec, made on first use."""
+    from zopt import formats
+
+    root = tmp_path_factory.mktemp("walk")
+
+    def get(spec: str):
+        if spec not in SPECS:
+            name = spec.replace(":", "-")
+            out = root / (name + (".gguf" if spec.startswith("gguf") else ""))
+            SPECS[spec] = formats.convert("tiny", spec, out, progress=False)
+        return SPECS[spec]
+
+    return get
+
+
+def _execute(hw, plan, artifacts, tmp_path, guidance: float = 0.0):
+    import torch
+
+    from zopt.runtime import pipeline as P
+
+    r = plan.recommended
+    pipe, ch = P.prepare(artifacts(r.spec), hardware=hw, place="cpu", offload=r.offload, backend=r.backend,
+                         text_encoder=r.text_encoder, vae_tiling=r.vae_tiling, attention="auto", guidance=guidance,
+                         width=64, height=64)
+    planned = (r.spec.split(":")[0], r.backend, r.offload, r.text_encoder, r.vae_tiling, plan.attention, plan.dtype)
+    prepared = (ch.format, ch.backend, ch.offload, ch.text_encoder, ch.vae_tiling, ch.attention, ch.dtype)
+    assert prepared == planned
+    # what was prepared is really there
+    te = pipe.text_encoder
+    kinds = {type(m).__name__ for m in te.modules()}
+    if r.text_encoder == "int8":
+        assert "Int8Linear" in kinds and "Linear" not in kinds
+    elif r.text_encoder == "nf4":
+        assert "NF4Linear" in kinds and "Linear" not in kinds
+    elif r.text_encoder == "cpu":
+        assert {p.dtype for p in te.parameters()} == {torch.float32}
+    if r.offload == "model":
+        assert hasattr(pipe.transformer, "_hf_hook")
+    elif r.offload in ("group", "group-stream"):
+        assert getattr(pipe.transformer, "_diffusers_hook", None) is not None
+    backends = {getattr(m, "backend", None) for m in pipe.transformer.modules()} - {None}
+    if r.spec.split(":")[0] in ("fp8", "int8", "int4", "nf4"):
+        assert backends == {r.backend}  # quantized weights stay quantized, with the planned kernel
+    assert pipe.vae.use_tiling == r.vae_tiling
+    req = P.GenerateRequest(prompts=["a red fox in snow"], seeds=[0], steps=2, height=64, width=64,
+                            guidance_scale=guidance, max_sequence_length=32)
+    out = P.run(pipe, req, tmp_path)
+    import numpy as np
+    from PIL import Image
+
+    img = np.asarray(Image.open(out[0].path), dtype=np.float32)
+    assert img.shape == (64, 64, 3) and math.isfinite(float(img.mean())) and img.std() > 0
+    return ch
+
+
+def _groups() -> dict[str, list[str]]:
+    """Profiles whose plans ask for the same execution (format, backend, offload, text encoder,
+    tiling, dtype, and whether the attention kernel needs a GPU): generated once, prepared each."""
+    from zopt.runtime.attention import ATTENTION
+
+    out: dict[tuple, list[str]] = {}
+    for name, hw in PROFILES.items():
+        p = planner.plan(hw)
+        r = p.recommended
+        key = (r.spec, r.backend, r.offload, r.text_encoder, r.vae_tiling, p.dtype,
+               bool(ATTENTION[p.attention].requires)) if r else (name,)
+        out.setdefault(key, []).append(name)
+    return {"+".join(v): v for v in out.values()}
+
+
+@pytest.mark.parametrize("group", list(_groups().items()), ids=lambda g: g[0])
+def test_every_recommendation_runs(group, artifacts, tmp_path):
+    from zopt.runtime import pipeline as P
+
+    _, machines = group
+    for i, machine in enumerate(machines):
+        hw = PROFILES[machine]
+        p = planner.plan(hw)
+        if p.recommended is None:
+            pytest.fail(f"{machine}: nothing recommended ({p.reason})")
+        r = p.recommended
+        if i == 0:
+            ch = _execute(hw, p, artifacts, tmp_path)
+        else:  # same execution as the first: check the decisions prepare() makes for this machine
+            _, ch = P.prepare(artifacts(r.spec), hardware=hw, place="cpu", offload=r.offload, backend=r.backend,
+                              text_encoder=r.text_encoder, vae_tiling=r.vae_tiling, width=64, height=64)
+            assert (ch.format, ch.backend, ch.offload, ch.text_encoder, ch.vae_tiling, ch.attention, ch.dtype) == (
+                r.spec.split(":")[0], r.backend, r.offload, r.text_encoder, r.vae_tiling, p.attention, p.dtype)
+        assert ch.stand_in_for == (None if hw.device == "cpu" else hw.torch_device)
+
+
+@pytest.mark.parametrize("machine", ["cuda-sm90-80gb", "rtx3060-12gb"])
+def test_guidance_plans_a_mask_capable_attention_and_runs(machine, artifacts, tmp_path):
+    from zopt.runtime.attention import ATTENTION
+
+    hw = PROFILES[machine]
+    p = planner.plan(hw, guidance=3.5)
+    assert ATTENTION[p.attention].masks  # prompt and negative prompt pad to different lengths
+    _execute(hw, p, artifacts, tmp_path, guidance=3.5)
+
+
+@pytest.mark.parametrize("machine, prefer, approximate", [("rtx4090-24gb", "speed", True),
+                                                          ("rtx3070-8gb", "quality", False),
+                                                          ("rtx4060ti-16gb", "quality", True)])
+def test_other_preferences_run_too(machine, prefer, approximate, artifacts, tmp_path):
+    hw = PROFILES[machine]
+    p = planner.plan(hw, prefer=prefer, approximate=approximate)
+    ch = _execute(hw, p, artifacts, tmp_path)
+    if approximate and prefer == "speed":
+        assert ch.backend == "scaled-mm"  # FP8 tensor-core kernel, run by torch._scaled_mm on the CPU here
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("offload, text_encoder, spec", [
+    (None, None, None),  # this machine's own recommendation
+    ("model", "cpu", "fp8"), ("model", "int8", "gguf:Q4_K_M"), ("group-stream", "free", "nf4"), ("none", "nf4", "int8")])
+def test_plans_run_on_this_gpu(offload, text_encoder, spec, artifacts, tmp_path):
+    """On a real GPU: the same choices, placed on the device for real (streams, host encoder)."""
+    import torch
+
+    from zopt.platform.hardware import detect
+    from zopt.runtime import pipeline as P
+
+    hw = detect()
+    p = planner.plan(hw)
+    r = p.recommended
+    spec, offload = spec or r.spec, offload or r.offload
+    text_encoder = text_encoder or r.text_encoder
+    pipe, ch = P.prepare(artifacts(spec), offload=offload, text_encoder=text_encoder, width=64, height=64)
+    assert (ch.offload, ch.text_encoder, ch.stand_in_for) == (offload, text_encoder, None)
+    assert ch.device == hw.torch_device
+    from zopt.platform.backends import select
+
+    # chosen for the GPU even when the weights load into RAM for offloading
+    assert ch.backend == select(spec.split(":")[0], hw).name
+    req = P.GenerateRequest(prompts=["a red fox in snow"], seeds=[0], steps=2, height=64, width=64,
+                            max_sequence_length=32)
+    out = P.run(pipe, req, tmp_path)
+    assert out[0].path.is_file()
+    torch.cuda.synchronize()
