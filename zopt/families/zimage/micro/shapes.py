@@ -158,10 +158,18 @@ def inside(kind: str, cx: float, cy: float, r: float, x: np.ndarray, y: np.ndarr
 
 def shape_mask(kind: str, cx: float, cy: float, r: float, px: int, ss: int = 1) -> np.ndarray:
     """Coverage in [0, 1] of each pixel of a px x px image by the shape, from ss x ss samples."""
-    c = (np.arange(px * ss) + 0.5) / ss
-    x, y = np.meshgrid(c, c)
+    # evaluate only the pixels of the circumscribing box (with a margin): the rest are zero
+    x0, y0 = max(0, int(cx - 1.3 * r) - 1), max(0, int(cy - 1.3 * r) - 1)
+    x1, y1 = min(px, int(cx + 1.3 * r) + 2), min(px, int(cy + 1.3 * r) + 2)
+    out = np.zeros((px, px), dtype=np.float32)
+    if x1 <= x0 or y1 <= y0:
+        return out
+    xs = x0 + (np.arange((x1 - x0) * ss) + 0.5) / ss
+    ys = y0 + (np.arange((y1 - y0) * ss) + 0.5) / ss
+    x, y = np.meshgrid(xs, ys)
     m = inside(kind, cx, cy, r, x, y).astype(np.float32)
-    return m.reshape(px, ss, px, ss).mean(axis=(1, 3))
+    out[y0:y1, x0:x1] = m.reshape(y1 - y0, ss, x1 - x0, ss).mean(axis=(1, 3))
+    return out
 
 
 def shape_geometry(s: Shape, px: int) -> tuple[float, float, float]:
