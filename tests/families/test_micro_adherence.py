@@ -44,3 +44,10 @@ def test_largest_component_is_four_connected():
     m[3:6, 3:6] = True
     m[2, 2] = True  # touches the first region only diagonally
     assert A.largest_component(m).sum() == 9
+
+
+def test_prompt_adherence_only_for_shapes_prompts():
+    imgs, caps = S.dataset(range(10, 14))
+    assert A.prompt_adherence(list(imgs), ["a lighthouse at dawn"] * 4) is None
+    mixed = A.prompt_adherence(list(imgs), caps[:2] + ["a cat", "a dog"])
+    assert mixed["colour"] == 1.0 and mixed["position"] == 1.0 and mixed["mean"] >= 0.95

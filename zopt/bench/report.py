@@ -201,6 +201,8 @@ def _grid_html(records: list[dict[str, Any]], root: Path) -> str:
             if k < len(per) and per[k].get("psnr_db") is not None:
                 p = per[k]["psnr_db"]
                 cap = "identical" if p >= PSNR_CAP_DB else f"PSNR {p:.1f} dB · SSIM {per[k]['ssim']:.3f}"
+                if per[k].get("adherence") is not None:
+                    cap += f" · adherence {per[k]['adherence']:.2f}"
             img = f'<img alt="{_esc(c["label"])}, seed {_esc(im["seed"])}" src="{uri}">' if uri else "(missing)"
             tiles.append(f'<figure class="tile{" ref" if c is ref else ""}">{img}<figcaption><b>{_esc(c["label"])}'
                          f'</b><br>{_esc(cap)}</figcaption></figure>')

@@ -131,3 +131,18 @@ def score_many(images, texts) -> Adherence:
 def held_out_prompts(n: int = 48, seed: int = 1_000_000, max_shapes: int = 3) -> list[str]:
     """Captions of scenes drawn from seeds the training script never uses (it draws below 10**6)."""
     return [S.caption(S.sample_scene(seed + i, max_shapes)) for i in range(n)]
+
+
+def prompt_adherence(images, prompts) -> dict[str, float] | None:
+    """Accuracy per attribute, and their ``mean``, over the pairs whose prompt is a shapes caption;
+    None when no prompt is one (adherence is then not defined)."""
+    total = Adherence()
+    for img, text in zip(images, prompts, strict=True):
+        try:
+            total.add(score(img, text))
+        except ValueError:
+            continue
+    if not total.total:
+        return None
+    acc = total.accuracy()
+    return {**{k: round(v, 4) for k, v in acc.items()}, "mean": round(sum(acc.values()) / len(acc), 4)}
