@@ -37,10 +37,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
-    """The embedded tiny pipeline folder (model_index.json, transformer/, vae/, ...)."""
-    from zopt.models import tiny_pipeline_dir
+    """The seeded random tiny pipeline folder (model_index.json, transformer/, vae/, ...): the
+    shapes of ``zimage.TINY_CONFIG``, which format tests are written against."""
+    from zopt.models import random_tiny_pipeline_dir
 
-    return tiny_pipeline_dir()
+    return random_tiny_pipeline_dir()
 
 
 @pytest.fixture(scope="session")

@@ -451,10 +451,10 @@ def open(source: str | os.PathLike, *, allow_pickle: bool = False) -> TensorSour
     spec = os.fspath(source)
     path = Path(spec).expanduser()
     if not path.exists():
-        if spec == "tiny":
-            from .models import tiny_pipeline_dir
+        from .models import EMBEDDED, embedded_pipeline_dir
 
-            return open(tiny_pipeline_dir() / "transformer")
+        if spec in EMBEDDED:
+            return open(embedded_pipeline_dir(spec) / "transformer")
         if _HUB_ID.match(spec) and not spec.startswith((".", "/")):
             return open(_resolve_hub(spec), allow_pickle=allow_pickle)
         raise SourceNotFound("no such file or folder", path)

@@ -1,9 +1,11 @@
-"""Embedded defaults: the seeded tiny Z-Image pipeline and the full-size synthetic checkpoint.
+"""Embedded defaults: the tiny Z-Image pipelines and the full-size synthetic checkpoint.
 
 Model weights cannot be downloaded everywhere zopt runs (CI, air-gapped machines), so zopt builds
-its own: a complete ``ZImagePipeline`` with the real classes at small dimensions and an offline
-byte-level tokenizer, saved as an ordinary diffusers folder; and a 6.15B-parameter checkpoint with
-seeded random bf16 weights in the original layout, written streaming, for scale benchmarks.
+its own, saved as ordinary diffusers folders in the cache: ``tiny`` (also ``tiny-random``), a
+complete ``ZImagePipeline`` with the real classes at small dimensions, seeded random weights and an
+offline byte-level tokenizer; ``micro``, the micro Z-Image trained on procedural shapes
+(``families/zimage/micro``, weights shipped in the package); and a 6.15B-parameter checkpoint with seeded random bf16 weights in
+the original layout, written streaming, for scale benchmarks.
 """
 
 from __future__ import annotations
@@ -65,20 +67,57 @@ VAE_CONFIG: dict[str, Any] = {
 SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}
 
 
-def tiny_pipeline_dir(root: str | os.PathLike | None = None) -> Path:
-    """Folder of the embedded tiny pipeline, building it on first use (deterministic from TINY_SEED)."""
+def micro_pipeline_dir(root: str | os.PathLike | None = None) -> Path:
+    """Folder of the trained micro Z-Image pipeline, built on first use from the weights shipped in
+    the package (``families/zimage/micro/weights``)."""
+    import hashlib
+
+    from .families.zimage.micro import model as micro
+
+    digest = hashlib.sha256()
+    for name in ("micro.json", "transformer.safetensors", "vae.safetensors"):
+        digest.update((micro.WEIGHTS_DIR / name).read_bytes())
+    root = Path(root) if root else cache_dir() / "models"
+    target = root / f"micro-zimage-{digest.hexdigest()[:12]}"
+    return _cached_pipeline(target, micro.build_micro_pipeline, {"kind": "micro", "sha256": digest.hexdigest()})
+
+
+def random_tiny_pipeline_dir(root: str | os.PathLike | None = None) -> Path:
+    """Folder of the seeded random tiny pipeline (``tiny-random``), built on first use from TINY_SEED:
+    faster than the trained default and with the shapes of ``zimage.TINY_CONFIG``."""
     root = Path(root) if root else cache_dir() / "models"
     target = root / f"tiny-zimage-v{TINY_VERSION}-{TINY_SEED}"
+    return _cached_pipeline(target, lambda: build_tiny_pipeline(TINY_SEED),
+                            {"kind": "tiny", "seed": TINY_SEED, "version": TINY_VERSION})
+
+
+# source names that stand for a pipeline zopt builds itself. ``tiny`` becomes the micro model once
+# its shipped weights pass the adherence floors of tests/families/test_micro_model.py.
+EMBEDDED = {"tiny": random_tiny_pipeline_dir, "tiny-random": random_tiny_pipeline_dir, "micro": micro_pipeline_dir}
+
+
+def tiny_pipeline_dir(root: str | os.PathLike | None = None) -> Path:
+    """Folder of the embedded default pipeline (source name ``tiny``)."""
+    return EMBEDDED["tiny"](root)
+
+
+def embedded_pipeline_dir(spec: str) -> Path:
+    """The folder of an embedded pipeline by source name (a key of ``EMBEDDED``)."""
+    return EMBEDDED[spec]()
+
+
+def _cached_pipeline(target: Path, build, info: dict[str, Any]) -> Path:
+    """``target``, saving ``build()``'s pipeline there first if absent (atomic: temp folder, rename)."""
     if (target / "model_index.json").exists():
         return target
     import shutil
     import tempfile
 
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        build_tiny_pipeline(TINY_SEED).save_pretrained(tmp, safe_serialization=True)
-        (tmp / "zopt.json").write_text(json.dumps({"kind": "tiny", "seed": TINY_SEED, "version": TINY_VERSION}))
+        build().save_pretrained(tmp, safe_serialization=True)
+        (tmp / "zopt.json").write_text(json.dumps(info))
         try:
             os.rename(tmp, target)
         except OSError:

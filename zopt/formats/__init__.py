@@ -130,7 +130,9 @@ def artifact_format(path: str | os.PathLike) -> str:
     """The format name of an artifact on disk: ``gguf`` for .gguf files, the manifest's for zopt
     folders, ``bf16`` for a plain diffusers folder, ``tiny`` for the embedded default."""
     p = Path(path)
-    if os.fspath(path) == "tiny":
+    from ..models import EMBEDDED
+
+    if os.fspath(path) in EMBEDDED:
         return "tiny"
     if not p.exists():
         raise SourceNotFound("no such file or folder", p)

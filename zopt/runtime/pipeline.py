@@ -5,8 +5,8 @@ hardware detection, backend selection, offload and attention choice, each with a
 in a :class:`RuntimeChoice`. :func:`run` generates images and writes a JSON sidecar per image.
 ``zopt generate`` and the benchmark harness both go through these two functions.
 
-The text encoder, tokenizer, VAE and scheduler come from a *base* pipeline folder: the embedded
-tiny pipeline when the transformer has tiny dimensions, the source pipeline recorded in an
+The text encoder, tokenizer, VAE and scheduler come from a *base* pipeline folder: an embedded
+pipeline (trained micro ``tiny`` or seeded ``tiny-random``) when the transformer has its dimensions, the source pipeline recorded in an
 artifact's manifest when it is a diffusers pipeline folder, or ``base=`` given by the user.
 """
 
@@ -104,21 +104,22 @@ def default_dtype(device: str):
 def resolve_base(model: str | os.PathLike, transformer_config: dict[str, Any], base: str | None) -> Path:
     """Which pipeline folder supplies text encoder, tokenizer, VAE and scheduler."""
     from ..families import zimage
-    from ..models import tiny_pipeline_dir
+    from ..families.zimage.micro import model as micro
+    from ..models import EMBEDDED, embedded_pipeline_dir, micro_pipeline_dir, random_tiny_pipeline_dir
 
-    if base and base != "tiny":
+    if base and base not in EMBEDDED:
         p = Path(base)
         if not (p / "model_index.json").exists():
             raise ZoptError("not a diffusers pipeline folder (no model_index.json)", p)
         return p
-    if base == "tiny" or os.fspath(model) == "tiny":
-        return tiny_pipeline_dir()
+    if base in EMBEDDED or os.fspath(model) in EMBEDDED:
+        return embedded_pipeline_dir(base or os.fspath(model))
     p = Path(model)
     if p.is_dir() and (p / "model_index.json").exists():
         return p
-    tiny = zimage.TINY_CONFIG
-    if all(transformer_config.get(k) == tiny[k] for k in ("dim", "n_layers", "cap_feat_dim", "n_heads")):
-        return tiny_pipeline_dir()
+    for cfg, folder in ((zimage.TINY_CONFIG, random_tiny_pipeline_dir), (micro.TRANSFORMER_CONFIG, micro_pipeline_dir)):
+        if all(transformer_config.get(k) == cfg[k] for k in ("dim", "n_layers", "cap_feat_dim", "n_heads")):
+            return folder()
     manifest = (p / "zopt-manifest.json") if p.is_dir() else None
     if manifest and manifest.exists():
         src = Path(json.loads(manifest.read_text()).get("source", {}).get("path", ""))
@@ -236,7 +237,10 @@ def prepare(model: str | os.PathLike = "tiny", *, device: str = "auto", offload:
         config = zimage.infer_config(checkpoint.open(model)) if fmt in ("bf16", "fp16", "fp32") else None
     except ZoptError:
         config = None
-    base_dir = resolve_base(model, config or {}, base) if (config or base or os.fspath(model) == "tiny") else None
+    from ..models import EMBEDDED
+
+    embedded = os.fspath(model) in EMBEDDED
+    base_dir = resolve_base(model, config or {}, base) if (config or base or embedded) else None
     quiet_libraries()
     parts = None
     if base_dir is not None:

@@ -35,11 +35,12 @@ if TYPE_CHECKING:
 class TrainConfig:
     seed: int = 0
     n_train: int = 3000  # scenes, seeds [seed * 10**5, ... + n_train): all below the held-out seeds
-    vae_steps: int = 300
-    vae_batch: int = 16  # random 32 x 32 crops: the VAE is convolutional, crops are 4x cheaper
-    vae_lr: float = 2e-3
-    dit_steps: int = 500
-    dit_batch: int = 32
+    vae_steps: int = 100
+    vae_batch: int = 16
+    vae_crop: int = 32  # random crops: the VAE is convolutional, and crops cost a fraction of an image
+    vae_lr: float = 1e-3
+    dit_steps: int = 200
+    dit_batch: int = 16
     dit_lr: float = 2e-3
     warmup: int = 30
     ema: float = 0.99
@@ -109,11 +110,13 @@ def train_vae(images: np.ndarray, cfg: TrainConfig, log) -> AutoencoderKL:
         for g in opt.param_groups:
             g["lr"] = cfg.vae_lr * _cosine(step, cfg.vae_steps, cfg.warmup)
         idx = rng.integers(0, len(images), cfg.vae_batch)
-        oy, ox = rng.integers(0, M.IMAGE_SIZE // 2 + 1, 2)
-        crop = images[idx, oy:oy + M.IMAGE_SIZE // 2, ox:ox + M.IMAGE_SIZE // 2]
+        oy, ox = rng.integers(0, M.IMAGE_SIZE - cfg.vae_crop + 1, 2)
+        crop = images[idx, oy:oy + cfg.vae_crop, ox:ox + cfg.vae_crop]
         x = torch.from_numpy(np.ascontiguousarray(crop)).permute(0, 3, 1, 2).float() / 127.5 - 1
         post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
+        # decode the mean: sampling at the initial unit variance drowns the signal and stalls
+        # learning, and the pipeline only ever decodes the transformer's (mean-trained) latents
+        rec = vae.decode(post.mean).sample
         kl = post.kl().mean() / x[0].numel()
         loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean() + 1e-4 * kl
         opt.zero_grad(set_to_none=True)
@@ -138,16 +141,20 @@ def encode_latents(vae, images: np.ndarray, batch: int = 128) -> torch.Tensor:
 
 
 def evaluate(pipe, prompts: list[str], steps: int, seed: int = 0) -> tuple[dict[str, float], np.ndarray]:
-    """Adherence of the pipeline's images for ``prompts`` (one seed each), and the images."""
+    """Adherence of the pipeline's images for ``prompts`` (prompt i with seed + i, starting from
+    zopt's ``initial_latents`` as ``zopt generate`` does), and the images."""
     import torch
 
+    from ....runtime.pipeline import initial_latents
+
     images = []
+    pipe.set_progress_bar_config(disable=True)
     for i in range(0, len(prompts), 16):
         chunk = prompts[i:i + 16]
-        g = torch.Generator().manual_seed(seed + i)
-        pipe.set_progress_bar_config(disable=True)
+        lat = torch.cat([initial_latents(pipe, seed + i + j, M.IMAGE_SIZE, M.IMAGE_SIZE, torch.float32)
+                         for j in range(len(chunk))])
         out = pipe(prompt=chunk, height=M.IMAGE_SIZE, width=M.IMAGE_SIZE, num_inference_steps=steps,
-                   guidance_scale=0.0, generator=g, output_type="np", max_sequence_length=128).images
+                   guidance_scale=0.0, latents=lat, output_type="np", max_sequence_length=128).images
         images.append((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
     images = np.concatenate(images)
     return A.score_many(images, prompts).accuracy(), images
@@ -225,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="folder for the weights")
+    ap.add_argument("--work", help="folder to keep (and reuse) the encoded captions and the trained VAE")
     for f, v in asdict(TrainConfig()).items():
         ap.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v)
     args = ap.parse_args(argv)
@@ -246,9 +254,25 @@ def main(argv: list[str] | None = None) -> int:
     log(f"rendered {len(images)} scenes")
     tokenizer = M.build_tokenizer()
     text_encoder = M.build_text_encoder(tokenizer)
-    feats = encode_captions(caps + A.held_out_prompts(cfg.eval_prompts), tokenizer, text_encoder)
+    work = Path(args.work) if args.work else None
+    if work and (work / "captions.pt").exists():
+        feats = torch.load(work / "captions.pt")
+    else:
+        feats = encode_captions(caps + A.held_out_prompts(cfg.eval_prompts), tokenizer, text_encoder)
+        if work:
+            work.mkdir(parents=True, exist_ok=True)
+            torch.save(feats, work / "captions.pt")
     log(f"encoded {len(feats)} captions")
-    vae = train_vae(images, cfg, log)
+    if work and (work / "vae.pt").exists():
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL(**M.VAE_CONFIG)
+        vae.load_state_dict(torch.load(work / "vae.pt"))
+        vae.eval()
+    else:
+        vae = train_vae(images, cfg, log)
+        if work:
+            torch.save(vae.state_dict(), work / "vae.pt")
     with torch.no_grad():
         lat = encode_latents(vae, images)
         shift_f, scale_f = lat.mean().item(), 1.0 / lat.std().item()
