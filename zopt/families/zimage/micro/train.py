@@ -163,7 +163,7 @@ def evaluate(pipe, prompts: list[str], steps: int, seed: int = 0) -> tuple[dict[
 def train_transformer(latents, caps: list[str], feats: dict, vae, tokenizer, text_encoder, cfg: TrainConfig, log,
                       on_eval=None):
     """A ``ZImageTransformer2DModel`` of ``M.TRANSFORMER_CONFIG`` trained by flow matching; returns
-    the EMA model and its last held-out adherence."""
+    the EMA model and its last held-out adherence (``on_eval`` sees every evaluation)."""
     import copy
 
     import torch
@@ -286,7 +286,14 @@ def main(argv: list[str] | None = None) -> int:
     vae_acc = A.score_many(rec_img, caps[:256]).accuracy()
     log(f"vae psnr {psnr:.2f} dB, reconstruction adherence {vae_acc}; latent shift {shift_f:.4f} scale {scale_f:.4f}")
 
+    best = [-1.0]
+
     def on_eval(step, ema, acc, imgs):
+        # keep the best evaluation so far (mean of colour, shape and position accuracy)
+        score = (acc["colour"] + acc["shape"] + acc["position"]) / 3
+        if score <= best[0]:
+            return
+        best[0] = score
         record = {"train_config": asdict(cfg), "transformer_config": M.TRANSFORMER_CONFIG,
                   "vae_config": dict(vae.config), "scheduler_config": M.SCHEDULER_CONFIG,
                   "vae_psnr_db": round(psnr, 2), "dit_steps_done": step, "held_out_adherence": acc,
