@@ -38,7 +38,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
-    """The embedded tiny pipeline folder (model_index.json, transformer/, vae/, ...)."""
+    """The seeded random tiny pipeline folder (model_index.json, transformer/, vae/, ...): the
+    shapes of ``zimage.TINY_CONFIG``, which format tests are written against."""
     from zopt.families.zimage.tiny import tiny_pipeline_dir
 
     return tiny_pipeline_dir()

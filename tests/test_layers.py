@@ -42,6 +42,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("policy", ("zopt.policy", "zopt.lora")),
     ("formats", ("zopt.formats",)),
     ("runtime", ("zopt.runtime",)),
+    # the micro model's training script samples through the runtime's pipeline, as users do
+    ("training", ("zopt.families.zimage.micro.train",)),
     ("bench", ("zopt.bench",)),
     ("publish", ("zopt.publish", "zopt.card")),
     ("commands", ("zopt.commands",)),

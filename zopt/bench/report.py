@@ -191,7 +191,10 @@ def _caption(c: dict[str, Any], k: int) -> str:
     if k < len(per) and per[k].get("psnr_db") is not None:
         p = per[k]["psnr_db"]
         ssim = per[k].get("ssim")
-        return "identical" if p >= PSNR_CAP_DB else f"PSNR {p:.1f} dB" + (f" · SSIM {ssim:.4f}" if ssim else "")
+        cap = "identical" if p >= PSNR_CAP_DB else f"PSNR {p:.1f} dB" + (f" · SSIM {ssim:.4f}" if ssim else "")
+        if per[k].get("adherence") is not None:
+            cap += f" · adherence {per[k]['adherence']:.2f}"
+        return cap
     return ""
 
 

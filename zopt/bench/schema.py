@@ -99,6 +99,9 @@ METRIC_FIELDS: dict[str, tuple[type, ...]] = {
     "quality.ssim": _OPT_NUM,
     "quality.lpips": _OPT_NUM,
     "quality.lpips_status": (str,),
+    "quality.adherence": _OPT_NUM,
+    "quality.adherence_ref": _OPT_NUM,
+    "quality.adherence_detail": (dict, type(None)),
 }
 
 

@@ -221,6 +221,7 @@ def _quality(pipe, spec: dict[str, Any], jobs, finals, images) -> dict[str, Any]
     import torch
     from PIL import Image
 
+    from ..families.zimage.micro.adherence import prompt_adherence  # shapes prompts, read from pixels
     from .metrics import Lpips, cosine, psnr, rel_l2, ssim, summarize_steps
 
     ref_dir = Path(spec["ref_dir"])
@@ -233,6 +234,7 @@ def _quality(pipe, spec: dict[str, Any], jobs, finals, images) -> dict[str, Any]
     steps_l2: dict[int, list[float]] = {}
     steps_cos: dict[int, list[float]] = {}
     per_image = []
+    pixels, ref_pixels = [], []
     for k, (prompt, seed) in enumerate(jobs):
         cap = torch.load(ref_dir / f"capture-{k:03d}.pt", weights_only=True)
         for i in range(len(cap["out"])):
@@ -245,10 +247,14 @@ def _quality(pipe, spec: dict[str, Any], jobs, finals, images) -> dict[str, Any]
             ref_img = im.convert("RGB")
         with Image.open(images[k]["path"]) as im:
             img = im.convert("RGB")
+        pixels.append(img)
+        ref_pixels.append(ref_img)
+        one = prompt_adherence([img], [prompt])
         per_image.append({"prompt": prompt, "seed": seed,
                           "final_latent_rel_err": round(rel_l2(finals[k], cap["final"]), 6),
                           "psnr_db": round(psnr(img, ref_img), 4), "ssim": round(ssim(img, ref_img), 6),
-                          "lpips": None if not lp.available else round(lp(img, ref_img), 6)})
+                          "lpips": None if not lp.available else round(lp(img, ref_img), 6),
+                          "adherence": one and one["mean"]})
     per_step = [{"step": i, "rel_l2": round(sum(v) / len(v), 6),
                  "cosine": round(sum(steps_cos[i]) / len(steps_cos[i]), 6)} for i, v in sorted(steps_l2.items())]
 
@@ -256,7 +262,10 @@ def _quality(pipe, spec: dict[str, Any], jobs, finals, images) -> dict[str, Any]
         vals = [p[key] for p in per_image if p[key] is not None]
         return round(sum(vals) / len(vals), 6) if vals else None
 
+    prompts = [p for p, _ in jobs]
+    adh, adh_ref = prompt_adherence(pixels, prompts), prompt_adherence(ref_pixels, prompts)
     return {"per_step": per_step, **summarize_steps(per_step),
+            "adherence": adh and adh["mean"], "adherence_ref": adh_ref and adh_ref["mean"], "adherence_detail": adh,
             "final_latent_rel_err": mean("final_latent_rel_err"), "psnr_db": mean("psnr_db"),
             "ssim": mean("ssim"), "lpips": mean("lpips"), "lpips_status": lp.status, "per_image": per_image}
 

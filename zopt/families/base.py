@@ -159,6 +159,11 @@ class Family(ABC):
         """Source names zopt builds itself (e.g. ``tiny``) -> a function returning the built folder."""
         return {}
 
+    def builtin_config(self, name: str) -> dict[str, Any] | None:
+        """The transformer config of built-in source ``name`` (how a converted copy of it finds its
+        text encoder and VAE); None for a name this family does not build."""
+        return None
+
     @abstractmethod
     def random_model(self, config: dict[str, Any], seed: int):
         """The real model class at ``config``, every parameter drawn from ``seed`` (for tests and benchmarks)."""

@@ -5,8 +5,8 @@ hardware detection, backend selection, offload and attention choice, each with a
 in a :class:`RuntimeChoice`. :func:`run` generates images and writes a JSON sidecar per image.
 ``zopt generate`` and the benchmark harness both go through these two functions.
 
-The text encoder, tokenizer, VAE and scheduler come from a *base* pipeline folder: the embedded
-tiny pipeline when the transformer has tiny dimensions, the source pipeline recorded in an
+The text encoder, tokenizer, VAE and scheduler come from a *base* pipeline folder: an embedded
+pipeline (trained micro ``tiny`` or seeded ``tiny-random``) when the transformer has its dimensions, the source pipeline recorded in an
 artifact's manifest when it is a diffusers pipeline folder, or ``base=`` given by the user.
 """
 
@@ -110,23 +110,21 @@ def resolve_base(model: str | os.PathLike, transformer_config: dict[str, Any], b
     from ..families import for_config
 
     family = for_config(transformer_config)
-
-    def tiny_pipeline_dir() -> Path:
-        return family.builtin_sources()["tiny"]()
-
-    if base and base != "tiny":
+    builtin = family.builtin_sources()  # name -> builder of an embedded pipeline folder
+    if base and base not in builtin:
         p = Path(base)
         if not (p / "model_index.json").exists():
             raise ZoptError("not a diffusers pipeline folder (no model_index.json)", p)
         return p
-    if base == "tiny" or os.fspath(model) == "tiny":
-        return tiny_pipeline_dir()
+    if base in builtin or os.fspath(model) in builtin:
+        return builtin[base or os.fspath(model)]()
     p = Path(model)
     if p.is_dir() and (p / "model_index.json").exists():
         return p
-    tiny = family.config_for("tiny")
-    if all(transformer_config.get(k) == tiny[k] for k in ("dim", "n_layers", "cap_feat_dim", "n_heads")):
-        return tiny_pipeline_dir()
+    for name in builtin:  # an embedded model's transformer finds its own text encoder and VAE
+        cfg = family.builtin_config(name)
+        if cfg and all(transformer_config.get(k) == cfg[k] for k in ("dim", "n_layers", "cap_feat_dim", "n_heads")):
+            return builtin[name]()
     manifest = (p / "zopt-manifest.json") if p.is_dir() else None
     if manifest and manifest.exists():
         from ..formats.artifact import read_manifest

@@ -271,7 +271,7 @@ def test_onnx_in_the_pipeline_matches_eager(onnx_fp32, tmp_path):
     req = GenerateRequest(prompts=["a red fox in the snow"], seeds=[7], steps=2, height=64, width=96,
                           guidance_scale=3.0)
     imgs = {}
-    for name, model in (("onnx", onnx_fp32), ("eager", "tiny")):
+    for name, model in (("onnx", onnx_fp32), ("eager", "tiny-random")):
         pipe = build_pipeline(model, device="cpu")
         if name == "onnx":
             assert type(pipe.transformer).__name__ == "OrtTransformer"

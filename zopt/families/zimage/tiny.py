@@ -174,3 +174,4 @@ def build_tiny_pipeline(seed: int = TINY_SEED):
         tokenizer=build_tokenizer(),
         transformer=transformer,
     )
+

@@ -1,0 +1,1 @@
+"""A micro Z-Image trained on procedural shapes: dataset, adherence detector, training, shipped weights."""
