@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import FULL_CONFIG
+from ..tiny import VAE_CONFIG as TINY_VAE_CONFIG
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 MICRO_SEED = 20251126
@@ -32,21 +33,13 @@ TRANSFORMER_CONFIG: dict[str, Any] = {
     "axes_lens": [1024, 512, 512],
 }
 
+# the tiny pipeline's 16-channel VAE, wider in its deeper blocks; latent statistics measured in training
 VAE_CONFIG: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 16,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    **TINY_VAE_CONFIG,
     "block_out_channels": [8, 16, 32, 64],
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
     "sample_size": IMAGE_SIZE,
     "scaling_factor": 1.0,  # replaced by the measured latent statistics when trained
     "shift_factor": 0.0,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-    "mid_block_add_attention": True,
 }
 
 # shift of the flow-matching sigmas, used alike by training and by the pipeline's scheduler
