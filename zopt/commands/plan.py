@@ -42,7 +42,7 @@ def run(args) -> int:
         print(json.dumps(p.to_dict(), indent=1))
         return 0
     gib = 1024**3
-    print(f"plan for {hw.device} ({hw.device_name}), {p.budget / gib:.1f} GiB usable, {w}x{h}, batch {args.batch}, "
+    print(f"plan for {hw.device} ({hw.device_name}), {max(p.budget, 0) / gib:.1f} GiB usable, {w}x{h}, batch {args.batch}, "
           f"{args.steps} steps, {p.dtype}: {p.shape.image_tokens} image + {p.shape.text_tokens} text tokens")
     print(f"attention: {p.attention_reason.split(' (not ')[0]}")
     r = p.recommended

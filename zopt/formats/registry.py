@@ -124,11 +124,11 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
                        "torch._scaled_mm FP8 matmul (dynamic per-tensor E4M3 activations; E4M3FNUZ on gfx94x)"),
                Backend("fp8-storage", 10, (),
                        "FP8 weights in memory, dequantized per layer, matmul in bf16/fp16/fp32")),
-           (Candidate("fp8", 8.0 + 16 / 3840, True, "E4M3 + one bf16 scale per output row", quality=10),),
+           (Candidate("fp8", 8.0 + 32 / 3840, True, "E4M3 + one F32 scale per output row", quality=10),),
            ("fp8",)),
     Format("int8", "zopt.formats.lowbit.int8", "INT8 symmetric per-output-channel weights", 8, "folder", "Int8Options",
            (Backend("torch-dequant", 10, (), "INT8 weights dequantized per layer, matmul in the activation dtype"),),
-           (Candidate("int8", 8.0 + 16 / 3840, True, "+ one bf16 scale per output row", quality=20),), ("int8",)),
+           (Candidate("int8", 8.0 + 32 / 3840, True, "+ one F32 scale per output row", quality=20),), ("int8",)),
     Format("int8_w8a8", "zopt.formats.lowbit.int8", "INT8 weights + dynamic per-token INT8 activations", 8, "folder",
            "Int8Options", (
                Backend("int-mm-cuda", 30, (needs_device("cuda", "rocm"),),  # torch._int_mm: hipBLASLt on ROCm
@@ -142,7 +142,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("int4", "zopt.formats.lowbit.int4", "INT4 group-wise asymmetric weights with clipping search", 4, "folder",
            "Int4Options",
            (Backend("torch-dequant", 10, (), "INT4 unpacked and dequantized per layer, matmul in the activation dtype"),),
-           (Candidate("int4", 4.25, True, "128-weight groups, bf16 scale + zero", quality=80, unpack=3.0),), ("int4",)),
+           (Candidate("int4", 4.0 + 24 / 128, True, "128-weight groups, F16 scale + U8 zero", quality=80, unpack=3.0),), ("int4",)),
     Format("nf4", "zopt.formats.lowbit.nf4", "bitsandbytes 4-bit NormalFloat, blocksize 64", 4, "folder", "NF4Options",
            (Backend("bitsandbytes", 30, (needs_device("cuda", "rocm"), needs_package("bitsandbytes", "bnb")),
                     "bitsandbytes matmul_4bit (CUDA; ROCm builds of bitsandbytes >= 0.45)"),
