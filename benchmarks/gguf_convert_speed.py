@@ -29,7 +29,7 @@ import json, resource, sys, time
 from zopt.formats import convert
 src, out, sub = sys.argv[1:4]
 t0 = time.perf_counter()
-convert(src, "gguf:" + sub, out, progress=False)
+convert(src, "gguf:" + sub, out, progress=False, force=True)
 wall = time.perf_counter() - t0
 print(json.dumps({"wall": wall, "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}))
 """

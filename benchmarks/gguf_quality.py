@@ -62,7 +62,8 @@ def main() -> None:
           "zopt int-mm-cpu (default) |")
     print("|---|---:|---:|---:|---:|---:|")
     for name in gguf_recipes.RECIPES:
-        path = convert(src, f"gguf:{name}", work / f"tiny-{name}.gguf", progress=False, options={"hash_source": False})
+        path = convert(src, f"gguf:{name}", work / f"tiny-{name}.gguf", progress=False, options={"hash_source": False},
+                       force=True)  # --work may hold an earlier run
         d = ZImageTransformer2DModel.from_single_file(
             str(path), config=str(src), torch_dtype=torch.float32, local_files_only=True,
             quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32))

@@ -246,7 +246,8 @@ def build_onnx(config: dict[str, Any], backend: str, seed: int, device: str, wor
     work = Path(work)
     src = work / "src"
     build_plain(config, seed, "cpu").save_pretrained(src, safe_serialization=True)
-    out = formats.convert(src, f"onnx:{subtype}", work / "onnx", options={"hash_source": False}, progress=False)
+    out = formats.convert(src, f"onnx:{subtype}", work / "onnx", options={"hash_source": False}, progress=False,
+                          force=True)  # a scratch folder, rebuilt on every call
     return formats.load(out, device=device, backend=backend)
 
 

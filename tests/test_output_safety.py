@@ -31,10 +31,12 @@ def test_folder_output_replaces_only_earlier_outputs(tmp_path, tiny_transformer_
     with pytest.raises(ZoptError, match="is a file"):
         convert(tiny_transformer_dir, "int8", a_file, progress=False)
     assert a_file.read_bytes() == b"x"
-    # an empty folder, and then zopt's own earlier output, are replaced
+    # an empty folder is written into; zopt's own earlier output is replaced only with force
     out = tmp_path / "int8"
     out.mkdir()
     convert(tiny_transformer_dir, "int8", out, progress=False)
     first = sorted(p.name for p in out.rglob("*"))
-    convert(tiny_transformer_dir, "int8", out, progress=False)
+    with pytest.raises(ZoptError, match="exists; pass --force"):
+        convert(tiny_transformer_dir, "int8", out, progress=False)
+    convert(tiny_transformer_dir, "int8", out, progress=False, force=True)
     assert sorted(p.name for p in out.rglob("*")) == first and "zopt-manifest.json" in first

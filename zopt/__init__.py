@@ -3,8 +3,8 @@
 Public verbs (heavy packages are imported only when a verb is called)::
 
     src = zopt.open("model.safetensors")           # lazy tensor source
-    zopt.convert("tiny", "gguf:Q4_K_M", "exports/tiny-q4km.gguf")
-    model = zopt.load("exports/tiny-q4km.gguf")     # a ZImageTransformer2DModel-like module
+    zopt.convert("tiny", "gguf:Q4_K_M", "exports/tiny-Q4_K_M.gguf")
+    model = zopt.load("exports/tiny-Q4_K_M.gguf")     # a ZImageTransformer2DModel-like module
     hw = zopt.detect()
 """
 
@@ -32,11 +32,15 @@ def open(source, *, allow_pickle: bool = False):  # noqa: A001
     return _open(resolve_source(source), allow_pickle=allow_pickle)
 
 
-def convert(source, to: str, out, *, options: dict | None = None, progress: bool = True, allow_pickle: bool = False):
-    """Convert ``source`` to format spec ``to`` (e.g. ``"gguf:Q4_K_M"``, ``"fp8"``) at ``out``."""
+def convert(source, to: str, out, *, options: dict | None = None, progress: bool = True, allow_pickle: bool = False,
+            force: bool = False):
+    """Convert ``source`` to format spec ``to`` (e.g. ``"gguf:Q4_K_M"``, ``"fp8"``) at ``out``.
+
+    An existing ``out`` is refused (ZoptError, before any work) unless ``force``; a bare name gets
+    the format's suffix (``.gguf``). Returns the path written."""
     from .formats import convert as _convert
 
-    return _convert(source, to, out, options=options, progress=progress, allow_pickle=allow_pickle)
+    return _convert(source, to, out, options=options, progress=progress, allow_pickle=allow_pickle, force=force)
 
 
 def load(path, device: str = "cpu", backend: str | None = None, dtype=None):

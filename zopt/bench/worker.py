@@ -53,7 +53,8 @@ def _convert(spec: dict[str, Any], metrics: dict[str, Any]) -> None:
     info, _ = formats.parse_spec(spec["to"])
     known = set(info.options_class().names())
     options = {k: v for k, v in (spec.get("options") or {}).items() if k in known}
-    formats.convert(spec["source"], spec["to"], spec["out"], options=options, progress=False)
+    # a rerun of the same sweep replaces its own earlier artifact
+    formats.convert(spec["source"], spec["to"], spec["out"], options=options, progress=False, force=True)
     metrics["convert_s"] = round(time.perf_counter() - t0, 4)
 
 

@@ -8,7 +8,9 @@ from pathlib import Path
 def add_arguments(p) -> None:
     p.add_argument("source", nargs="?", help="checkpoint: .safetensors, .gguf, diffusers folder, 'tiny' or owner/name[@rev]")
     p.add_argument("--to", dest="to", help="target, e.g. gguf:Q4_K_M, gguf:Q8_0, fp8, int8, int8_w8a8, int4, nf4, onnx:fp32")
-    p.add_argument("-o", "--out", help="output file (.gguf) or folder (default: exports/<name>-<format>)")
+    p.add_argument("-o", "--out", help="output file (.gguf, added if missing) or folder (default: "
+                   "exports/<model>-<TYPE>.gguf, exports/<model>-<format>[-<subtype>][-<layout>]/)")
+    p.add_argument("--force", action="store_true", help="replace an existing output (atomically)")
     p.add_argument("--keep", action="append", default=[], metavar="PATTERN",
                    help="regex of tensor names to keep unquantized (overrides the Z-Image policy)")
     p.add_argument("--quantize", action="append", default=[], metavar="PATTERN",
@@ -58,13 +60,11 @@ def list_types() -> list[tuple[str, str, str]]:
     return rows
 
 
-def default_out(source: str, to: str) -> Path:
-    from ..formats import parse_spec
+def default_out(source: str, to: str, layout: str | None = None) -> Path:
+    """The output path when no ``-o`` is given (see :func:`zopt.formats.outputs.default_output`)."""
+    from ..formats.outputs import default_output
 
-    info, sub = parse_spec(to)
-    stem = "tiny" if source == "tiny" else Path(source.rstrip("/")).name.split(".")[0]
-    tag = f"{info.name}-{sub}".lower() if sub else info.name
-    return Path("exports") / f"{stem}-{tag}{info.suffix}"
+    return default_output(source, to, layout)
 
 
 def run(args) -> int:
@@ -82,6 +82,9 @@ def run(args) -> int:
         return 0
     if not args.source or not args.to:
         raise ZoptError("convert needs SOURCE and --to FORMAT (see --list-types)")
+    from ..formats.outputs import check_spec, output_path
+
+    info, _ = check_spec(args.to)  # before the source is read: a typo costs nothing
     options = {}
     for kv in args.option:
         if "=" not in kv:
@@ -96,9 +99,10 @@ def run(args) -> int:
         options["layout"] = args.layout
     if args.no_hash:
         options["hash_source"] = False
-    out = Path(args.out) if args.out else default_out(args.source, args.to)
+    out = Path(args.out) if args.out else default_out(args.source, args.to, args.layout)
+    out = output_path(info, args.out if args.out else out, force=args.force)
     result = convert(args.source, args.to, out, options=options, progress=not args.no_progress,
-                     allow_pickle=args.allow_pickle)
+                     allow_pickle=args.allow_pickle, force=args.force)
     size = sum(f.stat().st_size for f in result.rglob("*") if f.is_file()) if result.is_dir() else result.stat().st_size
     print(f"wrote {result} ({size / 1e6:.1f} MB)")
     return 0

@@ -24,7 +24,9 @@ def parse_spec(spec: str) -> tuple[Format, str | None]:
     name, _, sub = spec.partition(":")
     name = name.strip().lower()
     if name not in FORMATS:
-        raise UnsupportedFormat(f"unknown format {spec!r}; known: {', '.join(FORMATS)}")
+        from .outputs import check_spec
+
+        check_spec(spec)  # raises, naming the closest known spec
     info = FORMATS[name]
     return info, (sub.strip() or info.default_subtype or None)
 
@@ -35,18 +37,22 @@ def module_for(info: Format):
 
 
 def convert(source: Any, to: str, out: str | os.PathLike, *, options: dict[str, Any] | None = None,
-            progress: bool = True, allow_pickle: bool = False) -> Path:
+            progress: bool = True, allow_pickle: bool = False, force: bool = False) -> Path:
     """Convert ``source`` (path, hub id, ``tiny`` or an open TensorSource) to format spec ``to`` at ``out``.
 
     ``options``: the format's options as a dict (``--option`` strings or Python values) or an
     instance of its options class; an unknown key or a bad value raises OptionError before any
-    work is done.
+    work is done. ``out`` gets the format's suffix if it has none (``x`` -> ``x.gguf``); a file
+    name for a folder format (or the reverse) and an existing output without ``force`` raise
+    ZoptError before any work; with ``force`` the new output replaces the old one atomically.
     """
     from .. import checkpoint
     from ..families import resolve_source
     from .options import Options
+    from .outputs import check_spec, output_path
 
-    info, sub = parse_spec(to)
+    info, sub = check_spec(to)
+    out = output_path(info, out, force=force)
     mod = module_for(info)
     if sub is not None and not hasattr(mod, "list_types"):
         raise UnsupportedFormat(f"format {info.name!r} has no subtypes (got {to!r}); use --to {info.name}")
@@ -57,7 +63,7 @@ def convert(source: Any, to: str, out: str | os.PathLike, *, options: dict[str, 
         from ..validate.gguf import verify_digest
 
         verify_digest(src.header, src.path)
-    result = mod.convert(src, Path(out), sub, opts, progress, format=info.name)
+    result = mod.convert(src, out, sub, opts, progress, format=info.name)
     source_spec = os.fspath(source.path) if isinstance(source, checkpoint.TensorSource) else os.fspath(source)
     _record_command(result, command_line(to, source_spec, opts.changed()))
     return result
