@@ -159,3 +159,11 @@ def test_closed_pipe_exits_quietly(args):
         os.close(write_end)
     assert r.stderr == ""
     assert r.returncode in (0, 1)  # 1 as rich does on a closed pipe; argparse's help ignores the failed write
+
+
+def test_plan_lists_every_simulated_machine(capsys):
+    from zopt.platform.fakes import PROFILES
+
+    assert main(["plan", "--hardware", "list"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == list(PROFILES)

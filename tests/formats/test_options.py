@@ -91,3 +91,13 @@ def test_backend_is_selected_once_and_handed_to_the_loader(tmp_path, tiny_transf
     with pytest.raises(zopt.ZoptError, match="scaled-mm"):
         zopt.load(out, device="cpu", backend="scaled-mm")
     assert zopt.load(out, device="cpu").zopt_backend == "fp8-storage"
+
+
+@pytest.mark.parametrize("spec,options", [("int4:g128", {"group_size": 64}), ("fp8:e4m3", {"fp8": "e5m2"})])
+def test_subtype_and_option_that_disagree_are_refused(spec, options, tmp_path, tiny_transformer_dir):
+    from zopt.errors import ZoptError
+    from zopt.formats import convert
+
+    with pytest.raises(ZoptError, match="disagree"):
+        convert(tiny_transformer_dir, spec, tmp_path / "out", options=options, progress=False)
+    assert not (tmp_path / "out").exists()

@@ -15,11 +15,17 @@ def add_arguments(p) -> None:
     p.add_argument("--approximate", action="store_true",
                    help="also recommend kernels that quantize activations (fp8 scaled-mm, int-mm)")
     p.add_argument("--hardware", default=None, metavar="NAME",
-                   help="plan for a simulated machine (see zopt doctor --help); --vram overrides its memory")
+                   help="plan for a simulated machine (`--hardware list` prints their names); --vram overrides its memory")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run(args) -> int:
+    if args.hardware == "list":
+        from ..platform.fakes import PROFILES
+
+        for name, hw in PROFILES.items():
+            print(f"{name:24s} {hw.device_name}")
+        return 0
     import json
 
     from ..errors import ZoptError

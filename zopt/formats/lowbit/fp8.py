@@ -72,6 +72,8 @@ class FP8Scheme(C.Scheme):
 def convert(src: TensorSource, out: Path, subtype: str | None, options: FP8Options, progress: bool, *,
             format: str = "fp8") -> Path:
     var = variant(options.fp8, subtype)
+    if options.fp8 and subtype and var != variant(None, subtype):
+        raise ZoptError(f"fp8:{subtype} and --option fp8={options.fp8} disagree; give one of them")
     options = dataclasses.replace(options, fp8=var)  # the manifest records the type actually written
     if options.layout == "comfy":
         return convert_comfy(src, out, FP8Scheme(var), options, progress)

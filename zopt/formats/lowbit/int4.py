@@ -169,6 +169,8 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: Int4Opti
             format: str = "int4") -> Path:
     if subtype:  # int4:g64
         group = str(subtype).lower().lstrip("g")
+        if options.group_size != DEFAULT_GROUP and group != str(options.group_size):
+            raise ZoptError(f"int4:{subtype} and --option group_size={options.group_size} disagree; give one of them")
         options = Int4Options.from_dict({**options.recorded(), "hash_source": options.hash_source,
                                          "group_size": group}, format=format)
     scheme = scheme_from_options(options)
