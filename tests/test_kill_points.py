@@ -45,8 +45,9 @@ class Launcher:
         assert self.p.stdout.readline().strip() == "ready"
 
     def start(self, spec: str, out: Path) -> int:
-        """Start ``zopt convert tiny --to SPEC -o OUT`` in a new child; returns its pid."""
-        self.p.stdin.write(f"convert tiny --to {spec} -o {out}\n")
+        """Start ``zopt convert tiny --to SPEC -o OUT --force`` in a new child (an existing output is
+        replaced); returns its pid."""
+        self.p.stdin.write(f"convert tiny --to {spec} -o {out} --force\n")
         self.p.stdin.flush()
         return int(self.p.stdout.readline())
 
