@@ -4,14 +4,11 @@ and function-level imports both count (read from the source with ast, nothing is
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
+from import_graph import MODULES, ROOT, imports_of
 
-import zopt
-
-ROOT = Path(zopt.__file__).parent
 SUBPACKAGES = ("formats/gguf", "formats/lowbit")
 
 
@@ -21,33 +18,13 @@ def _module_name(path: Path) -> str:
 
 
 def imported_modules(path: Path) -> set[str]:
-    """Absolute names of every module ``path`` imports, at any depth (``from p import x`` names
-    ``p.x`` when x is a module file beside p, else ``p``)."""
-    name = _module_name(path)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            out.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[: len(base) - (node.level - 1)]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
-            for a in node.names:
-                sub = f"{target}.{a.name}"
-                folder = ROOT.parent / Path(*sub.split("."))
-                is_module = folder.with_suffix(".py").exists() or (folder / "__init__.py").exists()
-                out.add(sub if is_module else target)
-    return out
+    """The zopt modules ``path`` imports, at any depth (the layering tests' walker)."""
+    return {t for t, _ in imports_of(_module_name(path))}
 
 
 def _graph(package: str) -> dict[str, set[str]]:
-    folder = ROOT / package
-    modules = {_module_name(p): p for p in folder.glob("*.py")}
-    return {m: imported_modules(p) & set(modules) for m, p in modules.items()}
+    modules = {_module_name(p) for p in (ROOT / package).glob("*.py")}
+    return {m: imported_modules(MODULES[m]) & modules for m in modules}
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
