@@ -54,8 +54,6 @@ def convert(source: Any, to: str, out: str | os.PathLike, *, options: dict[str, 
     info, sub = check_spec(to)
     out = output_path(info, out, force=force)
     mod = module_for(info)
-    if sub is not None and not hasattr(mod, "list_types"):
-        raise UnsupportedFormat(f"format {info.name!r} has no subtypes (got {to!r}); use --to {info.name}")
     opts = options if isinstance(options, Options) else info.parse_options(options)
     src = source if isinstance(source, checkpoint.TensorSource) else \
         checkpoint.open(resolve_source(source), allow_pickle=allow_pickle)

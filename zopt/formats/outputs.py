@@ -25,13 +25,14 @@ _FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".onnx", ".eng
 
 
 def _types(info: Format) -> list[str] | None:
-    """The subtypes format ``info`` lists, or None when it does not list any."""
+    """The subtypes format ``info`` lists ([] for a format without subtypes), or None when its
+    module cannot be imported here (then nothing can be checked)."""
     try:
         mod = importlib.import_module(info.module)
     except ImportError:
         return None
     fn = getattr(mod, "list_types", None)
-    return [t[0] for t in fn()] if fn else None
+    return [t[0] for t in fn()] if fn else []
 
 
 def _suggest(word: str, choices: dict[str, str]) -> str:
@@ -55,6 +56,8 @@ def check_spec(spec: str) -> tuple[Format, str | None]:
                                 "(zopt convert --list-types lists them)")
     info = FORMATS[name]
     types = _types(info) if sub else None
+    if types == []:
+        raise UnsupportedFormat(f"format {info.name!r} has no subtypes (got {spec!r}); use --to {info.name}")
     if types is not None and sub.lower() not in {t.lower() for t in types}:
         choices = {t.lower(): f"{info.name}:{t}" for t in types}
         raise UnsupportedFormat(f"unknown {info.name} type {sub!r}{_suggest(sub, choices)} "
