@@ -29,8 +29,12 @@ def test_prompts_file(tmp_path):
     from zopt.commands.generate import read_prompts_file
 
     f = tmp_path / "p.txt"
-    f.write_text('plain prompt\n\n{"prompt": "with seed", "seed": 11}\n{"prompt": "no seed"}\n')
-    assert read_prompts_file(str(f)) == (["plain prompt", "with seed", "no seed"], [None, 11, None])
+    f.write_text('plain prompt\n\n{"prompt": "with seed", "seed": 11}\n{"prompt": "no seed", "negative_prompt": "fog"}\n')
+    assert read_prompts_file(str(f)) == (["plain prompt", "with seed", "no seed"], [None, 11, None],
+                                         [None, None, "fog"])
+    f.write_text('{"prompt": "p", "negative_prompt": 3}\n')
+    with pytest.raises(ZoptError, match="line 1"):
+        read_prompts_file(str(f))
     f.write_text('{"text": "wrong key"}\n')
     with pytest.raises(ZoptError, match="line 1"):
         read_prompts_file(str(f))

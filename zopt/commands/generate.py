@@ -4,19 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import sampling_args
+
 
 def add_arguments(p) -> None:
     p.add_argument("--model", default="tiny", help="'tiny', a diffusers folder, a .gguf file or a zopt artifact folder")
     p.add_argument("--base", default=None, help="pipeline folder supplying text encoder, tokenizer and VAE")
     p.add_argument("--prompt", action="append", default=[], help="prompt (repeat for several)")
     p.add_argument("--prompts-file", default=None,
-                   help="one prompt per line, or JSON lines {\"prompt\": ..., \"seed\": ...} for per-prompt seeds")
+                   help="one prompt per line, or JSON lines {\"prompt\": ..., \"seed\": ..., \"negative_prompt\": ...} "
+                        "for per-prompt seeds and negative prompts")
     p.add_argument("--seed", action="append", type=int, default=[],
                    help="seed; repeat to give one per prompt (a single seed applies to all; default 0)")
     p.add_argument("--images-per-prompt", type=int, default=1, help="N images per prompt, seeds s, s+1, ...")
-    p.add_argument("--steps", type=int, default=8)
     p.add_argument("--resolution", default="256x256", help="WxH")
-    p.add_argument("--guidance", type=float, default=0.0, help="CFG scale (Turbo: 0)")
+    sampling_args.add_arguments(p)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
@@ -43,8 +45,9 @@ def parse_resolution(text: str) -> tuple[int, int]:
     return w, h
 
 
-def read_prompts_file(path: str) -> tuple[list[str], list[int | None]]:
-    """Prompts (and optional per-prompt seeds) from a text or JSON-lines file."""
+def read_prompts_file(path: str) -> tuple[list[str], list[int | None], list[str | None]]:
+    """Prompts, per-prompt seeds and negative prompts (None where a line gives none) from a text or
+    JSON-lines file: ``{"prompt": ..., "seed": ..., "negative_prompt": ...}``, the last two optional."""
     import json
 
     from ..errors import ZoptError
@@ -53,44 +56,60 @@ def read_prompts_file(path: str) -> tuple[list[str], list[int | None]]:
         lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
     except (OSError, UnicodeDecodeError) as e:
         raise ZoptError(f"cannot read prompts file ({getattr(e, 'strerror', None) or e})", path) from None
-    prompts, seeds = [], []
+    prompts, seeds, negatives = [], [], []
     for i, ln in enumerate(lines, 1):
         if ln.startswith("{"):
             try:
                 obj = json.loads(ln)
                 prompts.append(str(obj["prompt"]))
                 seeds.append(None if obj.get("seed") is None else int(obj["seed"]))
-            except (ValueError, KeyError, TypeError):
-                raise ZoptError(f"line {i} is not a JSON object with a \"prompt\" (and optional \"seed\")",
-                                path) from None
+                neg = obj.get("negative_prompt")
+                if neg is not None and not isinstance(neg, str):
+                    raise TypeError
+                negatives.append(neg)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise ZoptError(f"line {i} is not a JSON object with a \"prompt\" (and optional \"seed\", "
+                                "text \"negative_prompt\")", path) from None
         else:
             prompts.append(ln)
             seeds.append(None)
-    return prompts, seeds
+            negatives.append(None)
+    return prompts, seeds, negatives
 
 
 def run(args) -> int:
     import os
     import shutil
+    import sys
+    import warnings
+
+    from ..errors import ZoptError
+
+    given = sampling_args.explicit(args)  # bad values stop here, before torch is imported
+    prompts = list(args.prompt)
+    file_seeds: list[int | None] = [None] * len(prompts)
+    file_negs: list[str | None] = [None] * len(prompts)
+    if args.prompts_file:
+        more, seeds, negs = read_prompts_file(args.prompts_file)
+        prompts += more
+        file_seeds += seeds
+        file_negs += negs
+    if not prompts:
+        prompts, file_seeds, file_negs = ["a lighthouse on a cliff at dawn, photograph"], [None], [None]
+    if args.batch_size < 1:
+        raise ZoptError("--batch-size must be at least 1")
+    negatives = [f if f is not None else n
+                 for f, n in zip(file_negs, sampling_args.negatives(args.negative_prompt, len(prompts)), strict=True)]
+    w, h = parse_resolution(args.resolution)
 
     import torch
 
-    from ..errors import ZoptError
     from ..runtime import pipeline as P
+    from ..runtime import sampling as S
 
-    prompts = list(args.prompt)
-    file_seeds: list[int | None] = [None] * len(prompts)
-    if args.prompts_file:
-        more, seeds = read_prompts_file(args.prompts_file)
-        prompts += more
-        file_seeds += seeds
-    if not prompts:
-        prompts, file_seeds = ["a lighthouse on a cliff at dawn, photograph"], [None]
-    if args.batch_size < 1 or args.steps < 1:
-        raise ZoptError("--batch-size and --steps must be at least 1")
     jobs = P.make_jobs(prompts, args.seed, args.images_per_prompt,
-                       file_seeds if any(s is not None for s in file_seeds) else None)
-    w, h = parse_resolution(args.resolution)
+                       file_seeds if any(s is not None for s in file_seeds) else None, negatives)
+    sampling, _ = S.resolve_for(args.model, args.base, args.preset, **given)
     dtype = None if args.dtype == "auto" else {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     single = args.out.lower().endswith(".png")
     if single and len(jobs) != 1:
@@ -99,16 +118,25 @@ def run(args) -> int:
     pipe, choice = P.prepare(args.model, device=args.device, offload=args.offload, attention=args.attention,
                              backend=args.backend, dtype=dtype, base=args.base, width=w, height=h,
                              batch=min(args.batch_size, len(jobs)), disk_dir=out_dir / ".offload",
-                             text_encoder=args.text_encoder, vae_tiling=args.vae_tiling, guidance=args.guidance)
+                             text_encoder=args.text_encoder, vae_tiling=args.vae_tiling, guidance=sampling.guidance)
     print(f"{choice.format} via {choice.backend} on {choice.device} ({choice.dtype}); offload {choice.offload}: "
           f"{choice.offload_reason}; text encoder {choice.text_encoder}; attention {choice.attention}")
     from .._compile import enabled
 
     if choice.backend == "int-mm-cpu" and choice.format == "gguf" and enabled():
         print("compiling the transformer blocks during the first step (10-20 s once; ZOPT_COMPILE=0 skips it)")
-    req = P.GenerateRequest(prompts=prompts, seeds=sorted({s for _, s in jobs}), steps=args.steps, height=h,
-                            width=w, guidance_scale=args.guidance, batch_size=args.batch_size, jobs=jobs)
-    results = P.run(pipe, req, out_dir, extra_meta={"model": str(args.model)})
+    print(f"sampling: {sampling.preset or 'default'} preset, {sampling.steps} steps, guidance {sampling.guidance:g}"
+          + (f", cfg normalization {sampling.cfg_normalization:g}" if sampling.cfg and sampling.cfg_normalization else "")
+          + (f", cfg truncation {sampling.cfg_truncation:g}" if sampling.cfg and sampling.cfg_truncation < 1 else ""))
+    req = P.GenerateRequest.from_sampling(sampling, prompts, sorted({j[1] for j in jobs}), height=h, width=w,
+                                          batch_size=args.batch_size, jobs=jobs)
+    with warnings.catch_warnings():  # the Turbo-with-guidance warning as one line
+        warnings.simplefilter("always", S.TurboGuidanceWarning)
+        shown = warnings.showwarning
+        warnings.showwarning = lambda message, category, *a, **k: (
+            print(f"zopt: warning: {message}", file=sys.stderr) if issubclass(category, S.TurboGuidanceWarning)
+            else shown(message, category, *a, **k))
+        results = P.run(pipe, req, out_dir, extra_meta={"model": str(args.model)})
     shutil.rmtree(out_dir / ".offload", ignore_errors=True)
     if single:
         os.replace(results[0].path, args.out)

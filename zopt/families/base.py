@@ -164,6 +164,16 @@ class Family(ABC):
         text encoder and VAE); None for a name this family does not build."""
         return None
 
+    # -- sampling ---------------------------------------------------------------------------
+
+    def variant_of(self, folder: str | os.PathLike | None) -> str | None:
+        """Which sampling variant a pipeline folder holds (a key of :meth:`presets`), None if unknown."""
+        return None
+
+    def presets(self) -> dict[str, dict[str, Any]]:
+        """Named sampling settings (steps, guidance, cfg_normalization, cfg_truncation) per variant."""
+        return {}
+
     @abstractmethod
     def random_model(self, config: dict[str, Any], seed: int):
         """The real model class at ``config``, every parameter drawn from ``seed`` (for tests and benchmarks)."""

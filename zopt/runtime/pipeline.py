@@ -12,7 +12,6 @@ artifact's manifest when it is a diffusers pipeline folder, or ``base=`` given b
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,20 +34,49 @@ class GenerateRequest:
     width: int = 256
     guidance_scale: float = 0.0
     batch_size: int = 1
-    max_sequence_length: int = 128
-    jobs: list[tuple[str, int]] | None = None
+    max_sequence_length: int = 512
+    jobs: list[tuple] | None = None  # (prompt, seed) or (prompt, seed, negative prompt)
+    negative_prompt: str = ""  # for jobs that name none (used when guidance_scale > 0)
+    cfg_normalization: float = 0.0
+    cfg_truncation: float = 1.0
+    shift: float | None = None
+    sigmas: list[float] | None = None
+    preset: str | None = None
 
     def pairs(self) -> list[tuple[str, int]]:
-        if self.jobs is not None:
-            return [(p, int(s)) for p, s in self.jobs]
-        return [(p, int(s)) for p in self.prompts for s in self.seeds]
+        return [(p, s) for p, s, _ in self.triples()]
+
+    def triples(self) -> list[tuple[str, int, str]]:
+        """(prompt, seed, negative prompt) of every image."""
+        jobs = self.jobs if self.jobs is not None else [(p, s) for p in self.prompts for s in self.seeds]
+        return [(j[0], int(j[1]), j[2] if len(j) > 2 and j[2] is not None else self.negative_prompt) for j in jobs]
+
+    def sampling(self):
+        """These settings as a checked :class:`~zopt.runtime.sampling.Sampling`."""
+        from .sampling import Sampling, check
+
+        s = Sampling(self.steps, float(self.guidance_scale), float(self.cfg_normalization), float(self.cfg_truncation),
+                     int(self.max_sequence_length), self.shift, tuple(self.sigmas) if self.sigmas else None,
+                     self.preset)
+        check(**{k: getattr(s, k) for k in ("steps", "guidance", "cfg_normalization", "cfg_truncation",
+                                            "max_sequence_length", "shift", "sigmas")})
+        return s
+
+    @classmethod
+    def from_sampling(cls, s, prompts: list[str], seeds: list[int], **kw) -> GenerateRequest:
+        """A request with the settings of ``s`` (see :func:`zopt.runtime.sampling.resolve`)."""
+        return cls(prompts, seeds, steps=s.steps, guidance_scale=s.guidance, cfg_normalization=s.cfg_normalization,
+                   cfg_truncation=s.cfg_truncation, max_sequence_length=s.max_sequence_length, shift=s.shift,
+                   sigmas=list(s.sigmas) if s.sigmas else None, preset=s.preset, **kw)
 
 
 def make_jobs(prompts: list[str], seeds: list[int] | None = None, images_per_prompt: int = 1,
-              prompt_seeds: list[int | None] | None = None) -> list[tuple[str, int]]:
+              prompt_seeds: list[int | None] | None = None,
+              negatives: list[str | None] | None = None) -> list[tuple]:
     """(prompt, seed) pairs. Seeds broadcast against prompts: none -> 0 for all; one -> the same for
     all; one per prompt -> paired in order; a single prompt takes every seed. ``prompt_seeds``
     (from a prompts file) overrides per prompt. ``images_per_prompt`` N adds seeds s, s+1, ..., s+N-1.
+    With ``negatives`` (one per prompt, None: the request's default) the jobs are (prompt, seed, negative).
     """
     seeds = list(seeds or [0])
     if len(prompts) == 1 and len(seeds) > 1:
@@ -63,6 +91,8 @@ def make_jobs(prompts: list[str], seeds: list[int] | None = None, images_per_pro
         base = [(i, s if prompt_seeds[i] is None else prompt_seeds[i]) for i, s in base]
     if images_per_prompt < 1:
         raise ZoptError("--images-per-prompt must be at least 1")
+    if negatives is not None:
+        return [(prompts[i], int(s) + k, negatives[i]) for i, s in base for k in range(images_per_prompt)]
     return [(prompts[i], int(s) + k) for i, s in base for k in range(images_per_prompt)]
 
 
@@ -84,6 +114,7 @@ class RuntimeChoice:
     text_encoder: str = "device"  # device, free, cpu, int8, nf4 (see runtime/text_encoder.py)
     vae_tiling: bool = False
     stand_in_for: str | None = None  # decisions were made for this device; ``device`` stood in for it
+    variant: str | None = None  # turbo / base / None: what the pipeline folder says (families/zimage/variants.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -251,7 +282,9 @@ def prepare(model: str | os.PathLike = "tiny", *, device: str = "auto", offload:
         transformer=t_bytes,
         text_encoder=0 if te == "cpu" else _module_bytes(parts and parts["text_encoder"]),
         vae=_module_bytes(parts and parts["vae"]),
-        activations=activation_bytes(act_cfg, shape_for(width, height, batch), elem, att.name if att else "native"),
+        # guidance runs the prompt and the negative prompt as one batch of twice the size
+        activations=activation_bytes(act_cfg, shape_for(width, height, batch * (2 if guidance > 0 else 1)), elem,
+                                     att.name if att else "native"),
         largest_block=t_bytes * block // total,
         non_block=t_bytes * nonblock // total,
         largest_leaf=t_bytes * largest // total,
@@ -294,7 +327,8 @@ def prepare(model: str | os.PathLike = "tiny", *, device: str = "auto", offload:
     choice = RuntimeChoice(dev, dname, fmt, sel.name, sel.reason, off.mode, off.reason,
                            att.name if att else "default", att_reason, hw.fingerprint(),
                            round(time.perf_counter() - t0, 3), TE.placement_of(pipe.text_encoder)
-                           if te != "free" else "free", tiling, hw.torch_device if dev != hw.torch_device else None)
+                           if te != "free" else "free", tiling, hw.torch_device if dev != hw.torch_device else None,
+                           family.variant_of(base_dir))
     pipe.zopt_runtime = choice
     return pipe, choice
 
@@ -336,65 +370,12 @@ def initial_latents(pipe, seed: int, height: int, width: int, dtype):
     return torch.randn((1, c, h, w), generator=g, dtype=torch.float32).to(dtype)
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def run(pipe, req: GenerateRequest, out_dir: str | os.PathLike, extra_meta: dict[str, Any] | None = None,
         callback=None) -> list[GeneratedImage]:
-    """Generate one image per (prompt, seed) pair, batched by ``req.batch_size``; write PNG + JSON sidecar.
+    """Generate every image of ``req`` and write PNG + JSON sidecar (see :func:`zopt.runtime.images.run`)."""
+    from .images import run as run_images
 
-    The sidecar holds the prompt, seed, steps, size, the :class:`RuntimeChoice` of ``pipe`` (format,
-    backend, offload, attention, device, with reasons) and timings.
-    """
-    import torch
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    choice = getattr(pipe, "zopt_runtime", None)
-    device = torch.device(choice.device) if choice else pipe._execution_device
-    dtype = pipe.transformer.dtype if hasattr(pipe.transformer, "dtype") else torch.float32
-    jobs = req.pairs()
-    results: list[GeneratedImage] = []
-    bs = max(1, req.batch_size)
-    for start in range(0, len(jobs), bs):
-        chunk = jobs[start : start + bs]
-        latents = torch.cat([initial_latents(pipe, s, req.height, req.width, dtype) for _, s in chunk]).to(device)
-        t0 = time.perf_counter()
-        images = pipe(
-            prompt=[p for p, _ in chunk],
-            height=req.height,
-            width=req.width,
-            num_inference_steps=req.steps,
-            guidance_scale=req.guidance_scale,
-            latents=latents,
-            max_sequence_length=req.max_sequence_length,
-            callback_on_step_end=callback,
-        ).images
-        batch_s = time.perf_counter() - t0
-        dt = batch_s / len(chunk)
-        for (prompt, seed), img in zip(chunk, images, strict=True):
-            idx = len(results)
-            path = out_dir / f"{idx:03d}-seed{seed}.png"
-            _write_atomic(path, lambda t, img=img: img.save(t, format="PNG"))
-            meta = {"prompt": prompt, "seed": seed, "steps": req.steps, "height": req.height, "width": req.width,
-                    "guidance_scale": req.guidance_scale, "batch_size": len(chunk), "seconds": round(dt, 4),
-                    **(choice.to_dict() if choice else {}),
-                    "timings": {"load_seconds": choice.load_seconds if choice else None,
-                                "batch_seconds": round(batch_s, 4), "seconds_per_image": round(dt, 4),
-                                "steps_per_second": round(req.steps * len(chunk) / batch_s, 3) if batch_s else None},
-                    **(extra_meta or {})}
-            meta.pop("load_seconds", None)
-            text = json.dumps(meta, indent=1) + "\n"
-            _write_atomic(path.with_suffix(".json"), lambda t, text=text: t.write_text(text))
-            results.append(GeneratedImage(path, prompt, seed, dt, meta))
-    return results
+    return run_images(pipe, req, out_dir, extra_meta, callback)
 
 
 def request_dict(req: GenerateRequest) -> dict[str, Any]:

@@ -26,6 +26,13 @@ def _tiny_pipeline() -> Path:
     return tiny_pipeline_dir()
 
 
+def _tiny_base_pipeline() -> Path:
+    from .variants import base_pipeline_dir
+
+    # derived from whatever ``tiny`` resolves to, so both always share their weights
+    return base_pipeline_dir(ZIMAGE.builtin_sources()["tiny"]())
+
+
 class ZImageFamily(Family):
     """Z-Image / Z-Image-Turbo (and the Omni variant's extra tensors)."""
 
@@ -83,10 +90,13 @@ class ZImageFamily(Family):
     def builtin_sources(self) -> dict[str, Callable[[], Path]]:
         # ``tiny`` becomes the trained micro model once its shipped weights pass the adherence floors
         # of tests/families/test_micro_model.py; ``tiny-random`` stays the seeded random pipeline
-        return {"tiny": _tiny_pipeline, "tiny-random": _tiny_pipeline, "micro": _micro_pipeline}
+        return {"tiny": _tiny_pipeline, "tiny-random": _tiny_pipeline, "micro": _micro_pipeline,
+                "tiny-base": _tiny_base_pipeline}
 
     def builtin_config(self, name: str) -> dict[str, Any] | None:
         """The transformer config of built-in source ``name`` (None for an unknown name)."""
+        if name == "tiny-base":
+            return self.builtin_config("tiny")
         if name in ("tiny", "tiny-random"):
             return self.config_for("tiny")
         if name == "micro":
@@ -94,6 +104,16 @@ class ZImageFamily(Family):
 
             return dict(micro.TRANSFORMER_CONFIG)
         return None
+
+    def variant_of(self, folder: str | os.PathLike | None) -> str | None:
+        from .variants import variant_of
+
+        return variant_of(folder)
+
+    def presets(self) -> dict[str, dict[str, Any]]:
+        from .variants import PRESETS
+
+        return {k: dict(v) for k, v in PRESETS.items()}
 
     def random_model(self, config: dict[str, Any], seed: int):
         from .tiny import build_tiny_transformer
