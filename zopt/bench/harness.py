@@ -46,6 +46,13 @@ class BenchConfig:
     repeats: int = 2
     warmup: int = 1
     guidance_scale: float = 0.0
+    # Base-style sampling (zopt.runtime.sampling); recorded in the settings only when not the default
+    negative_prompts: list[str] | None = None  # one per prompt (used with guidance > 0)
+    cfg_normalization: float = 0.0
+    cfg_truncation: float = 1.0
+    max_sequence_length: int = 512
+    shift: float | None = None
+    sigmas: list[float] | None = None
     device: str = "auto"
     base: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
@@ -267,6 +274,17 @@ def _record(common: dict[str, Any], row: Planned, role: str, result: dict[str, A
     }
 
 
+def sampling_settings(cfg: BenchConfig) -> dict[str, Any]:
+    """The sampling settings that differ from the defaults (so records of Turbo-style sweeps keep the
+    settings, and stay comparable, as before these options existed)."""
+    defaults = BenchConfig()
+    out = {k: getattr(cfg, k) for k in ("cfg_normalization", "cfg_truncation", "max_sequence_length", "shift", "sigmas")
+           if getattr(cfg, k) != getattr(defaults, k)}
+    if cfg.guidance_scale > 0 and any(cfg.negative_prompts or []):
+        out["negative_prompts"] = list(cfg.negative_prompts)
+    return out
+
+
 def sweep(cfg: BenchConfig, display=None) -> list[dict[str, Any]]:
     """Run the whole sweep described by ``cfg``; write records under ``cfg.out``; return them."""
     from .. import checkpoint
@@ -291,7 +309,7 @@ def sweep(cfg: BenchConfig, display=None) -> list[dict[str, Any]]:
         "software": software_versions(),
         "settings": {"steps": cfg.steps, "width": cfg.width, "height": cfg.height, "prompts": list(cfg.prompts),
                      "seeds": list(cfg.seeds), "repeats": cfg.repeats, "warmup": cfg.warmup,
-                     "guidance_scale": cfg.guidance_scale, "device": device},
+                     "guidance_scale": cfg.guidance_scale, "device": device, **sampling_settings(cfg)},
     }
     planned = plan(expand_formats(cfg.formats), cfg.backend, hw)
     check_options(cfg.options, {r.name for r in planned if r.status is None})
@@ -303,7 +321,9 @@ def sweep(cfg: BenchConfig, display=None) -> list[dict[str, Any]]:
     run_base = {"mode": "run", "device": device, "base": base, "prompts": list(cfg.prompts),
                 "seeds": list(cfg.seeds), "steps": cfg.steps, "width": cfg.width, "height": cfg.height,
                 "repeats": cfg.repeats, "warmup": cfg.warmup, "guidance_scale": cfg.guidance_scale,
-                "ref_dir": str(ref_dir)}
+                "negative_prompts": cfg.negative_prompts, "cfg_normalization": cfg.cfg_normalization,
+                "cfg_truncation": cfg.cfg_truncation, "max_sequence_length": cfg.max_sequence_length,
+                "shift": cfg.shift, "sigmas": cfg.sigmas, "ref_dir": str(ref_dir)}
     records: list[dict[str, Any]] = []
 
     def finish(rec: dict[str, Any]) -> None:

@@ -100,11 +100,24 @@ class _StepProbe:
         self.cpu_times.append(time.process_time() - self.cpu_start - self.cpu_excluded)
 
 
-def _generate(pipe, probe: _StepProbe, spec: dict[str, Any], prompt: str, seed: int, on_step):
+def _sampling(spec: dict[str, Any]):
+    from ..runtime.sampling import Sampling, check
+
+    s = Sampling(int(spec["steps"]), float(spec.get("guidance_scale") or 0.0),
+                 float(spec.get("cfg_normalization") or 0.0), float(spec.get("cfg_truncation", 1.0)),
+                 int(spec.get("max_sequence_length") or 512), spec.get("shift"),
+                 tuple(spec["sigmas"]) if spec.get("sigmas") else None)
+    check(**{k: getattr(s, k) for k in ("steps", "guidance", "cfg_normalization", "cfg_truncation",
+                                        "max_sequence_length", "shift", "sigmas")})
+    return s
+
+
+def _generate(pipe, probe: _StepProbe, spec: dict[str, Any], prompt: str, seed: int, on_step, negative: str = ""):
     """One image from fixed initial noise; returns (PIL image, final latents, seconds end to end)."""
     import torch
 
     from ..runtime import pipeline as P
+    from ..runtime import sampling as S
 
     device = spec["device"]
     steps = int(spec["steps"])
@@ -120,10 +133,11 @@ def _generate(pipe, probe: _StepProbe, spec: dict[str, Any], prompt: str, seed: 
     _sync(device)
     t0 = time.perf_counter()
     latents = P.initial_latents(pipe, seed, spec["height"], spec["width"], torch.float32).to(device)
-    image = pipe(prompt=[prompt], height=spec["height"], width=spec["width"], num_inference_steps=steps,
-                 guidance_scale=spec.get("guidance_scale", 0.0), latents=latents,
-                 max_sequence_length=spec.get("max_sequence_length", 128), callback_on_step_end=callback,
-                 callback_on_step_end_tensor_inputs=["latents"]).images[0]
+    s = _sampling(spec)
+    S.apply_shift(pipe, s.shift)
+    image = pipe(prompt=[prompt], negative_prompt=[negative] if s.cfg else None, height=spec["height"],
+                 width=spec["width"], latents=latents, callback_on_step_end=callback,
+                 callback_on_step_end_tensor_inputs=["latents"], **S.call_kwargs(s)).images[0]
     _sync(device)
     return image, final.get("latents"), time.perf_counter() - t0
 
@@ -142,6 +156,8 @@ def _run(spec: dict[str, Any], metrics: dict[str, Any], result: dict[str, Any]) 
     dtype = getattr(torch, DTYPES[spec["dtype"]]) if spec.get("dtype") else P.default_dtype(device)
     result["compute_dtype"] = str(dtype).replace("torch.", "")
     P.quiet_libraries()
+    negs = spec.get("negative_prompts") or [""] * len(spec["prompts"])
+    negative = dict(zip(spec["prompts"], negs, strict=True))
     jobs = [(p, int(s)) for p in spec["prompts"] for s in spec["seeds"]]
     steps, repeats, warmup = int(spec["steps"]), max(1, int(spec["repeats"])), max(0, int(spec["warmup"]))
     reference = spec["role"] == "reference"
@@ -185,7 +201,8 @@ def _run(spec: dict[str, Any], metrics: dict[str, Any], result: dict[str, Any]) 
                 emit(phase=_phase, image=_n + 1, images=total, step=i + 1, steps=steps)
 
             probe.capture = {"x": [], "t": [], "cap": [], "out": []} if (reference and first_pass) else None
-            image, final, seconds = _generate(pipe, probe, spec, jobs[k][0], jobs[k][1], on_step)
+            image, final, seconds = _generate(pipe, probe, spec, jobs[k][0], jobs[k][1], on_step,
+                                              negative[jobs[k][0]])
             if not measuring:
                 probe.times, probe.cpu_times = [], []
                 continue

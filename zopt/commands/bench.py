@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import sampling_args
+
 
 def add_arguments(p) -> None:
     p.add_argument("source", nargs="?", default="tiny",
@@ -14,13 +16,12 @@ def add_arguments(p) -> None:
     p.add_argument("--backend", default="auto",
                    help="'auto' (best per format), 'all' (every backend that can run here), a name, or FORMAT=NAME "
                         "pairs, comma separated")
-    p.add_argument("--steps", type=int, default=4, help="denoising steps per image (default 4)")
     p.add_argument("--resolution", default="256x256", help="WxH (default 256x256)")
     p.add_argument("--prompts", default=None, metavar="FILE", help="text file, one prompt per line (default: 2 built-in)")
     p.add_argument("--seeds", nargs="+", default=["0"], help="seeds, e.g. --seeds 0 1 or --seeds 0,1 (default 0)")
     p.add_argument("--repeats", type=int, default=2, help="timed passes over all prompts x seeds (default 2)")
     p.add_argument("--warmup", type=int, default=1, help="untimed images before timing (default 1)")
-    p.add_argument("--guidance", type=float, default=0.0, help="CFG scale (Turbo: 0)")
+    sampling_args.add_arguments(p, steps_default="4 unless --preset turbo|base is given")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--offload", default="none",
                    help="offload modes to run each variant with, comma separated (none, model, group, group-stream, "
@@ -101,6 +102,7 @@ def run(args) -> int:
     from ..errors import ZoptError
     from .generate import parse_resolution
 
+    given = sampling_args.explicit(args)  # bad values stop here, before a sweep starts
     limits = G.parse_limits(args.max_regression or G.DEFAULT_LIMITS) if args.baseline else None
     if args.max_regression and not args.baseline:
         raise ZoptError("--max-regression needs --baseline OLD.json")
@@ -111,23 +113,28 @@ def run(args) -> int:
         root = Path(args.results) if Path(args.results).is_dir() else Path(args.results).parent
     else:
         from ..bench.harness import BenchConfig, sweep
+        from ..runtime.sampling import resolve_for
 
-        for name in ("steps", "repeats"):
-            if getattr(args, name) < 1:
-                raise ZoptError(f"--{name} must be at least 1")
+        if args.repeats < 1:
+            raise ZoptError("--repeats must be at least 1")
         if args.warmup < 0:
             raise ZoptError("--warmup cannot be negative")
         w, h = parse_resolution(args.resolution)
-        cfg = BenchConfig(source=args.source, formats=[args.formats], backend=args.backend, steps=args.steps,
+        prompts = _prompts(args.prompts) or list(BenchConfig().prompts)
+        negatives = [n or "" for n in sampling_args.negatives(args.negative_prompt, len(prompts))]
+        if args.preset == "auto" and given["steps"] is None and given["sigmas"] is None:
+            given["steps"] = BenchConfig().steps  # a few steps time a step as well as many
+        s, _ = resolve_for(args.source, args.base, args.preset, **given)
+        cfg = BenchConfig(source=args.source, formats=[args.formats], backend=args.backend, steps=s.steps,
                           width=w, height=h, seeds=_seeds(args.seeds), repeats=args.repeats, warmup=args.warmup,
-                          guidance_scale=args.guidance, device=args.device, base=args.base,
+                          guidance_scale=s.guidance, negative_prompts=negatives, cfg_normalization=s.cfg_normalization,
+                          cfg_truncation=s.cfg_truncation, max_sequence_length=s.max_sequence_length, shift=s.shift,
+                          sigmas=list(s.sigmas) if s.sigmas else None, prompts=prompts, device=args.device,
+                          base=args.base,
                           options=_options(args.option), out=out, timeout=args.timeout,
                           progress=not args.no_progress, reconvert=args.reconvert,
                           offload=_list(args.offload), attention=_list(args.attention),
                           reference_offload=args.reference_offload)
-        prompts = _prompts(args.prompts)
-        if prompts:
-            cfg.prompts = prompts
         records = sweep(cfg)
         root = out
     print_table(records, wide=args.wide)

@@ -8,7 +8,10 @@ def add_arguments(p) -> None:
     p.add_argument("--resolution", default="1024x1024", help="WxH (default 1024x1024)")
     p.add_argument("--batch", type=int, default=1, help="images per forward pass")
     p.add_argument("--steps", type=int, default=8, help="denoising steps to time (default 8, Turbo)")
-    p.add_argument("--guidance", type=float, default=0.0, help="CFG scale (> 0 doubles the transformer work)")
+    p.add_argument("--guidance", type=float, default=0.0,
+                   help="CFG scale (> 0 runs prompt and negative prompt as one batch: twice the work and activations)")
+    p.add_argument("--cfg-truncation", type=float, default=1.0, metavar="T",
+                   help="guidance stops on steps whose normalized time exceeds T (default 1: every step guided)")
     p.add_argument("--text-tokens", type=int, default=512, help="prompt tokens to plan for (default: the 512 maximum)")
     p.add_argument("--prefer", default="speed", choices=["speed", "quality"],
                    help="speed: fastest that fits (quality breaks near-ties); quality: best format that fits")
@@ -32,24 +35,29 @@ def run(args) -> int:
     from ..platform.fakes import fake
     from ..runtime import detect, planner
     from ..runtime.costs import fmt_seconds
+    from ..runtime.sampling import check
     from .generate import parse_resolution
 
     w, h = parse_resolution(args.resolution)
     if args.batch < 1 or args.steps < 1:
         raise ZoptError("--batch and --steps must be at least 1")
+    check(guidance=args.guidance, cfg_truncation=args.cfg_truncation)
     base = fake(args.hardware) if args.hardware else None
     if args.vram:
         hw = planner.budget_hardware(planner.parse_size(args.vram), base)
     else:
         hw = base or detect()
     p = planner.plan(hw, w, h, args.batch, args.text_tokens, steps=args.steps, guidance=args.guidance,
-                     prefer=args.prefer, approximate=args.approximate)
+                     prefer=args.prefer, approximate=args.approximate, cfg_truncation=args.cfg_truncation)
     if args.json:
         print(json.dumps(p.to_dict(), indent=1))
         return 0
     gib = 1024**3
     print(f"plan for {hw.device} ({hw.device_name}), {max(p.budget, 0) / gib:.1f} GiB usable, {w}x{h}, batch {args.batch}, "
           f"{args.steps} steps, {p.dtype}: {p.shape.image_tokens} image + {p.shape.text_tokens} text tokens")
+    if args.guidance > 0:
+        print(f"guidance {args.guidance:g}: {p.cfg_steps} of {args.steps} steps guided (prompt and negative prompt "
+              "batched: twice the work and activations)")
     print(f"attention: {p.attention_reason.split(' (not ')[0]}")
     r = p.recommended
     if r is None:

@@ -87,22 +87,25 @@ def speed_of(hw: Hardware) -> Speed:
 class Work:
     """FLOPs and bytes of one generation, independent of the machine."""
 
-    step_flops: float  # one transformer forward (CFG doubles it)
+    step_flops: float  # one denoising step, averaged over the steps (a guided step runs two forwards)
     matmul_share: float  # share of step_flops in the quantizable Linear layers
     text_flops: float
     vae_flops: float
 
 
 def work_for(config: dict[str, Any], params: int, quant_params: int, tokens: int, text_tokens: int,
-             pixels: int, batch: int, cfg: bool, text_params: int) -> Work:
+             pixels: int, batch: int, cfg: bool | float, text_params: int) -> Work:
     """FLOPs of one step (2 x params x tokens for the matmuls, 4 x L^2 x dim per layer for attention),
-    of encoding ``text_tokens`` (padded length) and of decoding ``pixels``."""
-    mult = batch * (2 if cfg else 1)
+    of encoding ``text_tokens`` (padded length) and of decoding ``pixels``. ``cfg``: the share of
+    steps that run guided (True = all): each runs the negative prompt too, and guidance encodes
+    the negative prompts as well."""
+    share = float(cfg)
+    mult = batch * (1 + share)
     layers = int(config["n_layers"]) + 2 * int(config.get("n_refiner_layers", 0))
     lin = 2.0 * params * tokens
     att = 4.0 * tokens**2 * int(config["dim"]) * layers
     return Work(mult * (lin + att), (2.0 * quant_params * tokens) / (lin + att),
-                batch * 2.0 * text_params * text_tokens, batch * VAE_FLOPS_PER_PIXEL * pixels)
+                batch * 2.0 * text_params * text_tokens * (2 if share > 0 else 1), batch * VAE_FLOPS_PER_PIXEL * pixels)
 
 
 # How compute runs per backend: "half" (dense bf16/fp16 matmuls), "fp8" / "int8" (low-precision

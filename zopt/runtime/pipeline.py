@@ -152,18 +152,18 @@ def resolve_base(model: str | os.PathLike, transformer_config: dict[str, Any], b
     p = Path(model)
     if p.is_dir() and (p / "model_index.json").exists():
         return p
-    for name in builtin:  # an embedded model's transformer finds its own text encoder and VAE
-        cfg = family.builtin_config(name)
-        if cfg and all(transformer_config.get(k) == cfg[k] for k in ("dim", "n_layers", "cap_feat_dim", "n_heads")):
-            return builtin[name]()
     manifest = (p / "zopt-manifest.json") if p.is_dir() else None
-    if manifest and manifest.exists():
+    if manifest and manifest.exists():  # first: tiny and tiny-base share a transformer, not a pipeline
         from ..formats.artifact import read_manifest
 
         src = Path(str(read_manifest(p).get("source", {}).get("path", "")))
         for cand in (src, src.parent):
             if (cand / "model_index.json").exists():
                 return cand
+    for name in builtin:  # an embedded model's transformer finds its own text encoder and VAE
+        cfg = family.builtin_config(name)
+        if cfg and all(transformer_config.get(k) == cfg[k] for k in ("dim", "n_layers", "cap_feat_dim", "n_heads")):
+            return builtin[name]()
     raise ZoptError(
         "cannot tell which text encoder and VAE go with this transformer; pass --base PIPELINE_FOLDER", model
     )

@@ -206,6 +206,8 @@ class Plan:
     prefer: str = "speed"
     reason: str = ""
     ideal_s: float | None = None  # bf16, everything resident, memory unlimited: the slowdown's yardstick
+    guidance: float = 0.0
+    cfg_steps: int = 0  # steps that run guided (two forwards, twice the activations)
 
     @property
     def slowdown(self) -> float | None:
@@ -224,6 +226,7 @@ class Plan:
                 "budget_gib": round(self.budget / GIB, 2), "width": self.width, "height": self.height,
                 "batch": self.shape.batch, "image_tokens": self.shape.image_tokens,
                 "text_tokens": self.shape.text_tokens, "dtype": self.dtype, "steps": self.steps,
+                "guidance": self.guidance, "cfg_steps": self.cfg_steps,
                 "prefer": self.prefer, "attention": self.attention, "attention_reason": self.attention_reason,
                 "recommended": row(self.recommended), "reason": self.reason,
                 "slowdown": None if self.slowdown is None else round(self.slowdown, 2),
@@ -285,8 +288,13 @@ def choose(options: list, prefer: str = "speed", approximate: bool = False, budg
 
 def plan(hw: Hardware, width: int = 1024, height: int = 1024, batch: int = 1,
          text_tokens: int = DEFAULT_TEXT_TOKENS, config: dict[str, Any] | None = None, steps: int = 8,
-         guidance: float = 0.0, prefer: str = "speed", approximate: bool = False) -> Plan:
+         guidance: float = 0.0, prefer: str = "speed", approximate: bool = False,
+         cfg_truncation: float = 1.0) -> Plan:
     """Plan the whole pipeline for ``hw`` (its free memory minus the reserve is the budget).
+
+    With ``guidance`` > 0 the guided steps (all, or those before ``cfg_truncation``) run the
+    prompt and the negative prompt as one batch of twice the size: the denoise stage's activations
+    double and each guided step costs two forwards.
 
     Every option of :mod:`zopt.runtime.stages` is sized by stage and timed with
     :mod:`zopt.runtime.costs`; :func:`choose` picks one. Formats whose module is not in this
@@ -297,19 +305,22 @@ def plan(hw: Hardware, width: int = 1024, height: int = 1024, batch: int = 1,
     from . import costs, stages
     from .attention import choose as choose_attention
     from .offload import reserve
+    from .sampling import Sampling, cfg_steps
 
     if prefer not in PREFER:
         raise ZoptError(f"--prefer {prefer!r}: choose one of {', '.join(PREFER)}")
     config = config or zimage.FULL_CONFIG
     dtype = compute_dtype(hw)
     elem = 4 if dtype == "fp32" else 2
-    att = choose_attention("auto", hw, dtype, batch, guidance=guidance)
+    guided = cfg_steps(Sampling(steps, guidance, cfg_truncation=cfg_truncation))
+    att = choose_attention("auto", hw, dtype, batch, guidance=guidance if guided else 0.0)
     shape = shape_for(width, height, batch, text_tokens)
     budget = hw.free_memory - reserve(hw)
     quant, other, *_ = _param_split(_key(config))
     work = costs.work_for(config, quant + other, quant, shape.tokens, shape.text_tokens, width * height, batch,
-                          guidance > 0, TEXT_ENCODER_PARAMS)
-    act_tr = activation_bytes(config, shape, elem, att.name) * (2 if guidance > 0 else 1)
+                          guided / steps, TEXT_ENCODER_PARAMS)
+    act_tr = activation_bytes(config, dataclasses.replace(shape, batch=shape.batch * (2 if guided else 1)), elem,
+                              att.name)
     act_te = batch * shape.text_tokens * ((stages.TE_LAYERS + 1) * stages.TE_HIDDEN + 3 * stages.TE_FFN) * elem
     options: list[stages.Option] = []
     rows: list[PlanRow] = []
@@ -346,7 +357,7 @@ def plan(hw: Hardware, width: int = 1024, height: int = 1024, batch: int = 1,
             rows.append(PlanRow(cand.spec, None, 0, weight_bytes(config, cand.bits), None, problem or "cannot run"))
     rec = choose(options, prefer, approximate, budget)
     p = Plan(hw, budget, shape, width, height, att.name, att.reason, _row(rec, "") if rec else None, rows, options,
-             dtype, steps, prefer, ideal_s=ideal)
+             dtype, steps, prefer, ideal_s=ideal, guidance=guidance, cfg_steps=guided)
     p.reason = _reason(p, rec, options)
     return p
 
