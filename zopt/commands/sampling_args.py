@@ -53,5 +53,6 @@ def negatives(given: list[str] | None, n_prompts: int) -> list[str | None]:
     if len(given) == 1:
         return given * n_prompts
     if len(given) != n_prompts:
-        raise ZoptError(f"{len(given)} negative prompts for {n_prompts} prompts: give one, or one per prompt")
+        raise ZoptError(f"--negative-prompt given {len(given)} times for {n_prompts} prompts: give one, or one per "
+                        "prompt")
     return given
