@@ -96,3 +96,23 @@ def test_offload_is_a_bench_dimension_on_a_gpu(tmp_path):
         assert r["status"] == "ok", r["message"]
         assert r["runtime"]["offload"] == mode and r["metrics"]["memory"]["peak_bytes"] > 0
         assert r["metrics"]["memory"]["counter"] in ("nvml-process", "torch-allocator")
+
+
+@pytest.mark.slow
+def test_base_settings_sweep(tmp_path, capsys):
+    """The bench runs Base sampling (guidance, negative prompts, normalization) through the same prepare()."""
+    out = tmp_path / "bench"
+    code = main(["bench", "tiny-base", "--formats", "bf16", "--steps", "2", "--resolution", "64x64", "--repeats", "1",
+                 "--warmup", "0", "--negative-prompt", "a blue sphere", "--cfg-normalization", "-o", str(out),
+                 "--no-progress", "--no-report"])
+    assert code == 0, capsys.readouterr().err
+    by = {r["label"]: r for r in load_records(out / "results.json")}
+    ref, var = by["reference"], by["bf16@torch"]
+    assert ref["status"] == "ok" and var["status"] == "ok", (ref["message"], var["message"])
+    s = var["settings"]
+    # tiny-base's preset gives guidance 4; the explicit options are recorded beside it
+    assert (s["steps"], s["guidance_scale"], s["cfg_normalization"]) == (2, 4.0, 1.0)
+    assert s["negative_prompts"] == ["a blue sphere"] * len(s["prompts"])
+    assert var["runtime"]["variant"] == "base"
+    # guided steps run the prompt and the negative prompt together; bf16 still tracks the reference
+    assert var["metrics"]["quality"]["rel_l2_max"] < 1e-2

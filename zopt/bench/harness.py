@@ -224,7 +224,9 @@ def cached_artifact_path(source_sha: str, spec: str, options: dict[str, Any]) ->
 def pipeline_folder_of(source: str) -> str | None:
     """The diffusers pipeline folder a source belongs to (its text encoder and VAE serve every
     variant, whose artifacts may not say where they came from), or None."""
-    p = Path(source)
+    from ..families import resolve_source
+
+    p = Path(resolve_source(source))
     for cand in (p, p.parent):
         if (cand / "model_index.json").is_file():
             return str(cand)

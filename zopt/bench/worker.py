@@ -143,9 +143,10 @@ def _generate(pipe, probe: _StepProbe, spec: dict[str, Any], prompt: str, seed: 
 
 
 def _run(spec: dict[str, Any], metrics: dict[str, Any], result: dict[str, Any]) -> None:
+    from ..families import resolve_source
     from ..formats import artifact_format
 
-    artifact_format(spec["model"])  # a missing model fails here, before seconds of imports
+    artifact_format(resolve_source(spec["model"]))  # a missing model fails here, before seconds of imports
     import torch
 
     from ..runtime import pipeline as P
