@@ -212,6 +212,10 @@ def test_turbo_warning_and_bad_input(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("zopt: warning: guidance 2 on a Turbo checkpoint")
     assert main(common + ["-o", str(tmp_path / "t.png")]) == 0
     assert "warning" not in capsys.readouterr().err
+    # a prompt longer than --max-sequence-length is cut by the pipeline: said once, in one line
+    assert main(common[:-1] + ["a red house by a lake", "--max-sequence-length", "16", "-o", str(tmp_path / "c.png")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "only the first 16 are read" in err[0] and err[0].startswith("zopt: warning: prompt")
     for bad in (["--cfg-truncation", "2"], ["--sigmas", "1,x"], ["--max-sequence-length", "0"],
                 ["--negative-prompt", "a", "--negative-prompt", "b"], ["--shift", "0"]):
         assert main(common + bad + ["-o", str(tmp_path / "bad")]) == 2

@@ -130,11 +130,11 @@ def run(args) -> int:
           + (f", cfg truncation {sampling.cfg_truncation:g}" if sampling.cfg and sampling.cfg_truncation < 1 else ""))
     req = P.GenerateRequest.from_sampling(sampling, prompts, sorted({j[1] for j in jobs}), height=h, width=w,
                                           batch_size=args.batch_size, jobs=jobs)
-    with warnings.catch_warnings():  # the Turbo-with-guidance warning as one line
-        warnings.simplefilter("always", S.TurboGuidanceWarning)
+    with warnings.catch_warnings():  # sampling warnings (Turbo with guidance, a cut prompt) as one line each
+        warnings.simplefilter("always", S.SamplingWarning)
         shown = warnings.showwarning
         warnings.showwarning = lambda message, category, *a, **k: (
-            print(f"zopt: warning: {message}", file=sys.stderr) if issubclass(category, S.TurboGuidanceWarning)
+            print(f"zopt: warning: {message}", file=sys.stderr) if issubclass(category, S.SamplingWarning)
             else shown(message, category, *a, **k))
         results = P.run(pipe, req, out_dir, extra_meta={"model": str(args.model)})
     shutil.rmtree(out_dir / ".offload", ignore_errors=True)

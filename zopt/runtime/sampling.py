@@ -36,8 +36,16 @@ DEFAULT_SHIFT = 3.0  # Z-Image's scheduler config (both variants)
 FIELDS = ("steps", "guidance", "cfg_normalization", "cfg_truncation", "max_sequence_length", "shift", "sigmas")
 
 
-class TurboGuidanceWarning(UserWarning):
+class SamplingWarning(UserWarning):
+    """A request that runs, but probably not as meant (``zopt generate`` prints it as one line)."""
+
+
+class TurboGuidanceWarning(SamplingWarning):
     """Guidance > 0 on a checkpoint distilled to run without it."""
+
+
+class PromptTruncatedWarning(SamplingWarning):
+    """A prompt longer than ``max_sequence_length`` tokens: the text encoder reads only its start."""
 
 
 @dataclass(frozen=True)
@@ -193,7 +201,17 @@ def apply_shift(pipe, shift: float | None) -> None:
 def encode_texts(pipe, texts: list[str], max_sequence_length: int, batch: int = 1) -> dict[str, Any]:
     """Text -> embedding for every distinct text in ``texts``, encoded ``batch`` at a time with the
     pipeline's own encoder (so all encoding happens before any denoising step)."""
+    import warnings
+
     unique = list(dict.fromkeys(texts))
+    for text in unique:  # the pipeline cuts long prompts without a word; say so
+        templated = pipe.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                       add_generation_prompt=True, enable_thinking=True)
+        n = len(pipe.tokenizer(templated).input_ids)
+        if n > max_sequence_length:
+            warnings.warn(f"prompt {text[:40]!r}{'...' if len(text) > 40 else ''} is {n} tokens with its chat "
+                          f"template; only the first {max_sequence_length} are read (--max-sequence-length)",
+                          PromptTruncatedWarning, stacklevel=3)
     out: dict[str, Any] = {}
     device = pipe._execution_device
     for i in range(0, len(unique), max(1, batch)):
