@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 
-def add_arguments(p: argparse.ArgumentParser, steps_default: str = "8") -> None:
+def add_arguments(p: argparse.ArgumentParser, steps_default: str = "turbo 8, base 28") -> None:
     """``--preset``, ``--steps``, ``--guidance``, ``--negative-prompt``, CFG and schedule options.
 
     Every default is None here: a value given on the command line overrides the preset's.
@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser, steps_default: str = "8") -> None:
     p.add_argument("--preset", default="auto", choices=["auto", "turbo", "base"],
                    help="recommended settings: turbo (8 steps, guidance 0), base (28 steps, guidance 4); auto: "
                         "the checkpoint's variant (docs/zimage.md). Explicit options override the preset")
-    p.add_argument("--steps", type=int, default=None, help=f"denoising steps (default: the preset's; {steps_default})")
+    p.add_argument("--steps", type=int, default=None, help=f"denoising steps (default: the preset's: {steps_default})")
     p.add_argument("--guidance", type=float, default=None,
                    help="CFG scale: pos + g*(pos-neg); 0 = off (Turbo), 3-5 for Base (default: the preset's)")
     p.add_argument("--negative-prompt", action="append", default=None, metavar="TEXT",

@@ -28,8 +28,9 @@ def prepare(model="tiny", **kwargs):
     return _prepare(model, **kwargs)
 
 
-def plan(hardware=None, width: int = 1024, height: int = 1024, batch: int = 1):
-    """Format / offload / attention recommendation for ``hardware`` (see :func:`zopt.runtime.planner.plan`)."""
+def plan(hardware=None, width: int = 1024, height: int = 1024, batch: int = 1, **kwargs):
+    """Format / offload / attention recommendation for ``hardware`` (see :func:`zopt.runtime.planner.plan`;
+    ``kwargs`` such as ``steps``, ``guidance``, ``cfg_truncation`` pass through)."""
     from .planner import plan as _plan
 
-    return _plan(hardware or detect(), width, height, batch)
+    return _plan(hardware or detect(), width, height, batch, **kwargs)
