@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", default="tiny", help="'tiny', a diffusers folder, a .gguf file or a zopt artifact folder")
-    p.add_argument("--base", default=None, help="pipeline folder supplying text encoder, tokenizer and VAE")
+    from ._args import DeprecatedAlias
+
+    p.add_argument("source", nargs="?", default=None, metavar="SOURCE",
+                   help="model: 'tiny' (default), a diffusers folder, a .gguf file, a zopt artifact folder or "
+                        "owner/name[@rev]")
+    p.add_argument("--model", action=DeprecatedAlias, new="a positional SOURCE (zopt generate SOURCE ...)")
+    p.add_argument("--base", default=None,
+                   help="pipeline folder or owner/name[@rev] supplying text encoder, tokenizer and VAE")
     p.add_argument("--prompt", action="append", default=[], help="prompt (repeat for several)")
     p.add_argument("--prompts-file", default=None,
                    help="one prompt per line, or JSON lines {\"prompt\": ..., \"seed\": ...} for per-prompt seeds")
-    p.add_argument("--seed", action="append", type=int, default=[],
-                   help="seed; repeat to give one per prompt (a single seed applies to all; default 0)")
+    p.add_argument("--seeds", dest="seed", nargs="+", action="extend", default=[],
+                   help="seeds, one per prompt (space or comma separated; a single seed applies to all; default 0)")
+    p.add_argument("--seed", action=DeprecatedAlias, new="--seeds", append=True)
     p.add_argument("--images-per-prompt", type=int, default=1, help="N images per prompt, seeds s, s+1, ...")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--resolution", default="256x256", help="WxH")
     p.add_argument("--guidance", type=float, default=0.0, help="CFG scale (Turbo: 0)")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch", dest="batch_size", type=int, default=1, help="images per pipeline call (default 1)")
+    p.add_argument("--batch-size", type=int, action=DeprecatedAlias, new="--batch")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the transformer blocks where the backend benefits (default: auto, "
+                        "as ZOPT_COMPILE says; the first step then takes 10-20 s longer)")
+    p.add_argument("--no-progress", action="store_true", help="no step progress display")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--backend", default=None, help="kernel backend for the format (default: auto; see zopt doctor)")
@@ -69,15 +82,27 @@ def read_prompts_file(path: str) -> tuple[list[str], list[int | None]]:
     return prompts, seeds
 
 
-def run(args) -> int:
-    import os
-    import shutil
-
-    import torch
-
+def check_args(args) -> tuple[list, int, int]:
+    """Every argument checked before torch or diffusers is imported: (jobs, width, height)."""
     from ..errors import ZoptError
-    from ..runtime import pipeline as P
+    from ..runtime.attention import ATTENTION
+    from ..runtime.offload import MODES
+    from ..runtime.pipeline import make_jobs
+    from ._args import check_source, parse_seeds
 
+    args.model = args.source or args.model or "tiny"
+    check_source(args.model)
+    if args.base:
+        check_source(args.base)
+    if args.offload not in ("auto", *MODES):
+        raise ZoptError(f"--offload {args.offload!r}: choose auto or one of {', '.join(MODES)}")
+    if args.attention != "auto" and args.attention not in ATTENTION:
+        from ..formats.outputs import _suggest
+
+        raise ZoptError(f"--attention {args.attention!r}: unknown kernel"
+                        f"{_suggest(args.attention, {a: a for a in ATTENTION})} (zopt doctor lists them)")
+    if args.device.split(":")[0] not in ("auto", "cpu", "cuda", "mps", "xpu"):
+        raise ZoptError(f"--device {args.device!r}: choose auto, cpu, cuda[:N], mps or xpu")
     prompts = list(args.prompt)
     file_seeds: list[int | None] = [None] * len(prompts)
     if args.prompts_file:
@@ -87,14 +112,32 @@ def run(args) -> int:
     if not prompts:
         prompts, file_seeds = ["a lighthouse on a cliff at dawn, photograph"], [None]
     if args.batch_size < 1 or args.steps < 1:
-        raise ZoptError("--batch-size and --steps must be at least 1")
-    jobs = P.make_jobs(prompts, args.seed, args.images_per_prompt,
-                       file_seeds if any(s is not None for s in file_seeds) else None)
+        raise ZoptError("--batch and --steps must be at least 1")
+    jobs = make_jobs(prompts, parse_seeds(args.seed), args.images_per_prompt,
+                     file_seeds if any(s is not None for s in file_seeds) else None)
     w, h = parse_resolution(args.resolution)
+    if args.out.lower().endswith(".png") and len(jobs) != 1:
+        raise ZoptError(f"-o {args.out} names one image but {len(jobs)} were requested; give a folder")
+    return jobs, w, h
+
+
+def run(args) -> int:
+    import os
+    import shutil
+
+    from ..progress import note
+
+    jobs, w, h = check_args(args)
+    if args.compile is not None:  # the loaders read the switch (ZOPT_COMPILE) when they build the model
+        os.environ["ZOPT_COMPILE"] = "1" if args.compile else "0"
+    note(f"generating {len(jobs)} image{'s' * (len(jobs) != 1)} with {args.model}: loading torch and the pipeline")
+    import torch
+
+    from ..progress import progress_bar
+    from ..runtime import pipeline as P
+
     dtype = None if args.dtype == "auto" else {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     single = args.out.lower().endswith(".png")
-    if single and len(jobs) != 1:
-        raise ZoptError(f"-o {args.out} names one image but {len(jobs)} were requested; give a folder")
     out_dir = Path(args.out).parent / (".zopt-gen-" + Path(args.out).stem) if single else Path(args.out)
     pipe, choice = P.prepare(args.model, device=args.device, offload=args.offload, attention=args.attention,
                              backend=args.backend, dtype=dtype, base=args.base, width=w, height=h,
@@ -105,10 +148,16 @@ def run(args) -> int:
     from .._compile import enabled
 
     if choice.backend == "int-mm-cpu" and choice.format == "gguf" and enabled():
-        print("compiling the transformer blocks during the first step (10-20 s once; ZOPT_COMPILE=0 skips it)")
-    req = P.GenerateRequest(prompts=prompts, seeds=sorted({s for _, s in jobs}), steps=args.steps, height=h,
-                            width=w, guidance_scale=args.guidance, batch_size=args.batch_size, jobs=jobs)
-    results = P.run(pipe, req, out_dir, extra_meta={"model": str(args.model)})
+        print("compiling the transformer blocks during the first step (10-20 s once; --no-compile skips it)")
+    req = P.GenerateRequest(prompts=[p for p, _ in jobs], seeds=sorted({s for _, s in jobs}), steps=args.steps,
+                            height=h, width=w, guidance_scale=args.guidance, batch_size=args.batch_size, jobs=jobs)
+    calls = -(-len(jobs) // max(1, args.batch_size))
+    with progress_bar(calls * args.steps, "generate", unit="steps", enabled=not args.no_progress) as bar:
+        def step(pipe, i, t, kw):  # diffusers' callback_on_step_end: one call per denoising step
+            bar.advance(1)
+            return kw
+
+        results = P.run(pipe, req, out_dir, extra_meta={"model": str(args.model)}, callback=step)
     shutil.rmtree(out_dir / ".offload", ignore_errors=True)
     if single:
         os.replace(results[0].path, args.out)

@@ -112,7 +112,9 @@ def resolve_base(model: str | os.PathLike, transformer_config: dict[str, Any], b
     family = for_config(transformer_config)
     builtin = family.builtin_sources()  # name -> builder of an embedded pipeline folder
     if base and base not in builtin:
-        p = Path(base)
+        from ..checkpoint import hub_pipeline
+
+        p = hub_pipeline(os.fspath(base)) or Path(base)  # a Hub id, as SOURCE takes
         if not (p / "model_index.json").exists():
             raise ZoptError("not a diffusers pipeline folder (no model_index.json)", p)
         return p

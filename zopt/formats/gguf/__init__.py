@@ -262,8 +262,14 @@ def load(path: Path, device: str, backend: str, dtype: Any = None, **kw: Any):
 
 
 def _source_name(path) -> str:
-    """A readable source name (a diffusers ``transformer/`` folder goes by its parent's name)."""
+    """A readable source name: ``owner/name@commit`` for a Hub snapshot (the command that reproduces
+    the file names it), else a diffusers ``transformer/`` folder goes by its parent's name."""
     if not path:
         return ""
+    from ...checkpoint import hub_id_of
+
+    hub = hub_id_of(path)
+    if hub:
+        return hub
     p = Path(path)
     return p.parent.name if p.name == "transformer" and p.parent.name else p.name
