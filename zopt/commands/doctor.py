@@ -44,7 +44,8 @@ def run(args) -> int:
         ("system RAM", f"{_gib(hw.system_free)} free of {_gib(hw.system_memory)}" if hw.system_memory else "-"),
         ("matmul", ", ".join(k for k, v in (("bf16", hw.bf16), ("fp16", hw.fp16), ("fp8", hw.fp8_matmul),
                                              ("int8", hw.int8_matmul)) if v)),
-        ("CPU", f"{hw.cores} cores, {', '.join(hw.isa()) or 'no SIMD flags found'}"),
+        ("CPU", f"{hw.cores} cores, {', '.join(hw.isa()) or 'no SIMD flags found'}"
+                + (f"; torch kernels: {hw.cpu_capability}" if hw.cpu_capability else "")),
         ("torch", hw.torch_version or "-"),
         ("packages", ", ".join(f"{k} {v}" for k, v in sorted(hw.packages.items())) or "none of the optional ones"),
         ("onnxruntime", ", ".join(hw.ort_providers) or "not installed"),

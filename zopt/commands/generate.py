@@ -145,10 +145,6 @@ def run(args) -> int:
                              text_encoder=args.text_encoder, vae_tiling=args.vae_tiling, guidance=args.guidance)
     print(f"{choice.format} via {choice.backend} on {choice.device} ({choice.dtype}); offload {choice.offload}: "
           f"{choice.offload_reason}; text encoder {choice.text_encoder}; attention {choice.attention}")
-    from .._compile import enabled
-
-    if choice.backend == "int-mm-cpu" and choice.format == "gguf" and enabled():
-        print("compiling the transformer blocks during the first step (10-20 s once; --no-compile skips it)")
     req = P.GenerateRequest(prompts=[p for p, _ in jobs], seeds=sorted({s for _, s in jobs}), steps=args.steps,
                             height=h, width=w, guidance_scale=args.guidance, batch_size=args.batch_size, jobs=jobs)
     calls = -(-len(jobs) // max(1, args.batch_size))
