@@ -197,6 +197,7 @@ def test_card_is_a_hub_model_card_with_image_grid(tmp_path, variants):
     card = ModelCard.load(repo / "README.md")
     assert card.data.library_name == "diffusers" and card.data.base_model_relation == "quantized"
     assert "zopt" in card.data.tags
+    assert 'transformer=zopt.load(folder, device="cuda"' in card.text  # the documented one-liner
     grid = [ln for ln in card.text.splitlines() if ln.startswith("| a (seed 0)")]
     assert grid and all(f"](images/{n}-0.png)" in grid[0] for n in ("reference", "tiny-bf16", "tiny-fp16"))
     with Image.open(repo / "images" / "tiny-fp16-0.png") as im:

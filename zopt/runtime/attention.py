@@ -148,6 +148,12 @@ def check_installed(name: str) -> None:
         raise ZoptError(f"attention backend {name!r} is not usable: {e}") from None
 
 
+def runs_torch_attention(transformer) -> bool:
+    """Whether ``transformer`` has diffusers attention layers to switch (an ONNX or TensorRT graph
+    runs attention inside its runtime, whatever was asked for)."""
+    return any(hasattr(m, "processor") for m in transformer.modules())
+
+
 def apply(transformer, name: str) -> None:
     """Switch every attention layer of ``transformer`` to ``name`` (after checking it is installed)."""
     check_installed(name)

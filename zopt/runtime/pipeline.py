@@ -279,7 +279,10 @@ def prepare(model: str | os.PathLike = "tiny", *, device: str = "auto", offload:
     parts["transformer"] = transformer
     pipe = family.pipeline_class()(**parts)
     att_reason = att.reason if att else "model default"
-    if att is not None:
+    if att is not None and not A.runs_torch_attention(pipe.transformer):
+        att = A.AttentionChoice("graph", f"{fmt}: the runtime runs attention inside its graph")
+        att_reason = att.reason
+    elif att is not None:
         if place and place != hw.torch_device and A.ATTENTION[att.name].requires:
             att_reason += f" (not switched on: {place} stands in for {hw.device})"
         else:
