@@ -224,3 +224,13 @@ def test_hub_sources_are_recorded_with_their_revision(tmp_path):
     assert pinned_hub_id("Tongyi-MAI/Z-Image-Turbo", snap) == f"Tongyi-MAI/Z-Image-Turbo@{commit}"
     assert pinned_hub_id("Tongyi-MAI/Z-Image-Turbo@v1", snap) == "Tongyi-MAI/Z-Image-Turbo@v1"
     assert pinned_hub_id("./local", tmp_path) == "./local" and hub_id_of(tmp_path) is None
+
+
+def test_gguf_of_a_builtin_source_records_a_runnable_command(tmp_path):
+    """A GGUF made from ``tiny`` names ``tiny`` (not the cache folder) in its reproducing command."""
+    import zopt
+    from zopt.publish import describe_variant
+
+    out = zopt.convert("tiny", "gguf:Q8_0", tmp_path / "t.gguf", progress=False)
+    v = describe_variant(out)
+    assert v.source_name == "tiny" and v.command == "zopt convert tiny --to gguf:Q8_0"

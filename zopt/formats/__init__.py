@@ -72,6 +72,8 @@ def convert_open(src: Any, source_spec: str, to: str, info: Format, sub: str | N
     from .artifact import refuse_zopt_folder
 
     refuse_zopt_folder(src)
+    if not Path(source_spec).expanduser().exists():  # a built-in name or Hub id, not a path
+        src.spec = source_spec
     result = module_for(info).convert(src, out, sub, opts, progress, format=info.name)
     _record_command(result, command_line(to, source_spec, opts.changed()))
     return result

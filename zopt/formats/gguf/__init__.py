@@ -118,7 +118,7 @@ def metadata_for(src: TensorSource, subtype: str, config: dict[str, Any], plans:
         "general.quantization_version": QUANTIZATION_VERSION,
         "zopt.version": __version__,
         "zopt.recipe": rec.name,
-        "zopt.source.name": _source_name(src.path),
+        "zopt.source.name": getattr(src, "spec", None) or _source_name(src.path),
         "zopt.source.sha256": sha256 or "",
         "zopt.bits_per_weight": round(gguf_recipes.bits_per_weight(plans), 4),
         "zopt.config": json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True),
