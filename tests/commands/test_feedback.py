@@ -14,7 +14,7 @@ import pytest
 from zopt.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "ZOPT_QUIET": ""}
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "ZOPT_QUIET": "", "ZOPT_PROGRESS": "1"}  # notes as on a terminal
 
 # Runs one command in a fresh interpreter and reports which heavy packages it imported.
 PROBE = """

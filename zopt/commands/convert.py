@@ -107,8 +107,9 @@ def run(args) -> int:
         return _convert_many(args, specs, options, note)
     out = Path(args.out) if args.out else default_out(args.source, args.to, args.layout)
     out = output_path(infos[0], args.out if args.out else out, force=args.force)
+    typed = infos[0].parse_options(options)  # an unknown key or bad value fails here, before any work
     note(f"converting {args.source} to {specs[0]} -> {out}")
-    result = convert(args.source, specs[0], out, options=options, progress=not args.no_progress,
+    result = convert(args.source, specs[0], out, options=typed, progress=not args.no_progress,
                      allow_pickle=args.allow_pickle, force=args.force)
     print(f"wrote {result} ({_size(result)})")
     return 0
@@ -121,7 +122,8 @@ def _size(path: Path) -> str:
 
 def _convert_many(args, specs: list[str], options: dict, note) -> int:
     """Several targets: -o names the folder that receives each one under its default name."""
-    from ..formats.multi import convert_many
+    from ..formats.multi import convert_many, split_options
+    from ..formats.outputs import check_spec, output_path
 
     folder = Path(args.out or "exports")
     if folder.suffix.lower() in (".gguf", ".safetensors") or (folder.exists() and not folder.is_dir()):
@@ -129,6 +131,12 @@ def _convert_many(args, specs: list[str], options: dict, note) -> int:
 
         raise ZoptError("several targets need a folder for -o (each is written under its default name)", folder)
     targets = [(t, folder / default_out(args.source, t, args.layout).name) for t in specs]
+    shares = split_options(options, [check_spec(t)[0].name for t in specs])
+    for t in specs:  # every option checked for every target before the note and the source
+        info = check_spec(t)[0]
+        info.parse_options(shares[info.name])
+    for t, out in targets:
+        output_path(check_spec(t)[0], out, force=args.force)
     note(f"converting {args.source} to {len(specs)} formats in one pass -> {folder}/")
     results, shared = convert_many(args.source, targets, options=options, progress=not args.no_progress,
                                    allow_pickle=args.allow_pickle, force=args.force)
