@@ -46,7 +46,7 @@ def _cli_checks(cases: list[F.Case], work: Path) -> Counter:
         d.mkdir(parents=True)
         target = c.build(d)
         if c.kind in ARTIFACT_KINDS:
-            cmd = ["generate", "--model", str(target), "--steps", "1", "--resolution", "64x64", "--out", str(d / "o")]
+            cmd = ["generate", str(target), "--steps", "1", "--resolution", "64x64", "--out", str(d / "o")]
         else:
             cmd = [*CLI_COMMANDS[c.kind], str(target)]
         try:

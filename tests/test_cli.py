@@ -121,8 +121,8 @@ def test_convert_plain_roundtrip(tmp_path, tiny_original_file, tiny_transformer_
 def test_generate_is_deterministic(tmp_path):
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     for out in (a, b):
-        assert main(["generate", "--model", "tiny", "--prompt", "a red fox", "--steps", "3",
-                     "--resolution", "128x128", "--seed", "7", "-o", str(out)]) == 0
+        assert main(["generate", "tiny", "--prompt", "a red fox", "--steps", "3",
+                     "--resolution", "128x128", "--seeds", "7", "-o", str(out)]) == 0
     from PIL import Image
 
     ia, ib = Image.open(a), Image.open(b)
@@ -132,7 +132,7 @@ def test_generate_is_deterministic(tmp_path):
     assert meta["seed"] == 7 and meta["prompt"] == "a red fox"
     # another seed gives another image
     c = tmp_path / "c.png"
-    main(["generate", "--prompt", "a red fox", "--steps", "3", "--resolution", "128x128", "--seed", "8", "-o", str(c)])
+    main(["generate", "--prompt", "a red fox", "--steps", "3", "--resolution", "128x128", "--seeds", "8", "-o", str(c)])
     assert Image.open(c).tobytes() != ia.tobytes()
 
 

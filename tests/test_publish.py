@@ -173,3 +173,64 @@ def test_card_marks_noisy_latency(variants):
     rows = {row[0]: " | ".join(row) for row in variant_rows(described, match_records(described, [steady, noisy]))}
     assert "| 11.0 (noisy: p90 3.0x median) |" in rows["`tiny-fp16`"]
     assert "| 12.5 |" in rows["`tiny-bf16`"] and "noisy" not in rows["`tiny-bf16`"]
+
+
+def test_card_is_a_hub_model_card_with_image_grid(tmp_path, variants):
+    """The card parses with huggingface_hub's ModelCard (metadata as written); the bench images of
+    the reference and each measured variant are in the folder, checksummed, and shown in the card."""
+    from bench_helpers import record
+    from huggingface_hub import ModelCard
+    from PIL import Image
+
+    from zopt.publish import assemble, describe_variant, verify
+
+    bench = tmp_path / "bench"
+    (bench / "img").mkdir(parents=True)
+    for i, name in enumerate(("ref.png", "bf16.png", "fp16.png")):
+        Image.new("RGB", (512, 384), (40 * i, 80, 120)).save(bench / "img" / name)
+    sha = describe_variant(variants[0]).source_sha256
+    recs = [record("fp32", role="reference", psnr=None, bits=32, out=bench, images=["img/ref.png"]),
+            record("bf16", out=bench, images=["img/bf16.png"]), record("fp16", out=bench, images=["img/fp16.png"])]
+    for r in recs:
+        r["source"]["sha256"] = sha
+    repo = assemble(variants, tmp_path / "repo", records=recs, record_roots={id(r): bench for r in recs})
+    card = ModelCard.load(repo / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.base_model_relation == "quantized"
+    assert "zopt" in card.data.tags
+    assert 'transformer=zopt.load(folder, device="cuda"' in card.text  # the documented one-liner
+    grid = [ln for ln in card.text.splitlines() if ln.startswith("| a (seed 0)")]
+    assert grid and all(f"](images/{n}-0.png)" in grid[0] for n in ("reference", "tiny-bf16", "tiny-fp16"))
+    with Image.open(repo / "images" / "tiny-fp16-0.png") as im:
+        assert im.size == (256, 192) and im.getpixel((5, 5)) == (80, 80, 120)
+    assert "images/tiny-fp16-0.png" in json.loads((repo / "zopt-publish.json").read_text())["files"]
+    verify(repo, load=False)
+
+
+def test_card_library_is_zopt_when_diffusers_cannot_read_a_variant(tmp_path, tiny_transformer_dir):
+    import zopt
+    from zopt.card import card_data
+    from zopt.publish import describe_variant
+
+    fp8 = describe_variant(zopt.convert(tiny_transformer_dir, "fp8", tmp_path / "tiny-fp8", progress=False))
+    assert card_data([fp8], None, "Tongyi-MAI/Z-Image-Turbo").library_name == "zopt"
+
+
+def test_hub_sources_are_recorded_with_their_revision(tmp_path):
+    from zopt.checkpoint import hub_id_of, pinned_hub_id
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snap = tmp_path / "hub" / "models--Tongyi-MAI--Z-Image-Turbo" / "snapshots" / commit / "transformer"
+    assert hub_id_of(snap) == f"Tongyi-MAI/Z-Image-Turbo@{commit}"
+    assert pinned_hub_id("Tongyi-MAI/Z-Image-Turbo", snap) == f"Tongyi-MAI/Z-Image-Turbo@{commit}"
+    assert pinned_hub_id("Tongyi-MAI/Z-Image-Turbo@v1", snap) == "Tongyi-MAI/Z-Image-Turbo@v1"
+    assert pinned_hub_id("./local", tmp_path) == "./local" and hub_id_of(tmp_path) is None
+
+
+def test_gguf_of_a_builtin_source_records_a_runnable_command(tmp_path):
+    """A GGUF made from ``tiny`` names ``tiny`` (not the cache folder) in its reproducing command."""
+    import zopt
+    from zopt.publish import describe_variant
+
+    out = zopt.convert("tiny", "gguf:Q8_0", tmp_path / "t.gguf", progress=False)
+    v = describe_variant(out)
+    assert v.source_name == "tiny" and v.command == "zopt convert tiny --to gguf:Q8_0"

@@ -46,6 +46,17 @@ def enabled() -> bool:
 
 
 _warned: list[bool] = []
+_noted: list[bool] = []
+
+
+def _compile_note() -> None:
+    """Say once per process that the next call compiles (seconds to a minute, then cached)."""
+    if not _noted:
+        _noted.append(True)
+        from .progress import note
+
+        note("compiling kernels with torch.compile (once: 10-60 s, then cached on disk; ZOPT_COMPILE=0 "
+             "or --no-compile skips it)")
 
 
 def _no_compiler_warning() -> None:
@@ -71,6 +82,7 @@ class _Fused:
         if self._compiled is None:
             import torch
 
+            _compile_note()
             self._compiled = torch.compile(self.fn, dynamic=True)
         try:
             with warnings.catch_warnings():

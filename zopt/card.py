@@ -31,11 +31,15 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def _yaml_list(items: list[str]) -> str:
-    return "\n".join(f"- {i}" for i in items)
+# formats whose folders diffusers' own loaders read as they are (nf4 through bitsandbytes) and
+# GGUF files (diffusers' from_single_file); any other variant needs zopt.load
+DIFFUSERS_READABLE = ("bf16", "fp16", "fp32", "nf4", "gguf")
 
 
-def front_matter(variants, repo_id: str | None, license: str | None, base_model: str) -> str:
+def card_data(variants, license: str | None, base_model: str):
+    """The card's metadata as huggingface_hub's ``ModelCardData``."""
+    from huggingface_hub import ModelCardData
+
     from .formats.registry import card_tags
 
     tags = ["z-image", "text-to-image", "quantized", "zopt"]
@@ -43,17 +47,19 @@ def front_matter(variants, repo_id: str | None, license: str | None, base_model:
         for tag in card_tags(v.format):
             if tag not in tags:
                 tags.append(tag)
-    library = "gguf" if all(v.format == "gguf" for v in variants) else "diffusers"
-    return (
-        "---\n"
-        f"base_model: {base_model}\n"
-        "base_model_relation: quantized\n"
-        f"library_name: {library}\n"
-        "pipeline_tag: text-to-image\n"
-        f"license: {license or 'apache-2.0'}\n"
-        f"tags:\n{_yaml_list(tags)}\n"
-        "---\n"
-    )
+    if all(v.format == "gguf" for v in variants):
+        library = "gguf"
+    elif all(v.format in DIFFUSERS_READABLE for v in variants):
+        library = "diffusers"
+    else:  # diffusers refuses zopt-only folders (their config names quant_method "zopt")
+        library = "zopt"
+    return ModelCardData(base_model=base_model, base_model_relation="quantized", library_name=library,
+                         pipeline_tag="text-to-image", license=license or "apache-2.0", tags=tags)
+
+
+def front_matter(variants, repo_id: str | None, license: str | None, base_model: str) -> str:
+    """The YAML front matter block (``---`` lines included) of the card."""
+    return f"---\n{card_data(variants, license, base_model).to_yaml()}\n---\n"
 
 
 def variant_rows(variants, matched: dict[str, dict[str, Any]]) -> list[list[str]]:
@@ -80,7 +86,7 @@ def _cell(rec: dict[str, Any], path: str, fmt) -> str:
     return text
 
 
-def _usage(v, repo: str) -> str:
+def _usage(v, repo: str, base: str) -> str:
     if v.format == "gguf":
         return f"""### `{v.name}` ({v.spec})
 
@@ -95,7 +101,7 @@ transformer = ZImageTransformer2DModel.from_single_file(
     quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16),
     config="{repo}", torch_dtype=torch.bfloat16,
 )
-pipe = ZImagePipeline.from_pretrained("Tongyi-MAI/Z-Image-Turbo", transformer=transformer, torch_dtype=torch.bfloat16)
+pipe = ZImagePipeline.from_pretrained("{base}", transformer=transformer, torch_dtype=torch.bfloat16)
 image = pipe("a lighthouse at dawn", num_inference_steps=8, guidance_scale=0.0).images[0]
 ```
 
@@ -109,25 +115,88 @@ sd-cli --diffusion-model {v.name} --vae ae.safetensors --llm Qwen3-4B-Instruct-2
   -p "a lighthouse at dawn" --cfg-scale 1.0 --steps 8 -H 1024 -W 1024
 ```
 
-zopt: `zopt generate --model {v.name} --base PATH_TO_Z_IMAGE_PIPELINE --prompt "a lighthouse at dawn"`
+zopt: `zopt generate {v.name} --base {base} --prompt "a lighthouse at dawn"`
 """
     comfy = v.options.get("layout") == "comfy"
     extra = ("\nComfyUI: the folder holds a scaled-FP8 single file in ComfyUI's layout; copy it to "
              "`ComfyUI/models/diffusion_models/` and load it with *Load Diffusion Model*.\n") if comfy else ""
+    diffusers_note = (
+        "diffusers' own `from_pretrained` reads this folder through its bitsandbytes quantizer (CUDA)."
+        if v.format == "nf4" else
+        "diffusers cannot read these weights itself: `ZImageTransformer2DModel.from_pretrained` on this folder "
+        "stops with \"Unknown quantization type, got zopt\" (its config says so) instead of loading a wrong model.")
     return f"""### `{v.name}/` ({v.spec})
 
-zopt rebuilds the transformer from the artifact alone and picks the kernel for your hardware:
+In a diffusers pipeline, with zopt rebuilding the transformer (it checks every file's sha256 and
+picks the kernel for your hardware):
 
 ```python
-import zopt
-transformer = zopt.load("{v.name}", device="cuda")  # checks every file's sha256 first
+import torch, zopt
+from diffusers import ZImagePipeline
+from huggingface_hub import snapshot_download
+
+folder = snapshot_download("{repo}", allow_patterns="{v.name}/*") + "/{v.name}"
+pipe = ZImagePipeline.from_pretrained("{base}", transformer=zopt.load(folder, device="cuda", dtype=torch.bfloat16),
+                                      torch_dtype=torch.bfloat16).to("cuda")
+image = pipe("a lighthouse at dawn", num_inference_steps=8, guidance_scale=0.0).images[0]
 ```
 
-or `zopt generate --model {v.name} --base PATH_TO_Z_IMAGE_PIPELINE --prompt "a lighthouse at dawn"`.
+{diffusers_note}
+
+zopt alone: `zopt generate {v.name} --base {base} --prompt "a lighthouse at dawn"`.
 {extra}"""
 
 
-def render_card(variants, matched, reference, *, repo_id, license, base_model, zopt_version) -> str:
+GRID_ROWS = 4  # images per variant in the card (the bench's first prompts/seeds)
+GRID_PX = 256  # long side of a card thumbnail
+
+
+def write_grid(variants, matched: dict[str, dict[str, Any]], reference: dict[str, Any] | None,
+               roots: dict[int, Any], folder) -> list[str]:
+    """Copy the first GRID_ROWS images of the reference and of each measured variant, as GRID_PX
+    thumbnails, to ``folder/images/``; return the markdown table (empty without images).
+
+    ``roots`` maps ``id(record)`` to the folder its image paths are relative to.
+    """
+    from pathlib import Path
+
+    cols = [("reference", reference)] if reference else []
+    cols += [(v.name, matched[v.name]) for v in variants if v.name in matched]
+    cols = [(n, r) for n, r in cols if r.get("images") and id(r) in roots]
+    if not cols or (reference is not None and cols[0][1] is not reference):
+        return []
+    from PIL import Image
+
+    out = Path(folder) / "images"
+    rows = []
+    for k, im in enumerate(cols[0][1]["images"][:GRID_ROWS]):
+        cells = []
+        for n, r in cols:
+            if k >= len(r["images"]):
+                cells.append("")
+                continue
+            src = Path(roots[id(r)]) / r["images"][k]["path"]
+            if not src.is_file():
+                cells.append("(missing)")
+                continue
+            rel = f"images/{n.replace('/', '_')}-{k}.png"
+            out.mkdir(parents=True, exist_ok=True)
+            with Image.open(src) as img:
+                img = img.convert("RGB")
+                img.thumbnail((GRID_PX, GRID_PX))
+                img.save(Path(folder) / rel, format="PNG")
+            cells.append(f"![{n}, seed {im.get('seed', '?')}]({rel})")
+        rows.append(f"| {str(im.get('prompt', ''))[:60]} (seed {im.get('seed', '?')}) | " + " | ".join(cells) + " |")
+    head = "| prompt | " + " | ".join(f"`{n}`" for n, _ in cols) + " |"
+    return [head, "|" + "---|" * (len(cols) + 1), *rows]
+
+
+def render_card(variants, matched, reference, *, repo_id, license, base_model, zopt_version,
+                grid: list[str] | None = None) -> str:
+    """The card (README.md) text, built with huggingface_hub's ``ModelCard``: metadata, the measured
+    table, the image ``grid`` (markdown lines from :func:`write_grid`), commands and usage."""
+    from huggingface_hub import ModelCard
+
     repo = repo_id or "USER/REPO"
     head = ["file", "format", "size", "bits/weight"] + [h for h, _, _ in CARD_METRICS] + ["measured on"]
     lines = [front_matter(variants, repo_id, license, base_model)]
@@ -157,6 +226,11 @@ def render_card(variants, matched, reference, *, repo_id, license, base_model, z
         )
     else:
         lines.append("No benchmark records were supplied: run `zopt bench` and publish with `--bench`.\n")
+    if grid:
+        lines.append("## Images\n")
+        lines.append("The same prompt, seed and initial noise through the reference and each variant "
+                     f"({GRID_PX} px thumbnails of the benchmark's images).\n")
+        lines += [*grid, ""]
     lines.append("## How each file was made\n")
     lines.append("| file | command | zopt | source sha256 |")
     lines.append("|---|---|---|---|")
@@ -165,10 +239,10 @@ def render_card(variants, matched, reference, *, repo_id, license, base_model, z
     lines.append("")
     lines.append("## Usage\n")
     for v in variants:
-        lines.append(_usage(v, repo))
+        lines.append(_usage(v, repo, base_model))
     lines.append("## Integrity\n")
     lines.append(
         "`zopt-publish.json` lists the sha256 of every file and the provenance of each variant; "
         "`zopt verify .` re-checks all of them and loads every variant.\n"
     )
-    return "\n".join(lines)
+    return str(ModelCard("\n".join(lines)))

@@ -20,7 +20,7 @@ COMMANDS: dict[str, str] = {
     "bench": "benchmark formats here: memory, latency, quality vs reference; table, JSON, HTML report, CI gate",
     "synth": "write a seeded synthetic checkpoint (full size: 6.15B params, 12.3 GB bf16), streaming",
     "publish": "assemble a Hub-ready folder (files, measured model card, checksums) and optionally --push",
-    "verify": "re-check a published folder: every sha256, every variant loads",
+    "verify": "re-check a published folder or one artifact: every sha256, every variant loads",
 }
 
 

@@ -49,3 +49,17 @@ def progress_bar(total: float, description: str, unit: str = "", enabled: bool =
     cols += [TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
     with Progress(*cols, console=Console(stderr=True), transient=False) as p:
         yield _Bar(p, p.add_task(description, total=total))
+
+
+def note(text: str) -> None:
+    """One status line on stderr, written at once: what a command is about to do before slow work
+    (heavy imports, a build, compilation). Shown where progress bars are (stderr a terminal, or
+    ``ZOPT_PROGRESS`` set), so pipes and logs keep only results and one-line errors;
+    ``ZOPT_QUIET=1`` turns notes off everywhere."""
+    import os
+
+    if os.environ.get("ZOPT_QUIET", "").strip().lower() in ("1", "true", "yes", "on"):
+        return
+    if not sys.stderr.isatty() and not os.environ.get("ZOPT_PROGRESS"):
+        return
+    print(f"zopt: {text}", file=sys.stderr, flush=True)

@@ -208,10 +208,12 @@ def assemble(
     license: str | None = None,
     base_model: str = "Tongyi-MAI/Z-Image-Turbo",
     mode: str = "link",
+    record_roots: dict[int, str | os.PathLike] | None = None,
 ) -> Path:
-    """Build the repository folder at ``out`` (atomically) and return it."""
+    """Build the repository folder at ``out`` (atomically) and return it; ``record_roots`` maps
+    ``id(record)`` to the folder its image paths are relative to (the card's image grid)."""
     from ._version import __version__
-    from .card import render_card
+    from .card import render_card, write_grid
 
     if not variants:
         raise ZoptError("publish needs at least one variant")
@@ -234,8 +236,10 @@ def assemble(
             from .formats.artifact import write_config
 
             write_config(tmp, gguf_cfg)
-        card = render_card(described, matched, reference_record(records), repo_id=repo_id, license=license,
-                           base_model=base_model, zopt_version=__version__)
+        reference = reference_record(records)
+        grid = write_grid(described, matched, reference, record_roots or {}, tmp)
+        card = render_card(described, matched, reference, repo_id=repo_id, license=license,
+                           base_model=base_model, zopt_version=__version__, grid=grid)
         (tmp / "README.md").write_text(card)
         files = {}
         for f in sorted(q for q in tmp.rglob("*") if q.is_file()):

@@ -16,7 +16,10 @@ from zopt.cli import main
 @pytest.mark.slow
 def test_tiny_sweep_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench"
-    code = main(["bench", "--formats", "bf16,nosuchformat", "--steps", "2", "--resolution", "64x64",
+    # an unknown format fails at once, before the reference run writes anything
+    assert main(["bench", "--formats", "bf16,nosuchformat", "-o", str(out)]) == 2
+    assert "unknown format 'nosuchformat'" in capsys.readouterr().err and not out.exists()
+    code = main(["bench", "--formats", "bf16", "--steps", "2", "--resolution", "64x64",
                  "--repeats", "1", "--warmup", "0", "-o", str(out), "--no-progress", "--reconvert",
                  "--offload", "none,model", "--attention", "auto"])
     stdout = capsys.readouterr().out
@@ -24,16 +27,15 @@ def test_tiny_sweep_end_to_end(tmp_path, capsys):
     assert "bf16@torch" in stdout and "report:" in stdout
     records = load_records(out / "results.json")
     by = {r["label"]: r for r in records}
-    assert set(by) == {"reference", "bf16@torch", "bf16@torch+offload=model", "nosuchformat"}
+    assert set(by) == {"reference", "bf16@torch", "bf16@torch+offload=model"}
     assert all(validate(r) == [] for r in records)
-    assert len(list((out / "records").glob("*.json"))) == 4
+    assert len(list((out / "records").glob("*.json"))) == 3
     # one record per offload mode; on a CPU device model offload has nowhere to move weights to
     moved = by["bf16@torch+offload=model"]
     assert moved["settings"]["offload"] == "model" and moved["status"] == "skipped" and "CPU" in moved["message"]
     ref, var = by["reference"], by["bf16@torch"]
     assert ref["status"] == "ok", ref["message"]
     assert var["status"] == "ok", var["message"]
-    assert by["nosuchformat"]["status"] == "unsupported" and "unknown format" in by["nosuchformat"]["message"]
 
     m = var["metrics"]
     prompts = len(var["settings"]["prompts"])

@@ -73,3 +73,21 @@ def test_simulated_machines_are_what_they_claim():
 def test_unknown_fake_is_a_clear_error():
     with pytest.raises(ZoptError, match="cpu-only"):
         fake("tpu-v5")
+
+
+def test_cpu_vector_width_comes_from_torch_dispatch():
+    """The CPU cost model uses the ISA torch's kernels dispatch to, not a parse of /proc/cpuinfo."""
+    import dataclasses
+
+    import torch
+
+    from zopt.platform.hardware import detect
+
+    hw = detect()
+    assert hw.cpu_capability == torch.backends.cpu.get_cpu_capability()
+    want = {"AVX512": 16, "AVX2": 8}.get(hw.cpu_capability, 4)
+    assert hw.vector_width() == want
+    # the capability decides even where the flags say more (ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU)
+    lowered = dataclasses.replace(hw, cpu_capability="AVX2", cpu_flags=("avx2", "avx512f"))
+    assert lowered.vector_width() == 8
+    assert dataclasses.replace(hw, cpu_capability="", cpu_flags=("avx2", "avx512f")).vector_width() == 16

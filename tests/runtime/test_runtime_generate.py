@@ -57,8 +57,8 @@ def test_generate_cli_batched_with_per_prompt_seeds(tmp_path, capsys):
     long = "a small red house by a quiet lake at dawn, " * 8  # > 32 more tokens than "fog": a masked batch
     prompts.write_text(json.dumps({"prompt": long, "seed": 21}) + '\n{"prompt": "fog"}\n')
     out = tmp_path / "imgs"
-    rc = main(["generate", "--model", "tiny", "--prompts-file", str(prompts), "--seed", "4", "--steps", "2",
-               "--resolution", "64x64", "--batch-size", "2", "--device", "auto", "--offload", "auto",
+    rc = main(["generate", "tiny", "--prompts-file", str(prompts), "--seeds", "4", "--steps", "2",
+               "--resolution", "64x64", "--batch", "2", "--device", "auto", "--offload", "auto",
                "--attention", "auto", "-o", str(out)])
     assert rc == 0, capsys.readouterr().err
     metas = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
@@ -91,7 +91,7 @@ def test_generate_cli_errors(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(common + ["--device", "cuda", "-o", str(tmp_path / "x")]) == 2
         assert "no such device here" in capsys.readouterr().err
-    assert main(common + ["--prompt", "a", "--prompt", "b", "--prompt", "c", "--seed", "1", "--seed", "2"]) == 2
+    assert main(common + ["--prompt", "a", "--prompt", "b", "--prompt", "c", "--seeds", "1", "2"]) == 2
     assert not list(tmp_path.glob("x/*.png"))
 
 
@@ -99,7 +99,7 @@ def test_single_png_output(tmp_path):
     from zopt.cli import main
 
     target = tmp_path / "cat.png"
-    assert main(["generate", "--prompt", "a cat", "--seed", "3", "--steps", "1", "--resolution", "64x64",
+    assert main(["generate", "--prompt", "a cat", "--seeds", "3", "--steps", "1", "--resolution", "64x64",
                  "--offload", "disk", "-o", str(target)]) == 0
     meta = json.loads(target.with_suffix(".json").read_text())
     assert meta["seed"] == 3 and meta["offload"] == "disk" and target.stat().st_size > 0
@@ -112,7 +112,7 @@ def test_generate_from_a_converted_variant(tmp_path, capsys):
 
     art = formats.convert("tiny", "fp16", tmp_path / "tiny-fp16", progress=False)
     out = tmp_path / "img"
-    assert main(["generate", "--model", str(art), "--prompt", "a boat", "--steps", "1", "--resolution", "64x64",
+    assert main(["generate", str(art), "--prompt", "a boat", "--steps", "1", "--resolution", "64x64",
                  "-o", str(out)]) == 0, capsys.readouterr().err
     meta = json.loads((out / "000-seed0.json").read_text())
     assert meta["format"] == "fp16" and meta["backend"] == "torch" and meta["model"] == str(art)

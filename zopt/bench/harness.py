@@ -291,10 +291,13 @@ def sweep(cfg: BenchConfig, display=None) -> list[dict[str, Any]]:
     """Run the whole sweep described by ``cfg``; write records under ``cfg.out``; return them."""
     from .. import checkpoint
     from ..families import resolve_source
+    from ..formats.outputs import check_spec
     from ..runtime import detect
     from .display import SweepDisplay
     from .metrics import bits_per_weight
 
+    for spec in expand_formats(cfg.formats):  # a typo fails here, not after the reference run
+        check_spec(spec)
     hw = detect()
     device = hw.torch_device if cfg.device == "auto" else cfg.device
     src = checkpoint.open(resolve_source(cfg.source))

@@ -36,7 +36,7 @@ __all__ = ["GGUFSource", "MultiSource", "PickleSource", "SAFETENSORS_DTYPES", "S
 _HUB_ID = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.-]*/[\w.-]+)(?:@([\w./-]+))?$")
 
 
-def _resolve_hub(spec: str) -> Path:
+def _resolve_hub(spec: str, patterns: list[str] | None = None) -> Path:
     """Resolve ``owner/name[@revision]`` to a local snapshot folder via huggingface_hub's cache.
 
     The cache is tried first. Only if that misses is the network used, after a quick reachability
@@ -47,7 +47,7 @@ def _resolve_hub(spec: str) -> Path:
     repo_id, revision = m.group(1), m.group(2)
     from huggingface_hub import snapshot_download
 
-    patterns = ["model_index.json", "transformer/*"]
+    patterns = patterns or ["model_index.json", "transformer/*"]
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
     except Exception:
@@ -64,6 +64,26 @@ def _resolve_hub(spec: str) -> Path:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as e:
         raise SourceNotFound(f"cannot fetch from the Hub ({_short(e)})", spec) from None
+
+
+def hub_id_of(path: str | os.PathLike) -> str | None:
+    """``owner/name@<commit>`` when ``path`` lies in a huggingface_hub cache snapshot
+    (``models--owner--name/snapshots/<commit>/...``), else None."""
+    parts = Path(path).parts
+    for i in range(len(parts) - 2):
+        if parts[i].startswith("models--") and parts[i + 1] == "snapshots" and \
+                re.fullmatch(r"[0-9a-f]{40}", parts[i + 2]):
+            return parts[i][len("models--"):].replace("--", "/", 1) + "@" + parts[i + 2]
+    return None
+
+
+def pinned_hub_id(spec: str, resolved: str | os.PathLike) -> str:
+    """A Hub id given without a revision -> ``owner/name@<commit>`` of the snapshot it was opened
+    from (``resolved``), so a recorded command names the exact revision; other specs as given."""
+    m = _HUB_ID.match(spec)
+    if m is None or m.group(2) or Path(spec).expanduser().exists():
+        return spec
+    return hub_id_of(resolved) or spec
 
 
 def _endpoint_reachable(url: str, timeout: float = 3.0) -> bool:
@@ -86,6 +106,17 @@ def _endpoint_reachable(url: str, timeout: float = 3.0) -> bool:
     th.start()
     th.join(timeout)
     return bool(result and result[0])
+
+
+BASE_PATTERNS = ["model_index.json", "text_encoder/*", "tokenizer/*", "vae/*", "scheduler/*"]
+
+
+def hub_pipeline(spec: str) -> Path | None:
+    """A Hub id ``owner/name[@revision]`` -> the local snapshot of its pipeline parts other than the
+    transformer (text encoder, tokenizer, VAE, scheduler); None when ``spec`` is not a Hub id."""
+    if Path(spec).expanduser().exists() or not _HUB_ID.match(spec) or spec.startswith((".", "/", "~")):
+        return None
+    return _resolve_hub(spec, BASE_PATTERNS)
 
 
 # --------------------------------------------------------------------------------------------

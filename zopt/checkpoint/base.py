@@ -59,6 +59,9 @@ class TensorSource(ABC):
     path: Path
     metadata: dict[str, str]
     config: dict[str, Any] | None = None
+    # how the user named the source when it is not a path: a built-in name (``tiny``) or a Hub id
+    # pinned to its revision (``owner/name@<commit>``); what a reproducing command should say
+    spec: str | None = None
 
     @abstractmethod
     def names(self) -> list[str]:

@@ -29,7 +29,8 @@ def add_arguments(p) -> None:
     p.add_argument("--attention", default="auto", help="attention kernels, comma separated (auto, native, flash...)")
     p.add_argument("--reference-offload", default="auto",
                    help="offload mode of the reference run (auto: whatever fits, so a 16 GB card can run bf16)")
-    p.add_argument("--base", default=None, help="pipeline folder supplying text encoder, tokenizer and VAE")
+    p.add_argument("--base", default=None,
+                   help="pipeline folder or owner/name[@rev] supplying text encoder, tokenizer and VAE")
     p.add_argument("--option", action="append", default=[], metavar="K=V", help="conversion option for every format")
     p.add_argument("--reconvert", action="store_true", help="convert again instead of using cached conversions")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per run before it is stopped")
@@ -66,12 +67,34 @@ def _prompts(path: str | None) -> list[str] | None:
 
 
 def _seeds(items: list[str]) -> list[int]:
-    from ..errors import ZoptError
+    from ._args import parse_seeds
 
-    try:
-        return [int(s) for item in items for s in item.split(",") if s.strip()]
-    except ValueError:
-        raise ZoptError(f"--seeds {' '.join(items)!r}: seeds are integers") from None
+    return parse_seeds(items)
+
+
+def check_formats(formats: str) -> list[str]:
+    """Every spec of ``--formats`` checked (did-you-mean included) before the reference run."""
+    from ..bench.harness import expand_formats
+    from ..formats.outputs import check_spec
+
+    specs = expand_formats([formats])
+    for spec in specs:
+        check_spec(spec)
+    return specs
+
+
+def check_runtime(offload: list[str], attention: list[str], reference_offload: str) -> None:
+    """Offload modes and attention kernels are known names (availability is the sweep's business)."""
+    from ..errors import ZoptError
+    from ..runtime.attention import ATTENTION
+    from ..runtime.offload import MODES
+
+    for mode in [*offload, reference_offload]:
+        if mode not in ("auto", *MODES):
+            raise ZoptError(f"offload mode {mode!r}: choose auto or one of {', '.join(MODES)}")
+    for name in attention:
+        if name != "auto" and name not in ATTENTION:
+            raise ZoptError(f"--attention {name!r}: unknown kernel (zopt doctor lists them)")
 
 
 def _list(text: str) -> list[str]:
@@ -112,28 +135,41 @@ def run(args) -> int:
         records = load_records(args.results)
         root = Path(args.results) if Path(args.results).is_dir() else Path(args.results).parent
     else:
-        from ..bench.harness import BenchConfig, sweep
-        from ..runtime.sampling import resolve_for
+        from ._args import check_source
 
+        specs = check_formats(args.formats)
+        check_source(args.source)
+        if args.base:
+            check_source(args.base)
         if args.repeats < 1:
             raise ZoptError("--repeats must be at least 1")
         if args.warmup < 0:
             raise ZoptError("--warmup cannot be negative")
         w, h = parse_resolution(args.resolution)
-        prompts = _prompts(args.prompts) or list(BenchConfig().prompts)
+        seeds, offload, attention = _seeds(args.seeds), _list(args.offload), _list(args.attention)
+        check_runtime(offload, attention, args.reference_offload)
+        prompts = _prompts(args.prompts)
+        from ..progress import note
+
+        note(f"bench: {len(specs)} format{'s' * (len(specs) != 1)} of {args.source} -> {out}; "
+             "loading torch, then the reference run")
+        from ..bench.harness import BenchConfig, sweep
+        from ..runtime.sampling import resolve_for
+
+        prompts = prompts or list(BenchConfig().prompts)
         negatives = [n or "" for n in sampling_args.negatives(args.negative_prompt, len(prompts))]
         if args.preset == "auto" and given["steps"] is None and given["sigmas"] is None:
             given["steps"] = BenchConfig().steps  # a few steps time a step as well as many
         s, _ = resolve_for(args.source, args.base, args.preset, **given)
         cfg = BenchConfig(source=args.source, formats=[args.formats], backend=args.backend, steps=s.steps,
-                          width=w, height=h, seeds=_seeds(args.seeds), repeats=args.repeats, warmup=args.warmup,
+                          width=w, height=h, seeds=seeds, repeats=args.repeats, warmup=args.warmup,
                           guidance_scale=s.guidance, negative_prompts=negatives, cfg_normalization=s.cfg_normalization,
                           cfg_truncation=s.cfg_truncation, max_sequence_length=s.max_sequence_length, shift=s.shift,
                           sigmas=list(s.sigmas) if s.sigmas else None, prompts=prompts, device=args.device,
                           base=args.base,
                           options=_options(args.option), out=out, timeout=args.timeout,
                           progress=not args.no_progress, reconvert=args.reconvert,
-                          offload=_list(args.offload), attention=_list(args.attention),
+                          offload=offload, attention=attention,
                           reference_offload=args.reference_offload)
         records = sweep(cfg)
         root = out

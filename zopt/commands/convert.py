@@ -7,7 +7,9 @@ from pathlib import Path
 
 def add_arguments(p) -> None:
     p.add_argument("source", nargs="?", help="checkpoint: .safetensors, .gguf, diffusers folder, 'tiny' or owner/name[@rev]")
-    p.add_argument("--to", dest="to", help="target, e.g. gguf:Q4_K_M, gguf:Q8_0, fp8, int8, int8_w8a8, int4, nf4, onnx:fp32")
+    p.add_argument("--to", dest="to", help="target, e.g. gguf:Q4_K_M, gguf:Q8_0, fp8, int8, int8_w8a8, int4, nf4, "
+                   "onnx:fp32; several comma separated (gguf:Q8_0,gguf:Q4_K_M,fp8) are written in one pass over "
+                   "the source into the -o folder")
     p.add_argument("-o", "--out", help="output file (.gguf, added if missing) or folder (default: "
                    "exports/<model>-<TYPE>.gguf, exports/<model>-<format>[-<subtype>][-<layout>]/)")
     p.add_argument("--force", action="store_true", help="replace an existing output (atomically)")
@@ -83,8 +85,10 @@ def run(args) -> int:
     if not args.source or not args.to:
         raise ZoptError("convert needs SOURCE and --to FORMAT (see --list-types)")
     from ..formats.outputs import check_spec, output_path
+    from ..progress import note
 
-    info, _ = check_spec(args.to)  # before the source is read: a typo costs nothing
+    specs = [t.strip() for t in args.to.split(",") if t.strip()]
+    infos = [check_spec(t)[0] for t in specs]  # before the source is read: a typo costs nothing
     options = {}
     for kv in args.option:
         if "=" not in kv:
@@ -99,10 +103,45 @@ def run(args) -> int:
         options["layout"] = args.layout
     if args.no_hash:
         options["hash_source"] = False
+    if len(specs) > 1:
+        return _convert_many(args, specs, options, note)
     out = Path(args.out) if args.out else default_out(args.source, args.to, args.layout)
-    out = output_path(info, args.out if args.out else out, force=args.force)
-    result = convert(args.source, args.to, out, options=options, progress=not args.no_progress,
+    out = output_path(infos[0], args.out if args.out else out, force=args.force)
+    typed = infos[0].parse_options(options)  # an unknown key or bad value fails here, before any work
+    note(f"converting {args.source} to {specs[0]} -> {out}")
+    result = convert(args.source, specs[0], out, options=typed, progress=not args.no_progress,
                      allow_pickle=args.allow_pickle, force=args.force)
-    size = sum(f.stat().st_size for f in result.rglob("*") if f.is_file()) if result.is_dir() else result.stat().st_size
-    print(f"wrote {result} ({size / 1e6:.1f} MB)")
+    print(f"wrote {result} ({_size(result)})")
+    return 0
+
+
+def _size(path: Path) -> str:
+    n = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _convert_many(args, specs: list[str], options: dict, note) -> int:
+    """Several targets: -o names the folder that receives each one under its default name."""
+    from ..formats.multi import convert_many, split_options
+    from ..formats.outputs import check_spec, output_path
+
+    folder = Path(args.out or "exports")
+    if folder.suffix.lower() in (".gguf", ".safetensors") or (folder.exists() and not folder.is_dir()):
+        from ..errors import ZoptError
+
+        raise ZoptError("several targets need a folder for -o (each is written under its default name)", folder)
+    targets = [(t, folder / default_out(args.source, t, args.layout).name) for t in specs]
+    shares = split_options(options, [check_spec(t)[0].name for t in specs])
+    for t in specs:  # every option checked for every target before the note and the source
+        info = check_spec(t)[0]
+        info.parse_options(shares[info.name])
+    for t, out in targets:
+        output_path(check_spec(t)[0], out, force=args.force)
+    note(f"converting {args.source} to {len(specs)} formats in one pass -> {folder}/")
+    results, shared = convert_many(args.source, targets, options=options, progress=not args.no_progress,
+                                   allow_pickle=args.allow_pickle, force=args.force)
+    for r in results:
+        print(f"wrote {r} ({_size(r)})")
+    print(f"read the source once: {shared.reads} tensor reads for {len(shared.src.names())} tensors "
+          f"({shared.rereads} read again)")
     return 0

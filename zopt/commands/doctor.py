@@ -18,10 +18,18 @@ def run(args) -> int:
     import json
 
     from ..platform.fakes import fake
+
+    simulated = fake(args.hardware) if args.hardware else None  # an unknown name fails before any output
+    if args.json:
+        from ..progress import note
+
+        note("detecting hardware and optional packages")
+    else:  # the first line, before the slow part (importing torch to ask the device)
+        print("hardware" + (f" (simulated: {args.hardware})" if args.hardware else ""), flush=True)
     from ..runtime import detect
     from ..runtime.matrix import attention_report, format_report
 
-    hw = fake(args.hardware) if args.hardware else detect()
+    hw = simulated or detect()
     dtype = "fp32" if hw.device == "cpu" else "bf16"
     formats, attention = format_report(hw), attention_report(hw, dtype)
     if args.json:
@@ -29,7 +37,6 @@ def run(args) -> int:
                           "attention": attention}, indent=1))
         return 0
     cc = ".".join(map(str, hw.compute_capability)) if hw.compute_capability else None
-    print("hardware" + (f" (simulated: {args.hardware})" if args.hardware else ""))
     rows = [
         ("device", f"{hw.device}: {hw.device_name}"),
         ("compute", f"compute capability {cc}" if cc else (hw.arch or "-")),
@@ -37,7 +44,8 @@ def run(args) -> int:
         ("system RAM", f"{_gib(hw.system_free)} free of {_gib(hw.system_memory)}" if hw.system_memory else "-"),
         ("matmul", ", ".join(k for k, v in (("bf16", hw.bf16), ("fp16", hw.fp16), ("fp8", hw.fp8_matmul),
                                              ("int8", hw.int8_matmul)) if v)),
-        ("CPU", f"{hw.cores} cores, {', '.join(hw.isa()) or 'no SIMD flags found'}"),
+        ("CPU", f"{hw.cores} cores, {', '.join(hw.isa()) or 'no SIMD flags found'}"
+                + (f"; torch kernels: {hw.cpu_capability}" if hw.cpu_capability else "")),
         ("torch", hw.torch_version or "-"),
         ("packages", ", ".join(f"{k} {v}" for k, v in sorted(hw.packages.items())) or "none of the optional ones"),
         ("onnxruntime", ", ".join(hw.ort_providers) or "not installed"),

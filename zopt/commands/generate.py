@@ -2,24 +2,37 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from . import sampling_args
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", default="tiny", help="'tiny', a diffusers folder, a .gguf file or a zopt artifact folder")
-    p.add_argument("--base", default=None, help="pipeline folder supplying text encoder, tokenizer and VAE")
+    from ._args import DeprecatedAlias
+
+    p.add_argument("source", nargs="?", default=None, metavar="SOURCE",
+                   help="model: 'tiny' (default), a diffusers folder, a .gguf file, a zopt artifact folder or "
+                        "owner/name[@rev]")
+    p.add_argument("--model", action=DeprecatedAlias, new="a positional SOURCE (zopt generate SOURCE ...)")
+    p.add_argument("--base", default=None,
+                   help="pipeline folder or owner/name[@rev] supplying text encoder, tokenizer and VAE")
     p.add_argument("--prompt", action="append", default=[], help="prompt (repeat for several)")
     p.add_argument("--prompts-file", default=None,
                    help="one prompt per line, or JSON lines {\"prompt\": ..., \"seed\": ..., \"negative_prompt\": ...} "
                         "for per-prompt seeds and negative prompts")
-    p.add_argument("--seed", action="append", type=int, default=[],
-                   help="seed; repeat to give one per prompt (a single seed applies to all; default 0)")
+    p.add_argument("--seeds", dest="seed", nargs="+", action="extend", default=[],
+                   help="seeds, one per prompt (space or comma separated; a single seed applies to all; default 0)")
+    p.add_argument("--seed", action=DeprecatedAlias, new="--seeds", append=True)
     p.add_argument("--images-per-prompt", type=int, default=1, help="N images per prompt, seeds s, s+1, ...")
     p.add_argument("--resolution", default="256x256", help="WxH")
     sampling_args.add_arguments(p)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch", dest="batch_size", type=int, default=1, help="images per pipeline call (default 1)")
+    p.add_argument("--batch-size", type=int, action=DeprecatedAlias, new="--batch")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the transformer blocks where the backend benefits (default: auto, "
+                        "as ZOPT_COMPILE says; the first step then takes 10-20 s longer)")
+    p.add_argument("--no-progress", action="store_true", help="no step progress display")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--backend", default=None, help="kernel backend for the format (default: auto; see zopt doctor)")
@@ -77,15 +90,28 @@ def read_prompts_file(path: str) -> tuple[list[str], list[int | None], list[str 
     return prompts, seeds, negatives
 
 
-def run(args) -> int:
-    import os
-    import shutil
-    import sys
-    import warnings
-
+def check_args(args) -> tuple[list, int, int, dict]:
+    """Every argument checked before torch or diffusers is imported: (jobs, width, height, sampling values)."""
     from ..errors import ZoptError
+    from ..runtime.attention import ATTENTION
+    from ..runtime.offload import MODES
+    from ..runtime.pipeline import make_jobs
+    from ._args import check_source, parse_seeds
 
-    given = sampling_args.explicit(args)  # bad values stop here, before torch is imported
+    args.model = args.source or args.model or "tiny"
+    check_source(args.model)
+    if args.base:
+        check_source(args.base)
+    if args.offload not in ("auto", *MODES):
+        raise ZoptError(f"--offload {args.offload!r}: choose auto or one of {', '.join(MODES)}")
+    if args.attention != "auto" and args.attention not in ATTENTION:
+        from ..formats.outputs import _suggest
+
+        raise ZoptError(f"--attention {args.attention!r}: unknown kernel"
+                        f"{_suggest(args.attention, {a: a for a in ATTENTION})} (zopt doctor lists them)")
+    if args.device.split(":")[0] not in ("auto", "cpu", "cuda", "mps", "xpu"):
+        raise ZoptError(f"--device {args.device!r}: choose auto, cpu, cuda[:N], mps or xpu")
+    given = sampling_args.explicit(args)  # bad sampling values stop here too
     prompts = list(args.prompt)
     file_seeds: list[int | None] = [None] * len(prompts)
     file_negs: list[str | None] = [None] * len(prompts)
@@ -97,23 +123,39 @@ def run(args) -> int:
     if not prompts:
         prompts, file_seeds, file_negs = ["a lighthouse on a cliff at dawn, photograph"], [None], [None]
     if args.batch_size < 1:
-        raise ZoptError("--batch-size must be at least 1")
+        raise ZoptError("--batch must be at least 1")
     negatives = [f if f is not None else n
                  for f, n in zip(file_negs, sampling_args.negatives(args.negative_prompt, len(prompts)), strict=True)]
+    jobs = make_jobs(prompts, parse_seeds(args.seed), args.images_per_prompt,
+                     file_seeds if any(s is not None for s in file_seeds) else None, negatives)
     w, h = parse_resolution(args.resolution)
+    if args.out.lower().endswith(".png") and len(jobs) != 1:
+        raise ZoptError(f"-o {args.out} names one image but {len(jobs)} were requested; give a folder")
+    args.prompt_list = prompts
+    return jobs, w, h, given
 
+
+def run(args) -> int:
+    import os
+    import shutil
+    import sys
+    import warnings
+
+    from ..progress import note
+
+    jobs, w, h, given = check_args(args)
+    if args.compile is not None:  # the loaders read the switch (ZOPT_COMPILE) when they build the model
+        os.environ["ZOPT_COMPILE"] = "1" if args.compile else "0"
+    note(f"generating {len(jobs)} image{'s' * (len(jobs) != 1)} with {args.model}: loading torch and the pipeline")
     import torch
 
+    from ..progress import progress_bar
     from ..runtime import pipeline as P
     from ..runtime import sampling as S
 
-    jobs = P.make_jobs(prompts, args.seed, args.images_per_prompt,
-                       file_seeds if any(s is not None for s in file_seeds) else None, negatives)
     sampling, _ = S.resolve_for(args.model, args.base, args.preset, **given)
     dtype = None if args.dtype == "auto" else {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     single = args.out.lower().endswith(".png")
-    if single and len(jobs) != 1:
-        raise ZoptError(f"-o {args.out} names one image but {len(jobs)} were requested; give a folder")
     out_dir = Path(args.out).parent / (".zopt-gen-" + Path(args.out).stem) if single else Path(args.out)
     pipe, choice = P.prepare(args.model, device=args.device, offload=args.offload, attention=args.attention,
                              backend=args.backend, dtype=dtype, base=args.base, width=w, height=h,
@@ -121,22 +163,24 @@ def run(args) -> int:
                              text_encoder=args.text_encoder, vae_tiling=args.vae_tiling, guidance=sampling.guidance)
     print(f"{choice.format} via {choice.backend} on {choice.device} ({choice.dtype}); offload {choice.offload}: "
           f"{choice.offload_reason}; text encoder {choice.text_encoder}; attention {choice.attention}")
-    from .._compile import enabled
-
-    if choice.backend == "int-mm-cpu" and choice.format == "gguf" and enabled():
-        print("compiling the transformer blocks during the first step (10-20 s once; ZOPT_COMPILE=0 skips it)")
     print(f"sampling: {sampling.preset or 'default'} preset, {sampling.steps} steps, guidance {sampling.guidance:g}"
           + (f", cfg normalization {sampling.cfg_normalization:g}" if sampling.cfg and sampling.cfg_normalization else "")
           + (f", cfg truncation {sampling.cfg_truncation:g}" if sampling.cfg and sampling.cfg_truncation < 1 else ""))
-    req = P.GenerateRequest.from_sampling(sampling, prompts, sorted({j[1] for j in jobs}), height=h, width=w,
+    req = P.GenerateRequest.from_sampling(sampling, args.prompt_list, sorted({j[1] for j in jobs}), height=h, width=w,
                                           batch_size=args.batch_size, jobs=jobs)
-    with warnings.catch_warnings():  # sampling warnings (Turbo with guidance, a cut prompt) as one line each
+    calls = -(-len(jobs) // max(1, args.batch_size))
+    with progress_bar(calls * sampling.steps, "generate", unit="steps", enabled=not args.no_progress) as bar, \
+            warnings.catch_warnings():  # sampling warnings (Turbo with guidance, a cut prompt) as one line each
+        def step(pipe, i, t, kw):  # diffusers' callback_on_step_end: one call per denoising step
+            bar.advance(1)
+            return kw
+
         warnings.simplefilter("always", S.SamplingWarning)
         shown = warnings.showwarning
         warnings.showwarning = lambda message, category, *a, **k: (
             print(f"zopt: warning: {message}", file=sys.stderr) if issubclass(category, S.SamplingWarning)
             else shown(message, category, *a, **k))
-        results = P.run(pipe, req, out_dir, extra_meta={"model": str(args.model)})
+        results = P.run(pipe, req, out_dir, extra_meta={"model": str(args.model)}, callback=step)
     shutil.rmtree(out_dir / ".offload", ignore_errors=True)
     if single:
         os.replace(results[0].path, args.out)

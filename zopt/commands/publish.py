@@ -25,15 +25,24 @@ def run(args) -> int:
 
     if args.push and not args.repo_id:
         raise ZoptError("--push needs --repo-id user/name")
-    records = []
+    from pathlib import Path
+
+    records, roots = [], {}
     if args.bench:
         from ..bench.schema import load_records
 
         for path in args.bench:
-            records += load_records(path)
+            loaded = load_records(path)
+            root = Path(path) if Path(path).is_dir() else Path(path).parent  # image paths are relative to it
+            roots.update({id(r): root for r in loaded})
+            records += loaded
     mode = "copy" if args.copy else "move" if args.move else "link"
+    from ..progress import note
+
+    note(f"publishing {len(args.variants)} variant{'s' * (len(args.variants) != 1)} to {args.out}: "
+         "checking each one's checksums")
     out = assemble(args.variants, args.out, repo_id=args.repo_id, records=records, license=args.license,
-                   base_model=args.base_model, mode=mode)
+                   base_model=args.base_model, mode=mode, record_roots=roots)
     print(f"wrote {out} (model card: {out / 'README.md'})")
     if args.push:
         where = push(out, args.repo_id, private=args.private, revision=args.revision)

@@ -13,6 +13,9 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from ..progress import note
+
+    note(f"writing a {args.size} synthetic checkpoint to {args.out}" + (" (12.3 GB)" if args.size == "full" else ""))
     from ..families import DEFAULT, get
 
     out = get(DEFAULT).write_synthetic(args.out, size=args.size, seed=args.seed, prefix=args.prefix,

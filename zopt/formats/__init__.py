@@ -53,16 +53,28 @@ def convert(source: Any, to: str, out: str | os.PathLike, *, options: dict[str, 
 
     info, sub = check_spec(to)
     out = output_path(info, out, force=force)
-    mod = module_for(info)
     opts = options if isinstance(options, Options) else info.parse_options(options)
     src = source if isinstance(source, checkpoint.TensorSource) else \
         checkpoint.open(resolve_source(source), allow_pickle=allow_pickle)
+    source_spec = os.fspath(source.path) if isinstance(source, checkpoint.TensorSource) else \
+        checkpoint.pinned_hub_id(os.fspath(source), src.path)
+    return convert_open(src, source_spec, to, info, sub, out, opts, progress)
+
+
+def convert_open(src: Any, source_spec: str, to: str, info: Format, sub: str | None, out: Path, opts: Any,
+                 progress: bool) -> Path:
+    """The conversion itself, all checks done: open source ``src`` -> ``out``; the manifest records
+    the command that reproduces it (``source_spec`` as its SOURCE)."""
     if src.kind == "gguf":  # a zopt GGUF is an artifact: checked before it is converted further
         from ..validate.gguf import verify_digest
 
         verify_digest(src.header, src.path)
-    result = mod.convert(src, out, sub, opts, progress, format=info.name)
-    source_spec = os.fspath(source.path) if isinstance(source, checkpoint.TensorSource) else os.fspath(source)
+    from .artifact import refuse_zopt_folder
+
+    refuse_zopt_folder(src)
+    if not Path(source_spec).expanduser().exists():  # a built-in name or Hub id, not a path
+        src.spec = source_spec
+    result = module_for(info).convert(src, out, sub, opts, progress, format=info.name)
     _record_command(result, command_line(to, source_spec, opts.changed()))
     return result
 

@@ -49,11 +49,28 @@ def source_provenance(src: Any, hash_source: bool = True) -> dict[str, Any]:
     return prov
 
 
-def write_config(folder: Path, config: dict[str, Any]) -> None:
+# diffusers picks a quantizer by ``quantization_config.quant_method`` and refuses an unknown one:
+# a folder whose weights it cannot read (scales it would ignore, packed int4 it would mis-shape)
+# carries this marker, so ``from_pretrained`` fails naming zopt instead of returning a wrong model
+DIFFUSERS_GUARD_METHOD = "zopt"
+
+
+def diffusers_guard(format: str) -> dict[str, Any]:
+    """The ``quantization_config`` of a folder only zopt can load (diffusers raises
+    "Unknown quantization type, got zopt")."""
+    return {"quant_method": DIFFUSERS_GUARD_METHOD, "format": format,
+            "load_with": "zopt.load(folder)"}
+
+
+def write_config(folder: Path, config: dict[str, Any], *, zopt_only: str | None = None) -> None:
+    """Write ``config.json``; ``zopt_only`` (the format name) marks a folder diffusers cannot load
+    (unless the config already names a quantizer diffusers has)."""
     from ..families import for_config
 
     cls = for_config(config).model_class_name
     cfg = {"_class_name": cls, **{k: v for k, v in config.items() if k != "_class_name"}}
+    if zopt_only and "quantization_config" not in cfg:
+        cfg["quantization_config"] = diffusers_guard(zopt_only)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
@@ -149,3 +166,22 @@ def _same_config(folder: Path, manifest: dict[str, Any], mpath: Path) -> None:
     for k in sorted((set(cfg) | set(written)) & validate.CONFIG_KEYS - {"quantization_config"}):
         if written.get(k) != cfg.get(k):
             raise ChecksumMismatch(f"manifest config {k}={str(cfg.get(k))[:40]} differs from config.json", mpath)
+
+
+def refuse_zopt_folder(src: Any) -> None:
+    """A zopt artifact whose weights are stored quantized (fp8 with scales, packed int4, ...) is an
+    output, not a source: one ZoptError naming its format and the source it was made from.
+    Plain artifacts (bf16/fp16/fp32, whose folders hold ordinary diffusers weights) pass."""
+    from ..errors import ZoptError
+    from .plain import DTYPES
+
+    path = Path(src.path)
+    folder = path if path.is_dir() else path.parent
+    if not (folder / MANIFEST_NAME).exists():
+        return
+    m = read_manifest(folder)
+    if m["format"] in DTYPES:
+        return
+    origin = (m.get("source") or {}).get("path")
+    raise ZoptError(f"is a zopt {m['format']} artifact (quantized weights), not a source; convert from the "
+                    f"checkpoint it was made from{f' ({origin})' if origin else ''}", folder)

@@ -22,6 +22,9 @@ class Hardware:
     fp8_matmul: bool = False
     int8_matmul: bool = False
     cpu_flags: tuple[str, ...] = ()
+    # the vector ISA torch's CPU kernels dispatch to (torch.backends.cpu.get_cpu_capability():
+    # DEFAULT, AVX2, AVX512, ...; ATEN_CPU_CAPABILITY can lower it); "" when unknown
+    cpu_capability: str = ""
     cores: int = 1
     packages: dict[str, str] = field(default_factory=dict)  # importable optional packages -> version
     ort_providers: tuple[str, ...] = ()
@@ -55,6 +58,14 @@ class Hardware:
         """Device and host share one memory pool (Apple silicon; CPU trivially)."""
         return self.device in ("mps", "cpu")
 
+    def vector_width(self) -> int:
+        """fp32 lanes of the vector unit torch's kernels use: from ``cpu_capability`` when torch
+        reported it, else from the CPU flags (simulated machines, older records)."""
+        cap = self.cpu_capability.upper()
+        if cap:
+            return 16 if cap.startswith("AVX512") else 8 if cap.startswith("AVX2") else 4
+        return 16 if "avx512f" in self.cpu_flags else 8 if "avx2" in self.cpu_flags else 4
+
     def isa(self) -> list[str]:
         """Readable CPU instruction-set summary: AVX2, AVX-512, VNNI, AMX, NEON..."""
         f = set(self.cpu_flags)
@@ -87,6 +98,8 @@ RUNTIME_PACKAGES = ("optimum.quanto", "torchao", "flash_attn", "flash_attn_inter
 
 
 def _cpu_flags() -> tuple[str, ...]:
+    # torch reports only the vector width it dispatches to (see _cpu_capability); VNNI, AMX and
+    # BF16 support, shown by doctor and used for simulated profiles, come from the kernel's list
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8",
               "fma", "f16c", "neon", "asimd", "sve")
     try:
@@ -98,6 +111,14 @@ def _cpu_flags() -> tuple[str, ...]:
     except OSError:
         pass
     return ("neon",) if platform.machine() in ("arm64", "aarch64") else ()
+
+
+def _cpu_capability(torch) -> str:
+    """The ISA torch's CPU kernels run with (``torch.backends.cpu.get_cpu_capability()``)."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):  # torch older than 2.1
+        return ""
 
 
 def _packages(extra: tuple[str, ...] = ()) -> dict[str, str]:
@@ -179,7 +200,7 @@ CPU_PROVIDERS = ("CPUExecutionProvider", "DnnlExecutionProvider", "OpenVINOExecu
 
 def _detect_device(torch, psutil, packages: tuple[str, ...] = ()) -> Hardware:
 
-    flags = _cpu_flags()
+    flags, cap = _cpu_flags(), _cpu_capability(torch)
     cores = os.cpu_count() or 1
     pk, prov = _packages(packages), _ort_providers()
     if torch.cuda.is_available():
@@ -189,19 +210,19 @@ def _detect_device(torch, psutil, packages: tuple[str, ...] = ()) -> Hardware:
             arch = getattr(props, "gcnArchName", "").split(":")[0] or None
             return Hardware("rocm", props.name, None, arch, total, free, True, True,
                             fp8_matmul=bool(arch and arch.startswith(("gfx94", "gfx95", "gfx12"))),
-                            int8_matmul=True, cpu_flags=flags, cores=cores, packages=pk, ort_providers=prov)
+                            int8_matmul=True, cpu_flags=flags, cpu_capability=cap, cores=cores, packages=pk, ort_providers=prov)
         cc = (props.major, props.minor)
         return Hardware("cuda", props.name, cc, f"sm_{cc[0]}{cc[1]}", total, free,
                         bf16=cc >= (8, 0), fp16=True, fp8_matmul=cc >= (8, 9), int8_matmul=cc >= (7, 5),
-                        cpu_flags=flags, cores=cores, packages=pk, ort_providers=prov)
+                        cpu_flags=flags, cpu_capability=cap, cores=cores, packages=pk, ort_providers=prov)
     vm = psutil.virtual_memory()
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return Hardware("mps", "Apple MPS", None, platform.machine(), vm.total, vm.available, True, True,
-                        cpu_flags=flags, cores=cores, packages=pk, ort_providers=prov)
+                        cpu_flags=flags, cpu_capability=cap, cores=cores, packages=pk, ort_providers=prov)
     if hasattr(torch, "xpu") and torch.xpu.is_available():
         props = torch.xpu.get_device_properties(0)
         return Hardware("xpu", props.name, None, None, props.total_memory, props.total_memory, True, True,
-                        cpu_flags=flags, cores=cores, packages=pk, ort_providers=prov)
+                        cpu_flags=flags, cpu_capability=cap, cores=cores, packages=pk, ort_providers=prov)
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -213,4 +234,4 @@ def _detect_device(torch, psutil, packages: tuple[str, ...] = ()) -> Hardware:
         pass
     return Hardware("cpu", name, None, platform.machine(), vm.total, vm.available,
                     bf16=True, fp16=True, fp8_matmul=False, int8_matmul=True,
-                    cpu_flags=flags, cores=cores, packages=pk, ort_providers=prov)
+                    cpu_flags=flags, cpu_capability=cap, cores=cores, packages=pk, ort_providers=prov)

@@ -107,7 +107,7 @@ def why_not(name: str, hw: Hardware, dtype: str = "bf16", batch: int = 1, guidan
     a = _get(name)
     out = a.why_not(hw)
     if a.half_only and dtype not in ("bf16", "fp16"):
-        out.append(f"needs bf16/fp16 activations (running {dtype}; pass --dtype bf16)")
+        out.append(f"needs bf16/fp16 activations (running {dtype}; zopt generate --dtype bf16 runs bf16)")
     if needs_masks(batch, guidance) and not a.masks:
         why = "batches of several prompts" if batch > 1 else "guidance > 0 batches the negative prompt"
         out.append(f"does not take attention masks ({why}); use its varlen form or native")
@@ -146,6 +146,12 @@ def check_installed(name: str) -> None:
         raise UnsupportedFormat(f"diffusers {_diffusers_version()} has no attention backend {name!r}") from None
     except RuntimeError as e:
         raise ZoptError(f"attention backend {name!r} is not usable: {e}") from None
+
+
+def runs_torch_attention(transformer) -> bool:
+    """Whether ``transformer`` has diffusers attention layers to switch (an ONNX or TensorRT graph
+    runs attention inside its runtime, whatever was asked for)."""
+    return any(hasattr(m, "processor") for m in transformer.modules())
 
 
 def apply(transformer, name: str) -> None:

@@ -64,8 +64,7 @@ SPEEDS: tuple[tuple[str, Speed], ...] = (
 
 def cpu_rate(hw: Hardware) -> float:
     """Peak fp32 FLOP/s of the host CPU: cores x FMA width x 2 units x 2 FLOPs x 3.5 GHz."""
-    lanes = 16 if "avx512f" in hw.cpu_flags else 8 if "avx2" in hw.cpu_flags else 4
-    return max(1, hw.cores) * lanes * 2 * 2 * 3.5e9
+    return max(1, hw.cores) * hw.vector_width() * 2 * 2 * 3.5e9
 
 
 def speed_of(hw: Hardware) -> Speed:

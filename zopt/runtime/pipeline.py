@@ -143,7 +143,9 @@ def resolve_base(model: str | os.PathLike, transformer_config: dict[str, Any], b
     family = for_config(transformer_config)
     builtin = family.builtin_sources()  # name -> builder of an embedded pipeline folder
     if base and base not in builtin:
-        p = Path(base)
+        from ..checkpoint import hub_pipeline
+
+        p = hub_pipeline(os.fspath(base)) or Path(base)  # a Hub id, as SOURCE takes
         if not (p / "model_index.json").exists():
             raise ZoptError("not a diffusers pipeline folder (no model_index.json)", p)
         return p
@@ -310,7 +312,10 @@ def prepare(model: str | os.PathLike = "tiny", *, device: str = "auto", offload:
     parts["transformer"] = transformer
     pipe = family.pipeline_class()(**parts)
     att_reason = att.reason if att else "model default"
-    if att is not None:
+    if att is not None and not A.runs_torch_attention(pipe.transformer):
+        att = A.AttentionChoice("graph", f"{fmt}: the runtime runs attention inside its graph")
+        att_reason = att.reason
+    elif att is not None:
         if place and place != hw.torch_device and A.ATTENTION[att.name].requires:
             att_reason += f" (not switched on: {place} stands in for {hw.device})"
         else:

@@ -44,5 +44,5 @@ def test_cli_generate_from_artifact(tmp_path, tiny_transformer_dir):
 
     out = artifact(tmp_path, tiny_transformer_dir, "int4")
     png = tmp_path / "x.png"
-    assert main(["generate", "--model", str(out), "--steps", "2", "--resolution", "64x64", "-o", str(png)]) == 0
+    assert main(["generate", str(out), "--steps", "2", "--resolution", "64x64", "-o", str(png)]) == 0
     assert np.asarray(Image.open(png)).shape == (64, 64, 3)

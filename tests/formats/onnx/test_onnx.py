@@ -346,3 +346,14 @@ def test_bf16_export_numerics_and_cpu_refusal(onnx_fp32, eager_fp32, tiny_transf
     assert 1e-4 < err < 2e-2, err  # measured 4e-3
     with pytest.raises(UnsupportedFormat, match="bf16"):
         formats.load(out)
+
+
+def test_onnx_runs_report_attention_in_the_graph(onnx_fp32):
+    """An ONNX transformer has no diffusers attention layers: the run says the graph's runtime
+    does attention, not a torch kernel it never used."""
+    from zopt.runtime.pipeline import prepare
+
+    _, choice = prepare(onnx_fp32, device="cpu", attention="auto", width=64, height=64)
+    assert choice.attention == "graph" and "inside its graph" in choice.attention_reason
+    _, eager = prepare("tiny-random", device="cpu", attention="auto", width=64, height=64)
+    assert eager.attention == "native"

@@ -72,7 +72,9 @@ def tiny_pipeline_dir(root: str | os.PathLike | None = None) -> Path:
     import tempfile
 
     from ..._io import TMP_TAG, remove_stale
+    from ...progress import note
 
+    note(f"building the embedded tiny pipeline (first use only, a few seconds) in {target}")
     root.mkdir(parents=True, exist_ok=True)
     remove_stale(target)  # what a killed build left behind
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=TMP_TAG, dir=root))

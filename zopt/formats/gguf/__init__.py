@@ -118,7 +118,7 @@ def metadata_for(src: TensorSource, subtype: str, config: dict[str, Any], plans:
         "general.quantization_version": QUANTIZATION_VERSION,
         "zopt.version": __version__,
         "zopt.recipe": rec.name,
-        "zopt.source.name": _source_name(src.path),
+        "zopt.source.name": getattr(src, "spec", None) or _source_name(src.path),
         "zopt.source.sha256": sha256 or "",
         "zopt.bits_per_weight": round(gguf_recipes.bits_per_weight(plans), 4),
         "zopt.config": json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True),
@@ -262,8 +262,14 @@ def load(path: Path, device: str, backend: str, dtype: Any = None, **kw: Any):
 
 
 def _source_name(path) -> str:
-    """A readable source name (a diffusers ``transformer/`` folder goes by its parent's name)."""
+    """A readable source name: ``owner/name@commit`` for a Hub snapshot (the command that reproduces
+    the file names it), else a diffusers ``transformer/`` folder goes by its parent's name."""
     if not path:
         return ""
+    from ...checkpoint import hub_id_of
+
+    hub = hub_id_of(path)
+    if hub:
+        return hub
     p = Path(path)
     return p.parent.name if p.name == "transformer" and p.parent.name else p.name

@@ -200,7 +200,7 @@ def convert_lowbit(src: TensorSource, out: Path, scheme: Scheme, subtype: str | 
             records[n] = tensor_record(n, dec, info.shape)
     total = sum(d.info(n).nbytes for n in names)
     with atomic_path(out, is_dir=True) as tmp:
-        write_config(tmp, {**config, **scheme.extra_config()})
+        write_config(tmp, {**config, **scheme.extra_config()}, zopt_only=scheme.format)
         meta = {"format": "pt", "zopt_format": scheme.format}
         with StreamingSafetensorsWriter(tmp / WEIGHTS_NAME, entries, meta) as w, progress_bar(
             total, f"convert -> {scheme.format}", unit="B", enabled=progress

@@ -70,7 +70,7 @@ def convert_comfy(src: TensorSource, out: Path, scheme: C.Scheme, options: Any, 
     entries.append((MARKER, st_type, ()))
     total = sum(o.info(n).nbytes for n in o.names())
     with atomic_path(out, is_dir=True) as tmp:
-        write_config(tmp, config)
+        write_config(tmp, config, zopt_only="fp8")
         with StreamingSafetensorsWriter(tmp / COMFY_FILE, entries, {"format": "pt", "zopt_format": "fp8"}) as w, \
                 progress_bar(total, "convert -> fp8 (comfy)", unit="B", enabled=progress) as bar:
             for n in o.names():

@@ -160,7 +160,7 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: ONNXOpti
             shutil.rmtree(work)
         else:
             stats = export(src, tmp, sub, progress, Policy.from_options(options))
-        write_config(tmp, config)
+        write_config(tmp, config, zopt_only="onnx")
         data = sorted(p.name for p in tmp.iterdir() if p.name not in (MODEL_NAME, "config.json"))
         write_manifest(
             tmp, format="onnx", subtype=sub, options=options.recorded(),

@@ -270,7 +270,7 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: TensorRT
             graph = work / "qdq.onnx"
         stats.update(build_engine(graph, tmp / ENGINE_NAME, shapes, options.workspace_gb))
         shutil.rmtree(work)
-        write_config(tmp, config)
+        write_config(tmp, config, zopt_only="tensorrt")
         write_manifest(tmp, format="tensorrt", subtype=sub, options=options.recorded(),
                        source=source_provenance(src, options.hash_source), config=config,
                        tensors={}, extra={"tensorrt": {**stats, **gpu, "profile": asdict(rng),

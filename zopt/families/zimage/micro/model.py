@@ -150,6 +150,9 @@ def micro_pipeline_dir(root: str | os.PathLike | None = None) -> Path:
     target = root / f"micro-zimage-{digest.hexdigest()[:12]}"
     if (target / "model_index.json").exists():
         return target
+    from ....progress import note
+
+    note(f"building the embedded micro pipeline from its shipped weights (first use only) in {target}")
     root.mkdir(parents=True, exist_ok=True)
     remove_stale(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=TMP_TAG, dir=root))
