@@ -180,7 +180,7 @@ def test_all_prompts_are_encoded_before_the_first_step(base_pipe, tmp_path):
 def test_generate_cli_base_with_negative_prompts(tmp_path, capsys):
     from zopt.cli import main
 
-    common = ["generate", "--model", "tiny-base", "--steps", "2", "--resolution", "64x64", "--seed", "5"]
+    common = ["generate", "tiny-base", "--steps", "2", "--resolution", "64x64", "--seeds", "5"]
     assert main(common + ["--prompt", "a red cube", "--negative-prompt", "a blue sphere", "--guidance", "4",
                           "-o", str(tmp_path / "neg.png")]) == 0
     assert main(common + ["--prompt", "a red cube", "--negative-prompt", "", "--guidance", "4",
@@ -195,7 +195,7 @@ def test_generate_cli_base_with_negative_prompts(tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "a red cube", "negative_prompt": "a blue sphere"}\nfog\n')
     out = tmp_path / "file"
-    assert main(["generate", "--model", "tiny-base", "--steps", "2", "--resolution", "64x64", "--seed", "5",
+    assert main(["generate", "tiny-base", "--steps", "2", "--resolution", "64x64", "--seeds", "5",
                  "--prompts-file", str(prompts), "--negative-prompt", "dark", "-o", str(out)]) == 0
     metas = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
     assert [(m["prompt"], m["negative_prompt"], m["guidance_scale"]) for m in metas] == [
@@ -206,7 +206,7 @@ def test_generate_cli_base_with_negative_prompts(tmp_path, capsys):
 def test_turbo_warning_and_bad_input(tmp_path, capsys):
     from zopt.cli import main
 
-    common = ["generate", "--model", "tiny", "--steps", "1", "--resolution", "64x64", "--prompt", "a"]
+    common = ["generate", "tiny", "--steps", "1", "--resolution", "64x64", "--prompt", "a"]
     assert main(common + ["--guidance", "2", "-o", str(tmp_path / "g.png")]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("zopt: warning: guidance 2 on a Turbo checkpoint")
