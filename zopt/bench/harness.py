@@ -56,6 +56,8 @@ class BenchConfig:
     offload: list[str] = field(default_factory=lambda: ["none"])  # each variant runs once per mode
     attention: list[str] = field(default_factory=lambda: ["auto"])  # ... and per attention kernel
     reference_offload: str = "auto"  # lets the reference run where bf16 does not fit resident
+    threads: int | None = None  # torch intra-op threads in each run (None: torch's default)
+    against: str | None = None  # a baseline checkout: every run also runs with its code, in turns
 
 
 @dataclass
@@ -291,7 +293,8 @@ def sweep(cfg: BenchConfig, display=None) -> list[dict[str, Any]]:
         "software": software_versions(),
         "settings": {"steps": cfg.steps, "width": cfg.width, "height": cfg.height, "prompts": list(cfg.prompts),
                      "seeds": list(cfg.seeds), "repeats": cfg.repeats, "warmup": cfg.warmup,
-                     "guidance_scale": cfg.guidance_scale, "device": device},
+                     "guidance_scale": cfg.guidance_scale, "device": device,
+                     **({"threads": cfg.threads} if cfg.threads else {})},
     }
     planned = plan(expand_formats(cfg.formats), cfg.backend, hw)
     check_options(cfg.options, {r.name for r in planned if r.status is None})
@@ -303,8 +306,13 @@ def sweep(cfg: BenchConfig, display=None) -> list[dict[str, Any]]:
     run_base = {"mode": "run", "device": device, "base": base, "prompts": list(cfg.prompts),
                 "seeds": list(cfg.seeds), "steps": cfg.steps, "width": cfg.width, "height": cfg.height,
                 "repeats": cfg.repeats, "warmup": cfg.warmup, "guidance_scale": cfg.guidance_scale,
-                "ref_dir": str(ref_dir)}
+                "ref_dir": str(ref_dir), "threads": cfg.threads}
     records: list[dict[str, Any]] = []
+    side = None
+    if cfg.against:
+        from .paired import Against
+
+        side = Against(cfg.against, out / "baseline", work)
 
     def finish(rec: dict[str, Any]) -> None:
         records.append(rec)
@@ -319,13 +327,17 @@ def sweep(cfg: BenchConfig, display=None) -> list[dict[str, Any]]:
             display.start("reference")
             images_dir = out / "images" / "reference"
             shutil.rmtree(images_dir, ignore_errors=True)
-            res = run_worker(dict(run_base, role="reference", model=str(cfg.source), dtype=ref_dtype, backend=None,
-                                  offload=cfg.reference_offload, attention="auto",
-                                  image_dir=str(images_dir)), work, "reference", cfg.timeout, display.event,
-                             out / "logs" / "reference.log")
-            ref = _record(common, ref_row, "reference", res,
-                          {"artifact_bytes": src_bytes, "bits_per_weight": bits_per_weight(src_bytes, source["params"])},
-                          ref_dtype, out)
+            spec = dict(run_base, role="reference", model=str(cfg.source), dtype=ref_dtype, backend=None,
+                        offload=cfg.reference_offload, attention="auto", image_dir=str(images_dir))
+            ref_metrics = {"artifact_bytes": src_bytes, "bits_per_weight": bits_per_weight(src_bytes, source["params"])}
+            if side:
+                res, res_b = side.run(spec, side.spec(spec, "reference"), work, "reference", cfg.timeout,
+                                      display.event, out / "logs" / "reference.log")
+                side.finish(_record(common, ref_row, "reference", res_b, ref_metrics, ref_dtype, side.out))
+                side.ref_images = [str(side.out / im["path"]) for im in side.records[-1]["images"]]
+            else:
+                res = run_worker(spec, work, "reference", cfg.timeout, display.event, out / "logs" / "reference.log")
+            ref = _record(common, ref_row, "reference", res, ref_metrics, ref_dtype, out)
             finish(ref)
             display.end("reference", ref["status"], ref["message"])
             ref_images = [str(out / im["path"]) for im in ref["images"]] if ref["status"] == "ok" else []
@@ -335,7 +347,7 @@ def sweep(cfg: BenchConfig, display=None) -> list[dict[str, Any]]:
                                    None, out))
                     continue
                 display.start(row.label)
-                rec = _run_variant(cfg, common, row, run_base, ref_images, work, out, display)
+                rec = _run_variant(cfg, common, row, run_base, ref_images, work, out, display, side)
                 finish(rec)
                 display.end(row.label, rec["status"], rec["message"])
     finally:
@@ -350,10 +362,13 @@ def sweep(cfg: BenchConfig, display=None) -> list[dict[str, Any]]:
     tmp = doc.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results_document(records), indent=1) + "\n")
     os.replace(tmp, doc)
+    if side:
+        side.write()
     return records
 
 
-def _run_variant(cfg, common, row: Planned, run_base, ref_images, work: Path, out: Path, display) -> dict[str, Any]:
+def _run_variant(cfg, common, row: Planned, run_base, ref_images, work: Path, out: Path, display,
+                 side=None) -> dict[str, Any]:
     from .metrics import artifact_bytes, bits_per_weight
 
     name = safe_name(row.label)
@@ -377,8 +392,23 @@ def _run_variant(cfg, common, row: Planned, run_base, ref_images, work: Path, ou
     metrics["bits_per_weight"] = bits_per_weight(metrics["artifact_bytes"], common["source"]["params"])
     images_dir = out / "images" / name
     shutil.rmtree(images_dir, ignore_errors=True)
-    res = run_worker(dict(run_base, role="variant", model=str(artifact), dtype=None, backend=row.backend,
-                          offload=row.offload, attention=row.attention,
-                          image_dir=str(images_dir), ref_images=ref_images), work, name, cfg.timeout,
-                     display.event, out / "logs" / f"{name}.log")
+    spec = dict(run_base, role="variant", model=str(artifact), dtype=None, backend=row.backend, offload=row.offload,
+                attention=row.attention, image_dir=str(images_dir), ref_images=ref_images)
+    if side is None:
+        res = run_worker(spec, work, name, cfg.timeout, display.event, out / "logs" / f"{name}.log")
+        return _record(common, row, "variant", res, metrics, None, out)
+    # the baseline converts with its own code, then both sides run in turns
+    conv = {"mode": "convert", "source": str(cfg.source), "to": row.spec, "out": str(artifact), "options": cfg.options}
+    artifact_b, conv_b = side.convert(conv, name, cfg.timeout)
+    ok = conv_b["status"] == "ok" and artifact_b.exists()
+    res, res_b = side.run(spec, side.spec(spec, name, str(artifact_b)) if ok else None, work, name, cfg.timeout,
+                          display.event, out / "logs" / f"{name}.log")
+    if not ok:
+        res_b = dict(conv_b, status="failed" if conv_b["status"] == "ok" else conv_b["status"], metrics={},
+                     message=f"conversion failed: {conv_b.get('message') or 'no artifact written'}")
+    metrics_b = dict(metrics, cached=False, convert_s=(conv_b.get("metrics") or {}).get("convert_s"))
+    if ok:
+        metrics_b["artifact_bytes"] = artifact_bytes(artifact_b)
+        metrics_b["bits_per_weight"] = bits_per_weight(metrics_b["artifact_bytes"], common["source"]["params"])
+    side.finish(_record(common, row, "variant", res_b, metrics_b, None, side.out))
     return _record(common, row, "variant", res, metrics, None, out)
