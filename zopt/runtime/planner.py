@@ -253,7 +253,8 @@ def _runnable_backends(fmt: str, hw: Hardware) -> tuple[list[str | None], str | 
     return [], "cannot run here"
 
 
-def choose(options: list, prefer: str = "speed", approximate: bool = False, budget: int | None = None):
+def choose(options: list, prefer: str = "speed", approximate: bool = False, budget: int | None = None,
+           sequential: bool = False):
     """The recommended option among ``options`` (None when none fits).
 
     ``speed``: options that keep the transformer resident (no weights streamed per step) first, in
@@ -263,11 +264,13 @@ def choose(options: list, prefer: str = "speed", approximate: bool = False, budg
     :data:`BAND` of it counted as equal and decided by quality (an exact text encoder first, then
     the format's place in :func:`candidates`). ``quality``: the best format that fits, then the
     best text-encoder placement, then the fastest. Activation-quantizing kernels (``scaled-mm``,
-    ``int-mm-*``) only with ``approximate``.
+    ``int-mm-*``) only with ``approximate``; ``sequential`` offload only with ``sequential`` (never
+    recommended: no CPU can stand in for it, so no check here runs it).
     """
     from .stages import TE_QUALITY
 
-    fit = [o for o in options if o.fits and (approximate or not o.approximate)]
+    fit = [o for o in options if o.fits and (approximate or not o.approximate)
+           and (sequential or o.offload != "sequential")]
     if not fit:
         return None
     if prefer == "quality":
@@ -335,9 +338,12 @@ def plan(hw: Hardware, width: int = 1024, height: int = 1024, batch: int = 1,
                     if qi == 0 and mode == "none" and te == "device" and not tiled:
                         ideal = o.image_s
         options += mine
-        best = choose(mine, prefer, approximate, budget) or choose(mine, prefer, True, budget)
+        best = (choose(mine, prefer, approximate, budget) or choose(mine, prefer, True, budget)
+                or choose(mine, prefer, approximate, budget, sequential=True))
         if best is not None:
-            rows.append(_row(best, problem or ("approximate kernel" if best.approximate else cand.note)))
+            note = problem or ("approximate kernel" if best.approximate else cand.note)
+            rows.append(_row(best, note + ("; sequential offload: not recommended" if best.offload == "sequential"
+                                           else "")))
         elif mine:
             small = min(mine, key=lambda o: o.peak)
             rows.append(PlanRow(cand.spec, None, small.peak, small.weights_bytes, small.backend,
@@ -348,6 +354,13 @@ def plan(hw: Hardware, width: int = 1024, height: int = 1024, batch: int = 1,
     p = Plan(hw, budget, shape, width, height, att.name, att.reason, _row(rec, "") if rec else None, rows, options,
              dtype, steps, prefer, ideal_s=ideal)
     p.reason = _reason(p, rec, options)
+    if rec is None:
+        last = choose(options, prefer, approximate, budget, sequential=True)
+        if last is not None and ideal:
+            p.reason += (f"; only sequential offload fits (every layer copied in as it runs: --to {last.spec} "
+                         f"--offload sequential, peak {last.peak / GIB:.1f} GiB), predicted "
+                         f"{last.image_s / ideal:.1f}x slower than bf16 with unlimited memory; not recommended: "
+                         "no check here runs it")
     return p
 
 
@@ -359,7 +372,7 @@ def _row(o, note: str) -> PlanRow:
 def _reason(p: Plan, rec, options: list) -> str:
     """One sentence on why: what fits, what it costs, or that nothing does."""
     if rec is None:
-        need = min((o.peak for o in options), default=0)
+        need = min((o.peak for o in options if o.offload != "sequential"), default=0)
         where = "RAM" if p.hardware.unified_memory else "device memory"
         return (f"nothing fits: the smallest option needs {need / GIB:.1f} GiB of {where}, "
                 f"{max(p.budget, 0) / GIB:.1f} GiB usable")
