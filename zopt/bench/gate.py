@@ -13,9 +13,9 @@ is missing from the new records (a format that no longer converts or loads).
 
 Step times are noisy on shared machines. When both records carry at least
 :data:`~zopt.bench.noise.MIN_SAMPLES` step samples, ``latency`` and ``cpu_latency`` are judged on
-the ratio of medians new/old and its one-sided 95 % lower bound from a seeded bootstrap
-(:mod:`zopt.bench.noise`): a regression is a run whose lower bound is past the limit, i.e. slower
-than the limit allows even after the runs' own scatter is taken into account. ``cpu_latency`` (the
+how much slower the new run's steps are (the Hodges-Lehmann ratio new/old) and its one-sided 95 %
+bounds (:mod:`zopt.bench.noise`): a regression is a run whose ratio is past the limit and whose lower
+bound is above 1, i.e. slower than the limit allows and slower beyond the runs' own scatter. ``cpu_latency`` (the
 process CPU time per step) is the one to gate on a machine shared with other work: run the bench with
 ``--threads 1`` and contention stretches wall time, not CPU time. ``--against DIR`` runs the
 baseline's code in the same sweep, each run next to its counterpart, so wall latency can be
@@ -223,15 +223,17 @@ def _compare_pair(old: dict[str, Any], rec: dict[str, Any], limits: list[Limit],
 
 def _sampled_verdict(old: dict[str, Any], rec: dict[str, Any], stats: str, a: float, allowance: float,
                      plain: bool) -> tuple[bool, str]:
-    """Regressed when even the lower confidence bound of the slowdown is past the allowance."""
+    """Regressed when the estimated slowdown is past the allowance and the slowdown is real: its
+    lower confidence bound is above 1 (the new run is slower beyond its own and the baseline's scatter)."""
     from .noise import MIN_SAMPLES, slowdown
 
     xs, ys = ((get_path(r["metrics"], stats) or {}).get("samples") or [] for r in (old, rec))
     sd = slowdown(xs, ys)
     if sd is None:
         return plain, f"(fewer than {MIN_SAMPLES} step samples: the medians alone decide)"
-    regressed = (sd.lower - 1.0) * abs(a) > allowance + 1e-12
-    verdict = "slower beyond the limit" if regressed else "within the limit" if not plain else "not beyond the noise"
+    past = (sd.ratio - 1.0) * abs(a) > allowance + 1e-12
+    regressed = past and sd.lower > 1.0
+    verdict = "slower beyond the limit" if regressed else "within the noise" if past else "within the limit"
     return regressed, f"({sd.text()}: {verdict})"
 
 

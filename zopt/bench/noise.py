@@ -3,10 +3,10 @@
 The gate's latency verdict rests on :func:`slowdown`: the Hodges-Lehmann estimate of how much
 slower the new run's steps are than the baseline's (the median of all pairwise ratios new/old), and
 its distribution-free one-sided 95 % bounds from the Mann-Whitney statistic (the k-th smallest and
-largest pairwise ratios, k from the normal approximation). A run counts as slower than the limit
-only when the lower bound is past it, so the scatter of the steps themselves (a loaded machine
-gives some steps 2-3x longer) does not raise the alarm and a clear slowdown on steady samples does.
-No randomness: the same records give the same verdict every time.
+largest pairwise ratios, k from the normal approximation). The gate counts a run as slower than the
+limit when the estimate is past the limit and the lower bound is above 1, so the scatter of the
+steps themselves (a loaded machine gives some steps 2-3x longer) does not raise the alarm and a
+clear slowdown does. No randomness: the same records give the same verdict every time.
 """
 
 from __future__ import annotations
