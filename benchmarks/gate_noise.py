@@ -94,6 +94,32 @@ def _summary(rec: dict) -> dict:
             "peak_bytes": (rec["metrics"].get("memory") or {}).get("peak_bytes")}
 
 
+def load_rounds(path: str | Path) -> list[list[dict[str, dict]]]:
+    """The saved measurement as records again: per stream (one invocation of this script), its
+    rounds, each a dict of records A, B, S rebuilt with the harness's record code."""
+    from zopt.bench.harness import Planned, _record
+    from zopt.bench.metrics import latency_stats
+
+    doc = json.loads(Path(path).read_text())
+    row = Planned("fp32", "fp32", None, "torch", "reference: eager PyTorch from the source")
+    streams = []
+    for stream in doc["streams"]:
+        common = stream["common"]
+        rounds = []
+        for r in stream["rounds"]:
+            recs = {}
+            for n in "ABS":
+                run = r[n]
+                metrics = {"memory": {"kind": "cpu_rss", "peak_bytes": run["peak_bytes"], "baseline_bytes": 0},
+                           "latency": {k: dict(latency_stats(run[s]), samples=run[s])
+                                       for k, s in (("step_ms", "wall"), ("step_cpu_ms", "cpu"))}}
+                recs[n] = _record(common, row, "reference", {"status": run["status"], "message": run["message"],
+                                                             "metrics": metrics}, {}, "fp32", Path("."))
+            rounds.append(recs)
+        streams.append(rounds)
+    return streams
+
+
 def verdicts(rounds: list[dict[str, dict]], limits) -> dict[str, list[bool]]:
     """Gate verdicts (True: regression) for paired and stored-baseline comparisons of ``rounds``
     (each a dict of records A, B, S)."""
@@ -103,6 +129,7 @@ def verdicts(rounds: list[dict[str, dict]], limits) -> dict[str, list[bool]]:
         return G.compare([x], [y], limits).exit_code == G.EXIT_REGRESSION
 
     n = len(rounds)
+    rounds = [r for r in rounds if all(x["status"] == "ok" for x in r.values())]
     return {"paired_identical": [bad(r["A"], r["B"]) for r in rounds],
             "paired_slowed": [bad(r["A"], r["S"]) for r in rounds],
             "stored_identical": [bad(rounds[i]["A"], rounds[i + 1]["A"]) for i in range(n - 1)],
@@ -116,16 +143,22 @@ def main() -> int:
     ap.add_argument("--slowdown", type=float, default=0.30, help="injected extra work per forward (default 0.30)")
     ap.add_argument("--limits", default="cpu_latency=10%,latency=10%", help="the gate's limits")
     ap.add_argument("-o", "--out", default="tests/bench/data/gate_noise.json")
+    ap.add_argument("--replay", metavar="FILE", help="measure nothing: the gate's verdicts on a saved measurement")
     args = ap.parse_args()
     from zopt.bench import gate as G
 
+    if args.replay:
+        streams = load_rounds(args.replay)
+        print(f"{args.replay}: {sum(map(len, streams))} rounds in {len(streams)} stream(s)")
+        summarize(streams, args.limits)
+        return 0
     limits = G.parse_limits(args.limits)
     common, spec = _common(args.threads)
     spec["threads"] = args.threads
     doc = {"what": f"reference runs of zopt bench's default workload on tiny (--threads {args.threads}), three "
                    f"workers per round in turns: A and B as is, S with {args.slowdown:.0%} extra CPU work per "
                    "transformer forward (benchmarks/gate_noise.py)",
-           "machine": f"{os.cpu_count()} CPU cores, shared", "common": common, "rounds": []}
+           "machine": f"{os.cpu_count()} CPU cores, shared", "streams": [{"common": common, "rounds": []}]}
     rounds = []
     with tempfile.TemporaryDirectory(prefix="gate-noise-") as tmp:
         inject = Path(tmp) / "inject"
@@ -137,7 +170,7 @@ def main() -> int:
             recs = _round(common, spec, Path(tmp) / f"r{i}", inject, args.slowdown)
             rounds.append(recs)
             load = [round(load0, 2), round(os.getloadavg()[0], 2)]
-            doc["rounds"].append({"seconds": round(time.time() - t0, 1), "load": load,
+            doc["streams"][0]["rounds"].append({"seconds": round(time.time() - t0, 1), "load": load,
                                   **{n: _summary(r) for n, r in recs.items()}})
             v = verdicts(rounds[-2:], limits)
             print(f"round {i + 1}/{args.rounds}: load {load[0]:.1f}-{load[1]:.1f}, {time.time() - t0:.0f} s; "
@@ -148,12 +181,23 @@ def main() -> int:
             with open(args.out, "w") as f:  # after every round: an interrupted run keeps what it measured
                 json.dump(doc, f)
                 f.write("\n")
-    for lim in (args.limits, *args.limits.split(",")):
-        v = verdicts(rounds, G.parse_limits(lim))
+    summarize([rounds], args.limits)
+    return 0
+
+
+def summarize(streams: list[list[dict[str, dict]]], limits: str) -> None:
+    """Print, for the limits together and each alone, how many identical pairs passed and how many
+    slowed runs failed, paired and against a stored baseline."""
+    from zopt.bench import gate as G
+
+    for lim in (limits, *limits.split(",")):
+        total: dict[str, list[bool]] = {}
+        for rounds in streams:
+            for k, x in verdicts(rounds, G.parse_limits(lim)).items():
+                total.setdefault(k, []).extend(x)
         print(f"{lim}: " + "; ".join(
             f"{k} {'pass' if 'identical' in k else 'fail'} {(len(x) - sum(x)) if 'identical' in k else sum(x)}/{len(x)}"
-            for k, x in v.items()))
-    return 0
+            for k, x in total.items()))
 
 
 if __name__ == "__main__":

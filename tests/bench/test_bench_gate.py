@@ -216,3 +216,30 @@ def test_few_samples_keep_the_plain_limit():
     new = [_with_samples(record("bf16"), [111.0] * 4)]
     [c] = [c for c in G.compare(base, new, LIMITS).changes if c.metric == "latency"]
     assert c.regressed
+
+
+def test_recorded_rounds_on_this_machine():
+    """The measurement behind docs/bench.md (benchmarks/gate_noise.py), replayed through the gate:
+    identical code taking turns passes every time, and every run slowed by 30 % extra work per
+    forward fails, with --threads 1 and cpu_latency=10 %, under whatever load the machine had."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import gate_noise
+
+    streams = gate_noise.load_rounds(Path(__file__).parent / "data" / "gate_noise.json")
+    rounds = [r for s in streams for r in s]
+    assert len(rounds) >= 6 and all(len(r["A"]["metrics"]["latency"]["step_cpu_ms"]["samples"]) >= 16
+                                    for r in rounds)
+    assert all(rec["settings"]["threads"] == 1 for r in rounds for rec in r.values())
+    limits = G.parse_limits("cpu_latency=10%")
+    for s in streams:
+        v = gate_noise.verdicts(s, limits)
+        assert not any(v["paired_identical"]) and all(v["paired_slowed"])
+    # the injected work is real: each slowed run's steps take 15-45 % more CPU time than its partner's
+    from zopt.bench.noise import slowdown
+
+    for r in rounds:
+        sd = slowdown(*(r[n]["metrics"]["latency"]["step_cpu_ms"]["samples"] for n in "AS"))
+        assert 1.15 < sd.ratio < 1.45, sd.text()

@@ -376,6 +376,10 @@ def _run_variant(cfg, common, row: Planned, run_base, ref_images, work: Path, ou
     if cfg.reconvert and artifact.exists():
         shutil.rmtree(artifact) if artifact.is_dir() else artifact.unlink()
     metrics: dict[str, Any] = {"cached": artifact.exists(), "convert_s": None}
+    images_dir = out / "images" / name
+    spec = dict(run_base, role="variant", model=str(artifact), dtype=None, backend=row.backend, offload=row.offload,
+                attention=row.attention, image_dir=str(images_dir), ref_images=ref_images)
+    log = out / "logs" / f"{name}.log"
     if not artifact.exists():
         display.phase(row.label, "convert")
         res = run_worker({"mode": "convert", "source": str(cfg.source), "to": row.spec, "out": str(artifact),
@@ -387,28 +391,12 @@ def _run_variant(cfg, common, row: Planned, run_base, ref_images, work: Path, ou
                        metrics={})
             if res["status"] == "ok":
                 res["status"] = "failed"
+            if side:  # the baseline still runs: its success against this failure is the regression
+                side.variant(cfg, common, row, spec, artifact, metrics, work, display.event, log, converted=False)
             return _record(common, row, "variant", res, metrics, None, out)
     metrics["artifact_bytes"] = artifact_bytes(artifact)
     metrics["bits_per_weight"] = bits_per_weight(metrics["artifact_bytes"], common["source"]["params"])
-    images_dir = out / "images" / name
     shutil.rmtree(images_dir, ignore_errors=True)
-    spec = dict(run_base, role="variant", model=str(artifact), dtype=None, backend=row.backend, offload=row.offload,
-                attention=row.attention, image_dir=str(images_dir), ref_images=ref_images)
-    if side is None:
-        res = run_worker(spec, work, name, cfg.timeout, display.event, out / "logs" / f"{name}.log")
-        return _record(common, row, "variant", res, metrics, None, out)
-    # the baseline converts with its own code, then both sides run in turns
-    conv = {"mode": "convert", "source": str(cfg.source), "to": row.spec, "out": str(artifact), "options": cfg.options}
-    artifact_b, conv_b = side.convert(conv, name, cfg.timeout)
-    ok = conv_b["status"] == "ok" and artifact_b.exists()
-    res, res_b = side.run(spec, side.spec(spec, name, str(artifact_b)) if ok else None, work, name, cfg.timeout,
-                          display.event, out / "logs" / f"{name}.log")
-    if not ok:
-        res_b = dict(conv_b, status="failed" if conv_b["status"] == "ok" else conv_b["status"], metrics={},
-                     message=f"conversion failed: {conv_b.get('message') or 'no artifact written'}")
-    metrics_b = dict(metrics, cached=False, convert_s=(conv_b.get("metrics") or {}).get("convert_s"))
-    if ok:
-        metrics_b["artifact_bytes"] = artifact_bytes(artifact_b)
-        metrics_b["bits_per_weight"] = bits_per_weight(metrics_b["artifact_bytes"], common["source"]["params"])
-    side.finish(_record(common, row, "variant", res_b, metrics_b, None, side.out))
+    res = (side.variant(cfg, common, row, spec, artifact, metrics, work, display.event, log) if side
+           else run_worker(spec, work, name, cfg.timeout, display.event, log))
     return _record(common, row, "variant", res, metrics, None, out)

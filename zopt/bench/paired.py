@@ -51,11 +51,41 @@ class Against:
 
     def run(self, spec: dict[str, Any], against: dict[str, Any] | None, work: Path, name: str, timeout: float,
             on_event, log: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """Both sides in turns; with ``against`` None (its conversion failed) this side alone."""
+        """Both sides in turns; with ``against`` None (its conversion failed) this side alone, with
+        ``spec`` None (this side's conversion failed) the baseline alone."""
         if against is None:
-            return run_worker(spec, work, name, timeout, on_event, log), None
+            return (run_worker(spec, work, name, timeout, on_event, log) if spec else None), None
+        if spec is None:
+            return None, run_worker(against, work, name + ".against", timeout, log_path=self.out / "logs" / f"{name}.log",
+                                    root=self.root)
         return run_paired(spec, against, work, name, timeout, on_event, log, self.out / "logs" / f"{name}.log",
                           self.root)
+
+    def variant(self, cfg, common: dict[str, Any], row, spec: dict[str, Any], artifact: Path,
+                metrics: dict[str, Any], work: Path, on_event, log: Path, converted: bool = True
+                ) -> dict[str, Any] | None:
+        """One variant on both sides: the baseline converts with its own code, then both run in
+        turns; keeps the baseline's record and returns this side's result (``converted`` False:
+        this side's conversion failed, the baseline runs alone)."""
+        from .harness import _record, safe_name
+        from .metrics import artifact_bytes, bits_per_weight
+
+        name = safe_name(row.label)
+        conv = {"mode": "convert", "source": str(cfg.source), "to": row.spec, "out": str(artifact),
+                "options": cfg.options}
+        artifact_b, conv_b = self.convert(conv, name, cfg.timeout)
+        ok = conv_b["status"] == "ok" and artifact_b.exists()
+        res, res_b = self.run(spec if converted else None, self.spec(spec, name, str(artifact_b)) if ok else None,
+                              work, name, cfg.timeout, on_event, log)
+        if not ok:
+            res_b = dict(conv_b, status="failed" if conv_b["status"] == "ok" else conv_b["status"], metrics={},
+                         message=f"conversion failed: {conv_b.get('message') or 'no artifact written'}")
+        metrics_b = dict(metrics, cached=False, convert_s=(conv_b.get("metrics") or {}).get("convert_s"))
+        if ok:
+            metrics_b["artifact_bytes"] = artifact_bytes(artifact_b)
+            metrics_b["bits_per_weight"] = bits_per_weight(metrics_b["artifact_bytes"], common["source"]["params"])
+        self.finish(_record(common, row, "variant", res_b, metrics_b, None, self.out))
+        return res
 
     def finish(self, rec: dict[str, Any]) -> None:
         from .harness import safe_name
