@@ -237,9 +237,9 @@ def test_recorded_rounds_on_this_machine():
     for s in streams:
         v = gate_noise.verdicts(s, limits)
         assert not any(v["paired_identical"]) and all(v["paired_slowed"])
-    # the injected work is real: each slowed run's steps take 15-45 % more CPU time than its partner's
+    # the injected work is real: each slowed run's steps take 15-60 % more CPU time than its partner's
     from zopt.bench.noise import slowdown
 
     for r in rounds:
         sd = slowdown(*(r[n]["metrics"]["latency"]["step_cpu_ms"]["samples"] for n in "AS"))
-        assert 1.15 < sd.ratio < 1.45, sd.text()
+        assert 1.15 < sd.ratio < 1.6, sd.text()
