@@ -253,8 +253,10 @@ def plan(hw: Hardware, width: int = 1024, height: int = 1024, batch: int = 1,
     if rec is None:
         last = choose(options, prefer, approximate, budget, sequential=True)
         if last is not None and ideal:
+            flags = (f" --text-encoder {last.text_encoder}" if last.text_encoder != "device" else "") + (
+                " --vae-tiling" if last.vae_tiling else "")
             p.reason += (f"; only sequential offload fits (every layer copied in as it runs: --to {last.spec} "
-                         f"--offload sequential, peak {last.peak / GIB:.1f} GiB), predicted "
+                         f"--offload sequential{flags}, peak {last.peak / GIB:.1f} GiB), predicted "
                          f"{last.image_s / ideal:.1f}x slower than bf16 with unlimited memory; not recommended: "
                          "no check here runs it")
     return p
