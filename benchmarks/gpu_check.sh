@@ -12,6 +12,8 @@
 #   4. the GPU benchmark (benchmarks/gpu_bench.py) on the medium model (dim 1536, 8 layers);
 #   5. the same on the full-size model (6.15B parameters, seeded random weights made on the GPU);
 #   6. the benchmark table, printed last.
+# GPU_CHECK_PARTS=tests,medium,full (the default) picks parts 3-5, e.g. GPU_CHECK_PARTS=full to rerun
+# one part that stopped at its limit without paying for the others again.
 # Files go to $OUT when it is set (else bench-out/gpu-check/): the log, the pytest report and the
 # benchmark JSON. Without CUDA the GPU parts are skipped, saying so, and the benchmark runs its CPU
 # smoke on the tiny model instead. Exit status: 0 when every part that ran passed.
@@ -26,6 +28,8 @@ PYTEST_S=${GPU_CHECK_PYTEST_S:-140}
 MEDIUM_S=${GPU_CHECK_MEDIUM_S:-90}
 FULL_S=${GPU_CHECK_FULL_S:-160}
 DRY_S=${GPU_CHECK_DRY_S:-300}
+PARTS=",${GPU_CHECK_PARTS:-tests,medium,full},"
+want() { [[ "$PARTS" == *",$1,"* ]]; }
 exec > >(tee "$OUTDIR/gpu-check.log") 2>&1
 T0=$(date +%s)
 FAILED=()
@@ -102,7 +106,9 @@ EOF
 CUDA=$($PY -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 
 part "3. gpu-marked tests (pytest -m gpu)"
-if [ "$CUDA" = 1 ]; then
+if ! want tests; then
+    echo "not in GPU_CHECK_PARTS: skipped"
+elif [ "$CUDA" = 1 ]; then
     limited "pytest -m gpu" "$PYTEST_S" $PY -m pytest -m gpu -q -n 4 -p no:cacheprovider \
         --junitxml="$OUTDIR/pytest-gpu.xml" tests
 else
@@ -114,13 +120,21 @@ fi
 JSONS=()
 if [ "$CUDA" = 1 ]; then
     part "4. GPU benchmark, medium model"
-    limited "bench medium" "$MEDIUM_S" $PY benchmarks/gpu_bench.py --size medium --budget $((MEDIUM_S - 35)) \
-        --json "$OUTDIR/gpu-bench-medium.json"
-    JSONS+=("$OUTDIR/gpu-bench-medium.json")
+    if want medium; then
+        limited "bench medium" "$MEDIUM_S" $PY benchmarks/gpu_bench.py --size medium --budget $((MEDIUM_S - 35)) \
+            --json "$OUTDIR/gpu-bench-medium.json"
+        JSONS+=("$OUTDIR/gpu-bench-medium.json")
+    else
+        echo "not in GPU_CHECK_PARTS: skipped"
+    fi
     part "5. GPU benchmark, full-size model"
-    limited "bench full" "$FULL_S" $PY benchmarks/gpu_bench.py --size full --budget $((FULL_S - 60)) \
-        --json "$OUTDIR/gpu-bench-full.json"
-    JSONS+=("$OUTDIR/gpu-bench-full.json")
+    if want full; then
+        limited "bench full" "$FULL_S" $PY benchmarks/gpu_bench.py --size full --budget $((FULL_S - 60)) \
+            --json "$OUTDIR/gpu-bench-full.json"
+        JSONS+=("$OUTDIR/gpu-bench-full.json")
+    else
+        echo "not in GPU_CHECK_PARTS: skipped"
+    fi
 else
     part "4-5. GPU benchmark"
     echo "no CUDA device: the medium and full-size GPU benchmarks are skipped."
@@ -130,7 +144,13 @@ else
 fi
 
 part "6. results"
-$PY benchmarks/gpu_bench.py --table "${JSONS[@]}" | tee "$OUTDIR/gpu-bench.md"
+EXISTING=()
+for j in "${JSONS[@]}"; do [ -s "$j" ] && EXISTING+=("$j"); done  # a part killed before its first case wrote none
+if [ "${#EXISTING[@]}" -gt 0 ]; then
+    $PY benchmarks/gpu_bench.py --table "${EXISTING[@]}" | tee "$OUTDIR/gpu-bench.md"
+else
+    echo "no benchmark report to print"
+fi
 echo
 echo "files: $OUTDIR"
 if [ "${#FAILED[@]}" = 0 ]; then

@@ -118,3 +118,37 @@ def test_base_settings_sweep(tmp_path, capsys):
     assert var["runtime"]["variant"] == "base"
     # guided steps run the prompt and the negative prompt together; bf16 still tracks the reference
     assert var["metrics"]["quality"]["rel_l2_max"] < 1e-2
+
+
+@pytest.mark.slow
+def test_paired_sweep_against_a_baseline_checkout(tmp_path, capsys):
+    """``--against DIR``: every run also runs with DIR's code, in turns; the gate compares the two."""
+    from pathlib import Path
+
+    import zopt
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "zopt").symlink_to(Path(zopt.__file__).resolve().parent)  # the same code: nothing regressed
+    out = tmp_path / "bench"
+    code = main(["bench", "--formats", "fp16", "--steps", "4", "--resolution", "64x64", "--repeats", "1",
+                 "--warmup", "0", "--threads", "1", "-o", str(out), "--no-progress", "--no-report",
+                 "--against", str(base), "--max-regression", "cpu_latency=25%,psnr=0.5dB"])
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout
+    assert "no regression (2 runs compared)" in stdout
+    new, old = load_records(out / "results.json"), load_records(out / "baseline" / "results.json")
+    assert [r["label"] for r in new] == [r["label"] for r in old] == ["reference", "fp16@torch"]
+    for r in new + old:
+        assert r["status"] == "ok", r["message"]
+        assert r["settings"]["threads"] == 1
+        assert len(r["metrics"]["latency"]["step_cpu_ms"]["samples"]) == 8
+    # the baseline converted with its own code and kept its own images and logs
+    assert old[1]["metrics"]["cached"] is False and old[1]["metrics"]["convert_s"] > 0
+    assert (out / "baseline" / "logs" / "fp16_torch.log").is_file()
+    assert all((out / "baseline" / im["path"]).is_file() for im in old[1]["images"])
+    assert old[1]["metrics"]["quality"]["psnr_db"] == new[1]["metrics"]["quality"]["psnr_db"]
+    # a folder without a zopt package is refused before any run
+    assert main(["bench", "--formats", "fp16", "--against", str(tmp_path), "-o", str(tmp_path / "x"),
+                 "--no-progress"]) == 2
+    assert "no zopt package" in capsys.readouterr().err

@@ -91,3 +91,29 @@ def test_sweep_options_go_to_the_formats_that_have_them():
         H.check_options({"grup_size": 64}, {"int4", "bf16"})
     with pytest.raises(OptionError, match="'workers'"):
         H.check_options({"workers": 2}, {"int4", "bf16"})
+
+
+PACED = ("import json, sys, time; spec = json.load(open(sys.argv[1])); log = open(spec['log'], 'a')\n"
+         "for i in range(3):\n"
+         "    print('@zopt-bench ' + json.dumps({'phase': 'turn'}), flush=True)\n"
+         "    assert sys.stdin.readline() == 'go\\n'\n"
+         "    log.write(f\"{spec['side']} start {time.monotonic()}\\n\"); log.flush(); time.sleep(0.05)\n"
+         "    log.write(f\"{spec['side']} end {time.monotonic()}\\n\"); log.flush()\n"
+         "    print('@zopt-bench ' + json.dumps({'phase': 'turn_done'}), flush=True)\n"
+         "open(spec['result'], 'w').write(json.dumps({'status': 'ok', 'message': spec['side']}))\n")
+
+
+def test_paired_workers_take_turns_and_never_overlap(tmp_path):
+    """Paced workers run one image at a time, the order reversed every round (A B, B A, A B)."""
+    from zopt.bench.process import WorkerProcess, run_in_turns
+
+    log = tmp_path / "turns.log"
+    workers = [WorkerProcess({"side": s, "log": str(log), "paced": True}, tmp_path, s,
+                             command=[sys.executable, "-c", PACED]) for s in "AB"]
+    results = run_in_turns(workers, 30)
+    assert [r["message"] for r in results] == ["A", "B"]
+    lines = [ln.split() for ln in log.read_text().splitlines()]
+    assert [side for side, what, _ in lines if what == "start"] == list("ABBAAB")
+    times = [float(t) for _, _, t in lines]
+    assert times == sorted(times)  # every start follows the previous image's end: no overlap
+    assert [what for _, what, _ in lines] == ["start", "end"] * 6

@@ -162,3 +162,28 @@ def test_plans_run_on_this_gpu(offload, text_encoder, spec, artifacts, tmp_path)
     out = P.run(pipe, req, tmp_path)
     assert out[0].path.is_file()
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("vram", ["2GB", "2.4GB"])
+def test_small_budgets_recommend_what_runs(vram, artifacts, tmp_path):
+    """``zopt plan --vram 2GB``: the answer (block streaming, not sequential offload) runs too."""
+    hw = planner.budget_hardware(planner.parse_size(vram))
+    p = planner.plan(hw)
+    assert p.recommended is not None and p.recommended.offload != "sequential"
+    _execute(hw, p, artifacts, tmp_path)
+
+
+def test_sequential_offload_is_never_recommended_only_named():
+    """No check here can run sequential offload (no CPU stands in for it): below the smallest
+    budget that block streaming fits, the plan says nothing fits and what sequential would cost."""
+    said = 0
+    for tenths in range(5, 41):
+        p = planner.plan(planner.budget_hardware(int(tenths / 10 * planner.GIB)))
+        if p.recommended is not None:
+            assert p.recommended.offload != "sequential" and p.recommended.device_bytes <= p.budget
+            continue
+        assert p.reason.startswith("nothing fits")
+        if "only sequential offload fits" in p.reason:
+            said += 1
+            assert "--offload sequential" in p.reason and "x slower than bf16" in p.reason
+    assert said >= 1

@@ -11,10 +11,15 @@ Regressions besides metrics: a run whose format now runs on another backend than
 (a fallback, e.g. scaled-mm -> fp8-storage after a package went missing), and a baseline run that
 is missing from the new records (a format that no longer converts or loads).
 
-Latency is noisy on shared machines: when both records carry at least :data:`MIN_SAMPLES` step
-samples, the allowance is the larger of the limit and a noise band, :data:`NOISE_K` times the
-larger of the two runs' robust spreads (1.4826 x median absolute deviation / median). A run whose
-steps scatter widely cannot show a small regression, and the gate says so instead of failing it.
+Step times are noisy on shared machines. When both records carry at least
+:data:`~zopt.bench.noise.MIN_SAMPLES` step samples, ``latency`` and ``cpu_latency`` are judged on
+how much slower the new run's steps are (the Hodges-Lehmann ratio new/old) and its one-sided 95 %
+bounds (:mod:`zopt.bench.noise`): a regression is a run whose ratio is past the limit and whose lower
+bound is above 1, i.e. slower than the limit allows and slower beyond the runs' own scatter. ``cpu_latency`` (the
+process CPU time per step) is the one to gate on a machine shared with other work: run the bench with
+``--threads 1`` and contention stretches wall time, not CPU time. ``--against DIR`` runs the
+baseline's code in the same sweep, each run next to its counterpart, so wall latency can be
+compared in the same time window as well.
 """
 
 from __future__ import annotations
@@ -29,10 +34,8 @@ from .schema import get_path
 
 EXIT_PASS, EXIT_REGRESSION, EXIT_NOTHING_COMPARED = 0, 3, 4
 DEFAULT_LIMITS = "latency=10%,memory=5%,psnr=0.5dB"
-MIN_SAMPLES = 8  # step samples per run needed before a noise band is estimated
-NOISE_K = 3.0  # band = NOISE_K x the larger robust relative spread of the two runs
-NOISY = {"latency": "latency.step_ms", "latency_p90": "latency.step_ms"}  # metric -> the stats holding samples
-
+# metric -> the latency stats whose ``samples`` the verdict is drawn from
+SAMPLED = {"latency": "latency.step_ms", "cpu_latency": "latency.step_cpu_ms"}
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class Metric:
 METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("latency", "latency.step_ms.median", "lower", "ms"),
     Metric("latency_p90", "latency.step_ms.p90", "lower", "ms"),
+    Metric("cpu_latency", "latency.step_cpu_ms.median", "lower", "ms"),
     Metric("image_latency", "latency.image_s.median", "lower", "s"),
     Metric("memory", "memory.peak_bytes", "lower", "MB", 1e6),
     Metric("load", "load_s", "lower", "s"),
@@ -105,21 +109,6 @@ def comparison_key(rec: dict[str, Any], backend: bool = True) -> str:
     return json.dumps([rec.get("hardware_fingerprint"), get_path(rec, "source.sha256"), rec.get("role"),
                        get_path(rec, "format.spec"), rec.get("backend") if backend else None, rec.get("options", {}), s],
                       sort_keys=True, default=str)
-
-
-def robust_spread(stats: dict[str, Any] | None) -> float | None:
-    """1.4826 x MAD / median of the ``samples`` in a latency stats dict; None with too few samples."""
-    xs = sorted((stats or {}).get("samples") or [])
-    if len(xs) < MIN_SAMPLES:
-        return None
-    med = _median(xs)
-    mad = _median(sorted(abs(x - med) for x in xs))
-    return 1.4826 * mad / med if med > 0 else None
-
-
-def _median(xs: list[float]) -> float:
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
 @dataclass
@@ -220,25 +209,32 @@ def _compare_pair(old: dict[str, Any], rec: dict[str, Any], limits: list[Limit],
         return
     for lim in limits:
         m = lim.metric
-        stats = NOISY.get(m.name)
-        note = ""
         a, b = get_path(old["metrics"], m.path), get_path(rec["metrics"], m.path)
         if a is None or b is None:
             continue
         a, b = a / m.scale, b / m.scale
         allowance = abs(a) * lim.value if lim.relative else lim.value
-        if stats:
-            spreads = [robust_spread(get_path(r["metrics"], stats)) for r in (old, rec)]
-            if None in spreads:
-                note = f"{note} (fewer than {MIN_SAMPLES} samples: no noise band)".strip()
-            else:
-                band = NOISE_K * max(spreads) * abs(a)
-                if band > allowance:
-                    allowance = band
-                    note = f"{note} (noise band {band / abs(a) * 100:.0f}% from the runs' spread)".strip()
         worse = (b - a) if m.better == "lower" else (a - b)
-        res.changes.append(Change(rec["label"], m.name, a, b, lim.text(), worse > allowance + 1e-12, note,
-                                  relative=lim.relative))
+        regressed, note = worse > allowance + 1e-12, ""
+        if m.name in SAMPLED:
+            regressed, note = _sampled_verdict(old, rec, SAMPLED[m.name], a, allowance, regressed)
+        res.changes.append(Change(rec["label"], m.name, a, b, lim.text(), regressed, note, relative=lim.relative))
+
+
+def _sampled_verdict(old: dict[str, Any], rec: dict[str, Any], stats: str, a: float, allowance: float,
+                     plain: bool) -> tuple[bool, str]:
+    """Regressed when the estimated slowdown is past the allowance and the slowdown is real: its
+    lower confidence bound is above 1 (the new run is slower beyond its own and the baseline's scatter)."""
+    from .noise import MIN_SAMPLES, slowdown
+
+    xs, ys = ((get_path(r["metrics"], stats) or {}).get("samples") or [] for r in (old, rec))
+    sd = slowdown(xs, ys)
+    if sd is None:
+        return plain, f"(fewer than {MIN_SAMPLES} step samples: the medians alone decide)"
+    past = (sd.ratio - 1.0) * abs(a) > allowance + 1e-12
+    regressed = past and sd.lower > 1.0
+    verdict = "slower beyond the limit" if regressed else "within the noise" if past else "within the limit"
+    return regressed, f"({sd.text()}: {verdict})"
 
 
 def print_gate(res: GateResult, console=None) -> None:

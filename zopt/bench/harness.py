@@ -63,6 +63,8 @@ class BenchConfig:
     offload: list[str] = field(default_factory=lambda: ["none"])  # each variant runs once per mode
     attention: list[str] = field(default_factory=lambda: ["auto"])  # ... and per attention kernel
     reference_offload: str = "auto"  # lets the reference run where bf16 does not fit resident
+    threads: int | None = None  # torch intra-op threads in each run (None: torch's default)
+    against: str | None = None  # a baseline checkout: every run also runs with its code, in turns
 
 
 @dataclass
@@ -314,7 +316,8 @@ def sweep(cfg: BenchConfig, display=None) -> list[dict[str, Any]]:
         "software": software_versions(),
         "settings": {"steps": cfg.steps, "width": cfg.width, "height": cfg.height, "prompts": list(cfg.prompts),
                      "seeds": list(cfg.seeds), "repeats": cfg.repeats, "warmup": cfg.warmup,
-                     "guidance_scale": cfg.guidance_scale, "device": device, **sampling_settings(cfg)},
+                     "guidance_scale": cfg.guidance_scale, "device": device, **sampling_settings(cfg),
+                     **({"threads": cfg.threads} if cfg.threads else {})},
     }
     planned = plan(expand_formats(cfg.formats), cfg.backend, hw)
     check_options(cfg.options, {r.name for r in planned if r.status is None})
@@ -328,8 +331,13 @@ def sweep(cfg: BenchConfig, display=None) -> list[dict[str, Any]]:
                 "repeats": cfg.repeats, "warmup": cfg.warmup, "guidance_scale": cfg.guidance_scale,
                 "negative_prompts": cfg.negative_prompts, "cfg_normalization": cfg.cfg_normalization,
                 "cfg_truncation": cfg.cfg_truncation, "max_sequence_length": cfg.max_sequence_length,
-                "shift": cfg.shift, "sigmas": cfg.sigmas, "ref_dir": str(ref_dir)}
+                "shift": cfg.shift, "sigmas": cfg.sigmas, "ref_dir": str(ref_dir), "threads": cfg.threads}
     records: list[dict[str, Any]] = []
+    side = None
+    if cfg.against:
+        from .paired import Against
+
+        side = Against(cfg.against, out / "baseline", work)
 
     def finish(rec: dict[str, Any]) -> None:
         records.append(rec)
@@ -344,13 +352,17 @@ def sweep(cfg: BenchConfig, display=None) -> list[dict[str, Any]]:
             display.start("reference")
             images_dir = out / "images" / "reference"
             shutil.rmtree(images_dir, ignore_errors=True)
-            res = run_worker(dict(run_base, role="reference", model=str(cfg.source), dtype=ref_dtype, backend=None,
-                                  offload=cfg.reference_offload, attention="auto",
-                                  image_dir=str(images_dir)), work, "reference", cfg.timeout, display.event,
-                             out / "logs" / "reference.log")
-            ref = _record(common, ref_row, "reference", res,
-                          {"artifact_bytes": src_bytes, "bits_per_weight": bits_per_weight(src_bytes, source["params"])},
-                          ref_dtype, out)
+            spec = dict(run_base, role="reference", model=str(cfg.source), dtype=ref_dtype, backend=None,
+                        offload=cfg.reference_offload, attention="auto", image_dir=str(images_dir))
+            ref_metrics = {"artifact_bytes": src_bytes, "bits_per_weight": bits_per_weight(src_bytes, source["params"])}
+            if side:
+                res, res_b = side.run(spec, side.spec(spec, "reference"), work, "reference", cfg.timeout,
+                                      display.event, out / "logs" / "reference.log")
+                side.finish(_record(common, ref_row, "reference", res_b, ref_metrics, ref_dtype, side.out))
+                side.ref_images = [str(side.out / im["path"]) for im in side.records[-1]["images"]]
+            else:
+                res = run_worker(spec, work, "reference", cfg.timeout, display.event, out / "logs" / "reference.log")
+            ref = _record(common, ref_row, "reference", res, ref_metrics, ref_dtype, out)
             finish(ref)
             display.end("reference", ref["status"], ref["message"])
             ref_images = [str(out / im["path"]) for im in ref["images"]] if ref["status"] == "ok" else []
@@ -360,7 +372,7 @@ def sweep(cfg: BenchConfig, display=None) -> list[dict[str, Any]]:
                                    None, out))
                     continue
                 display.start(row.label)
-                rec = _run_variant(cfg, common, row, run_base, ref_images, work, out, display)
+                rec = _run_variant(cfg, common, row, run_base, ref_images, work, out, display, side)
                 finish(rec)
                 display.end(row.label, rec["status"], rec["message"])
     finally:
@@ -375,10 +387,13 @@ def sweep(cfg: BenchConfig, display=None) -> list[dict[str, Any]]:
     tmp = doc.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results_document(records), indent=1) + "\n")
     os.replace(tmp, doc)
+    if side:
+        side.write()
     return records
 
 
-def _run_variant(cfg, common, row: Planned, run_base, ref_images, work: Path, out: Path, display) -> dict[str, Any]:
+def _run_variant(cfg, common, row: Planned, run_base, ref_images, work: Path, out: Path, display,
+                 side=None) -> dict[str, Any]:
     from .metrics import artifact_bytes, bits_per_weight
 
     name = safe_name(row.label)
@@ -386,6 +401,10 @@ def _run_variant(cfg, common, row: Planned, run_base, ref_images, work: Path, ou
     if cfg.reconvert and artifact.exists():
         shutil.rmtree(artifact) if artifact.is_dir() else artifact.unlink()
     metrics: dict[str, Any] = {"cached": artifact.exists(), "convert_s": None}
+    images_dir = out / "images" / name
+    spec = dict(run_base, role="variant", model=str(artifact), dtype=None, backend=row.backend, offload=row.offload,
+                attention=row.attention, image_dir=str(images_dir), ref_images=ref_images)
+    log = out / "logs" / f"{name}.log"
     if not artifact.exists():
         display.phase(row.label, "convert")
         res = run_worker({"mode": "convert", "source": str(cfg.source), "to": row.spec, "out": str(artifact),
@@ -397,13 +416,12 @@ def _run_variant(cfg, common, row: Planned, run_base, ref_images, work: Path, ou
                        metrics={})
             if res["status"] == "ok":
                 res["status"] = "failed"
+            if side:  # the baseline still runs: its success against this failure is the regression
+                side.variant(cfg, common, row, spec, artifact, metrics, work, display.event, log, converted=False)
             return _record(common, row, "variant", res, metrics, None, out)
     metrics["artifact_bytes"] = artifact_bytes(artifact)
     metrics["bits_per_weight"] = bits_per_weight(metrics["artifact_bytes"], common["source"]["params"])
-    images_dir = out / "images" / name
     shutil.rmtree(images_dir, ignore_errors=True)
-    res = run_worker(dict(run_base, role="variant", model=str(artifact), dtype=None, backend=row.backend,
-                          offload=row.offload, attention=row.attention,
-                          image_dir=str(images_dir), ref_images=ref_images), work, name, cfg.timeout,
-                     display.event, out / "logs" / f"{name}.log")
+    res = (side.variant(cfg, common, row, spec, artifact, metrics, work, display.event, log) if side
+           else run_worker(spec, work, name, cfg.timeout, display.event, log))
     return _record(common, row, "variant", res, metrics, None, out)

@@ -142,6 +142,13 @@ def _generate(pipe, probe: _StepProbe, spec: dict[str, Any], prompt: str, seed: 
     return image, final.get("latents"), time.perf_counter() - t0
 
 
+def _await_turn() -> None:
+    """Say this side is ready for its next image and wait until the driver says go."""
+    emit(phase="turn")
+    if not sys.stdin.readline():
+        raise RuntimeError("the paired run's driver went away")
+
+
 def _run(spec: dict[str, Any], metrics: dict[str, Any], result: dict[str, Any]) -> None:
     from ..families import resolve_source
     from ..formats import artifact_format
@@ -153,6 +160,8 @@ def _run(spec: dict[str, Any], metrics: dict[str, Any], result: dict[str, Any]) 
     from .metrics import PeakMemory, latency_stats
 
     torch.set_grad_enabled(False)
+    if spec.get("threads"):  # one thread: contention from other processes stretches wall time, not CPU time
+        torch.set_num_threads(int(spec["threads"]))
     device = spec["device"]
     dtype = getattr(torch, DTYPES[spec["dtype"]]) if spec.get("dtype") else P.default_dtype(device)
     result["compute_dtype"] = str(dtype).replace("torch.", "")
@@ -202,10 +211,14 @@ def _run(spec: dict[str, Any], metrics: dict[str, Any], result: dict[str, Any]) 
                 emit(phase=_phase, image=_n + 1, images=total, step=i + 1, steps=steps)
 
             probe.capture = {"x": [], "t": [], "cap": [], "out": []} if (reference and first_pass) else None
+            if spec.get("paced"):  # a paired run: wait for this side's turn
+                _await_turn()
             image, final, seconds = _generate(pipe, probe, spec, jobs[k][0], jobs[k][1], on_step,
                                               negative[jobs[k][0]])
             if not measuring:
                 probe.times, probe.cpu_times = [], []
+                if spec.get("paced"):
+                    emit(phase="turn_done")
                 continue
             image_times.append(seconds)
             if first_pass:
@@ -218,9 +231,11 @@ def _run(spec: dict[str, Any], metrics: dict[str, Any], result: dict[str, Any]) 
                     ref_dir.mkdir(parents=True, exist_ok=True)
                     torch.save(probe.capture, ref_dir / f"capture-{k:03d}.pt")
                     probe.capture = None
+            if spec.get("paced"):  # after this image's files are written: the other side may run
+                emit(phase="turn_done")
     metrics["memory"] = mem.as_dict()
     step_ms = latency_stats(probe.times, 1000.0, 3)
-    step_ms["samples"] = [round(t * 1000.0, 3) for t in probe.times]  # the gate's noise band needs them
+    step_ms["samples"] = [round(t * 1000.0, 3) for t in probe.times]  # the gate's confidence bounds need them
     step_cpu_ms = latency_stats(probe.cpu_times, 1000.0, 3)
     step_cpu_ms["samples"] = [round(t * 1000.0, 3) for t in probe.cpu_times]
     metrics["latency"] = {"step_ms": step_ms, "step_cpu_ms": step_cpu_ms, "image_s": latency_stats(image_times)}

@@ -29,6 +29,9 @@ def add_arguments(p) -> None:
     p.add_argument("--attention", default="auto", help="attention kernels, comma separated (auto, native, flash...)")
     p.add_argument("--reference-offload", default="auto",
                    help="offload mode of the reference run (auto: whatever fits, so a 16 GB card can run bf16)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per run (default: torch's choice); 1 on a shared machine, with the "
+                        "cpu_latency gate")
     p.add_argument("--base", default=None,
                    help="pipeline folder or owner/name[@rev] supplying text encoder, tokenizer and VAE")
     p.add_argument("--option", action="append", default=[], metavar="K=V", help="conversion option for every format")
@@ -45,9 +48,13 @@ def add_arguments(p) -> None:
                    help="every column in the results table (default: the ones that fit 100 columns)")
     p.add_argument("--baseline", default=None, metavar="OLD.json",
                    help="compare with these records and exit 3 if a metric regressed (4 if nothing is comparable)")
+    p.add_argument("--against", default=None, metavar="DIR",
+                   help="a checkout of the baseline code (a folder holding its zopt package): every run also runs "
+                        "with that code, both loaded and taking images in turns, and the gate compares the two "
+                        "(exit 3 on a regression); baseline records go to OUT/baseline")
     p.add_argument("--max-regression", default=None, metavar="LIMITS",
                    help="e.g. 'latency=10%%,memory=5%%,psnr=0.5dB' (the default with --baseline); metrics: latency, "
-                        "latency_p90, image_latency, memory, load, size, psnr, ssim, lpips, rel_l2, cosine, latent_err")
+                        "latency_p90, cpu_latency, image_latency, memory, load, size, psnr, ssim, lpips, rel_l2, cosine, latent_err")
 
 
 def _prompts(path: str | None) -> list[str] | None:
@@ -126,9 +133,12 @@ def run(args) -> int:
     from .generate import parse_resolution
 
     given = sampling_args.explicit(args)  # bad values stop here, before a sweep starts
-    limits = G.parse_limits(args.max_regression or G.DEFAULT_LIMITS) if args.baseline else None
-    if args.max_regression and not args.baseline:
-        raise ZoptError("--max-regression needs --baseline OLD.json")
+    gating = args.baseline or args.against
+    limits = G.parse_limits(args.max_regression or G.DEFAULT_LIMITS) if gating else None
+    if args.max_regression and not gating:
+        raise ZoptError("--max-regression needs --baseline OLD.json or --against DIR")
+    if args.against and (args.baseline or args.results):
+        raise ZoptError("--against runs the baseline itself: it goes without --baseline and --results")
     baseline = load_records(args.baseline) if args.baseline else None  # fail before a long sweep
     out = Path(args.out)
     if args.results:
@@ -141,8 +151,9 @@ def run(args) -> int:
         check_source(args.source)
         if args.base:
             check_source(args.base)
-        if args.repeats < 1:
-            raise ZoptError("--repeats must be at least 1")
+        for name in ("repeats",) + (("threads",) if args.threads is not None else ()):
+            if getattr(args, name) < 1:
+                raise ZoptError(f"--{name} must be at least 1")
         if args.warmup < 0:
             raise ZoptError("--warmup cannot be negative")
         w, h = parse_resolution(args.resolution)
@@ -170,9 +181,11 @@ def run(args) -> int:
                           options=_options(args.option), out=out, timeout=args.timeout,
                           progress=not args.no_progress, reconvert=args.reconvert,
                           offload=offload, attention=attention,
-                          reference_offload=args.reference_offload)
+                          reference_offload=args.reference_offload, threads=args.threads, against=args.against)
         records = sweep(cfg)
         root = out
+        if args.against:
+            baseline = load_records(out / "baseline" / "results.json")
     print_table(records, wide=args.wide)
     if not args.no_report and records:
         from ..bench.report import write_html

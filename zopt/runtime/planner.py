@@ -1,48 +1,34 @@
 """Memory planner: which format, offload mode and attention kernel fit a memory budget.
 
-The memory model (all figures in bytes; ``b`` = bytes per activation element: 2 for bf16/fp16, 4 for
-fp32):
-
-* **weights** per format: the tensors a format quantizes (2-D block weights not named
-  precision-sensitive by :mod:`zopt.families.zimage`) at the format's effective bits per weight
-  (nominal bits plus scale overhead: each format's candidates in :mod:`zopt.formats.registry`); every
-  other tensor at 16 bits. Dequantizing backends add one transient BF16 copy of the largest matrix.
-* **tokens**: image tokens ``ceil32(H/16 * W/16)`` (VAE /8, patch 2), text tokens
-  ``ceil32(text_tokens)``; Z-Image pads both to multiples of 32 and attends over their sum ``L``.
-* **transformer activations**: ``batch * L * (ACT_PER_DIM * dim + ACT_PER_FFN * ffn) * b + ACT_FIXED``:
-  the peak sits in a block's feed-forward (SiLU(w1 x), w3 x and their product: 3 ffn-wide rows per
-  token) on top of dim-wide rows held around it (residual stream, normed input, the joined
-  caption/image sequence, refiner outputs, RoPE tables). The dim-wide count (8) and the fixed
-  term were read off measured CPU peaks of the tiny config; the medium config checks them.
-  Attention kernels that materialize the score matrix (``_native_math``) add
-  ``batch * heads * L^2 * b * 2``.
-* **text encoder / VAE**: Qwen3-4B (4.02B parameters) and the 16-channel VAE (83.8M) at the compute
-  dtype (bf16 on GPUs, fp32 on CPU, as is the unquantized part of every format); VAE
-  decode peak ``VAE_ACT * 128 * H * W * b`` (an estimate, not validated here).
-
-``benchmarks/planner_validation.py`` compares the transformer part against measured peak RSS on CPU
-(docs/runtime.md states the error).
+The memory model (what each stage holds, per format) is :mod:`zopt.runtime.memory`; the
+time model is :mod:`zopt.runtime.costs`; the options by stage are :mod:`zopt.runtime.stages`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 from ..formats.registry import Candidate, planner_candidates
 from ..platform.hardware import Hardware
-from .offload import GIB, Footprint
-
-TEXT_ENCODER_PARAMS = 4_022_468_096  # Qwen3-4B, the Z-Image text encoder
-VAE_PARAMS = 83_819_683  # the 16-channel autoencoder shared with FLUX
-ACT_PER_DIM = 8.0
-ACT_PER_FFN = 3.0
-ACT_FIXED = 8 * 1024**2  # kernel workspaces and small buffers, independent of the token count
-VAE_ACT = 6.0
-DEFAULT_TEXT_TOKENS = 512  # the pipeline's max_sequence_length: the worst case for a prompt
+from .memory import (  # noqa: F401  (the memory model, also read from here)
+    ACT_FIXED,
+    ACT_PER_DIM,
+    ACT_PER_FFN,
+    DEFAULT_TEXT_TOKENS,
+    TEXT_ENCODER_PARAMS,
+    VAE_ACT,
+    VAE_PARAMS,
+    Shape,
+    _key,
+    _param_split,
+    activation_bytes,
+    footprint,
+    shape_for,
+    weight_bytes,
+)
+from .offload import GIB
 
 
 def candidates() -> tuple[Candidate, ...]:
@@ -72,96 +58,6 @@ def held(cand: Candidate, backend: str | None, device: str | None = None) -> Can
     if bits >= 16:  # held dense: a plain model, nothing to dequantize
         return dataclasses.replace(cand, bits=bits, dequant=False, transient=False, unpack=0.0)
     return dataclasses.replace(cand, bits=bits, transient=False)
-
-
-@dataclass(frozen=True)
-class Shape:
-    """Token counts for a request."""
-
-    image_tokens: int
-    text_tokens: int
-    batch: int
-
-    @property
-    def tokens(self) -> int:
-        return self.image_tokens + self.text_tokens
-
-
-def _ceil32(n: int) -> int:
-    return -(-int(n) // 32) * 32
-
-
-def shape_for(width: int, height: int, batch: int = 1, text_tokens: int = DEFAULT_TEXT_TOKENS) -> Shape:
-    """Image and text token counts Z-Image attends over for a ``width`` x ``height`` image."""
-    return Shape(_ceil32((height // 16) * (width // 16)), _ceil32(max(1, text_tokens)), max(1, batch))
-
-
-@lru_cache(maxsize=8)
-def _param_split(config_key: tuple) -> tuple[int, int, int, int, int]:
-    """(quantizable, other, largest block, non-block, largest matrix) parameter counts of a config."""
-    from ..families import zimage
-
-    config = dict(config_key)
-    shapes = zimage.expected_shapes(config)
-    quant = other = nonblock = largest = 0
-    blocks: dict[Any, int] = {}
-    for name, shape in shapes.items():
-        n = math.prod(shape)
-        if len(shape) == 2 and zimage.sensitive_reason(name) is None:
-            quant += n
-            largest = max(largest, n)
-        else:
-            other += n
-        b = zimage.block_index(name)
-        if b is None:
-            nonblock += n
-        else:
-            blocks[b] = blocks.get(b, 0) + n
-    return quant, other, max(blocks.values()), nonblock, largest
-
-
-def _key(config: dict[str, Any]) -> tuple:
-    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in config.items()))
-
-
-def weight_bytes(config: dict[str, Any], bits: float, other_bits: float = 16.0) -> int:
-    """Transformer weight bytes: quantizable tensors at ``bits``, the rest at ``other_bits``."""
-    quant, other, *_ = _param_split(_key(config))
-    return int(quant * bits / 8 + other * other_bits / 8)
-
-
-def activation_bytes(config: dict[str, Any], shape: Shape, elem_bytes: int = 2, attention: str = "native") -> int:
-    """Peak transformer-forward activation bytes for ``shape`` (see the module docstring)."""
-    from .attention import ATTENTION
-
-    dim = int(config["dim"])
-    ffn = int(dim / 3 * 8)
-    act = shape.batch * shape.tokens * (ACT_PER_DIM * dim + ACT_PER_FFN * ffn) * elem_bytes + ACT_FIXED
-    if ATTENTION.get(attention) is not None and ATTENTION[attention].memory == "quadratic":
-        act += shape.batch * int(config["n_heads"]) * shape.tokens**2 * elem_bytes * 2
-    return int(act)
-
-
-def footprint(config: dict[str, Any], cand: Candidate, shape: Shape, width: int, height: int,
-              elem_bytes: int = 2, attention: str = "native", text_encoder: bool = True) -> Footprint:
-    """The :class:`Footprint` of a full pipeline with the transformer stored as ``cand``."""
-    quant, other, block, nonblock, largest = _param_split(_key(config))
-    # unquantized tensors (and whole plain formats) are held at the compute dtype: fp32 on CPU
-    bits = elem_bytes * 8 if not cand.dequant else cand.bits
-    ratio = bits / 16
-    transient = largest * elem_bytes if cand.dequant and cand.transient else 0
-    tr = weight_bytes(config, bits, elem_bytes * 8) + transient
-    act = activation_bytes(config, shape, elem_bytes, attention)
-    vae_act = int(VAE_ACT * 128 * height * width * elem_bytes * shape.batch)
-    return Footprint(
-        transformer=tr,
-        text_encoder=TEXT_ENCODER_PARAMS * elem_bytes if text_encoder else 0,
-        vae=VAE_PARAMS * elem_bytes,
-        activations=max(act, vae_act),
-        largest_block=int(block * 2 * ratio) + transient,
-        non_block=nonblock * elem_bytes,
-        largest_leaf=int(largest * 2 * ratio) + transient,
-    )
 
 
 BAND = 1.35  # predicted times within 35 % count as equal (the time model's error); quality decides
@@ -256,7 +152,8 @@ def _runnable_backends(fmt: str, hw: Hardware) -> tuple[list[str | None], str | 
     return [], "cannot run here"
 
 
-def choose(options: list, prefer: str = "speed", approximate: bool = False, budget: int | None = None):
+def choose(options: list, prefer: str = "speed", approximate: bool = False, budget: int | None = None,
+           sequential: bool = False):
     """The recommended option among ``options`` (None when none fits).
 
     ``speed``: options that keep the transformer resident (no weights streamed per step) first, in
@@ -266,11 +163,13 @@ def choose(options: list, prefer: str = "speed", approximate: bool = False, budg
     :data:`BAND` of it counted as equal and decided by quality (an exact text encoder first, then
     the format's place in :func:`candidates`). ``quality``: the best format that fits, then the
     best text-encoder placement, then the fastest. Activation-quantizing kernels (``scaled-mm``,
-    ``int-mm-*``) only with ``approximate``.
+    ``int-mm-*``) only with ``approximate``; ``sequential`` offload only with ``sequential`` (never
+    recommended: no CPU can stand in for it, so no check here runs it).
     """
     from .stages import TE_QUALITY
 
-    fit = [o for o in options if o.fits and (approximate or not o.approximate)]
+    fit = [o for o in options if o.fits and (approximate or not o.approximate)
+           and (sequential or o.offload != "sequential")]
     if not fit:
         return None
     if prefer == "quality":
@@ -346,9 +245,12 @@ def plan(hw: Hardware, width: int = 1024, height: int = 1024, batch: int = 1,
                     if qi == 0 and mode == "none" and te == "device" and not tiled:
                         ideal = o.image_s
         options += mine
-        best = choose(mine, prefer, approximate, budget) or choose(mine, prefer, True, budget)
+        best = (choose(mine, prefer, approximate, budget) or choose(mine, prefer, True, budget)
+                or choose(mine, prefer, approximate, budget, sequential=True))
         if best is not None:
-            rows.append(_row(best, problem or ("approximate kernel" if best.approximate else cand.note)))
+            note = problem or ("approximate kernel" if best.approximate else cand.note)
+            rows.append(_row(best, note + ("; sequential offload: not recommended" if best.offload == "sequential"
+                                           else "")))
         elif mine:
             small = min(mine, key=lambda o: o.peak)
             rows.append(PlanRow(cand.spec, None, small.peak, small.weights_bytes, small.backend,
@@ -359,6 +261,15 @@ def plan(hw: Hardware, width: int = 1024, height: int = 1024, batch: int = 1,
     p = Plan(hw, budget, shape, width, height, att.name, att.reason, _row(rec, "") if rec else None, rows, options,
              dtype, steps, prefer, ideal_s=ideal, guidance=guidance, cfg_steps=guided)
     p.reason = _reason(p, rec, options)
+    if rec is None:
+        last = choose(options, prefer, approximate, budget, sequential=True)
+        if last is not None and ideal:
+            flags = (f" --text-encoder {last.text_encoder}" if last.text_encoder != "device" else "") + (
+                " --vae-tiling" if last.vae_tiling else "")
+            p.reason += (f"; only sequential offload fits (every layer copied in as it runs: --to {last.spec} "
+                         f"--offload sequential{flags}, peak {last.peak / GIB:.1f} GiB), predicted "
+                         f"{last.image_s / ideal:.1f}x slower than bf16 with unlimited memory; not recommended: "
+                         "no check here runs it")
     return p
 
 
@@ -370,7 +281,7 @@ def _row(o, note: str) -> PlanRow:
 def _reason(p: Plan, rec, options: list) -> str:
     """One sentence on why: what fits, what it costs, or that nothing does."""
     if rec is None:
-        need = min((o.peak for o in options), default=0)
+        need = min((o.peak for o in options if o.offload != "sequential"), default=0)
         where = "RAM" if p.hardware.unified_memory else "device memory"
         return (f"nothing fits: the smallest option needs {need / GIB:.1f} GiB of {where}, "
                 f"{max(p.budget, 0) / GIB:.1f} GiB usable")
