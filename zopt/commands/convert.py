@@ -20,6 +20,8 @@ def add_arguments(p) -> None:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="format option, e.g. group_size=64, double_quant=true, fp8=e5m2 (each format's "
                         "options: docs/formats.md; an unknown key is an error)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="merge a LoRA into the weights before quantizing (repeatable; scale default 1)")
     p.add_argument("--list-types", action="store_true", help="list formats and types with bits per weight")
     p.add_argument("--allow-pickle", action="store_true", help="accept .ckpt/.pt/.bin (loaded with weights_only=True)")
     p.add_argument("--no-hash", action="store_true", help="skip hashing the source for provenance")
@@ -102,7 +104,7 @@ def run(args) -> int:
     out = Path(args.out) if args.out else default_out(args.source, args.to, args.layout)
     out = output_path(info, args.out if args.out else out, force=args.force)
     result = convert(args.source, args.to, out, options=options, progress=not args.no_progress,
-                     allow_pickle=args.allow_pickle, force=args.force)
+                     allow_pickle=args.allow_pickle, force=args.force, loras=args.lora)
     size = sum(f.stat().st_size for f in result.rglob("*") if f.is_file()) if result.is_dir() else result.stat().st_size
     print(f"wrote {result} ({size / 1e6:.1f} MB)")
     return 0

@@ -28,6 +28,9 @@ def add_arguments(p) -> None:
                    help="where the text encoder runs: on the device, freed after encoding (needs an offload mode), "
                         "on the CPU, or quantized on the fly (see zopt plan)")
     p.add_argument("--vae-tiling", action="store_true", help="decode in 512-pixel tiles (less memory at large sizes)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="run-time LoRA beside the (quantized) layers (repeatable; scale default 1)")
+    p.add_argument("--allow-pickle", action="store_true", help="accept pickle LoRA files (weights_only=True)")
     p.add_argument("-o", "--out", default="exports/images", help="a .png file (one image) or a folder")
 
 
@@ -99,7 +102,8 @@ def run(args) -> int:
     pipe, choice = P.prepare(args.model, device=args.device, offload=args.offload, attention=args.attention,
                              backend=args.backend, dtype=dtype, base=args.base, width=w, height=h,
                              batch=min(args.batch_size, len(jobs)), disk_dir=out_dir / ".offload",
-                             text_encoder=args.text_encoder, vae_tiling=args.vae_tiling, guidance=args.guidance)
+                             text_encoder=args.text_encoder, vae_tiling=args.vae_tiling, guidance=args.guidance,
+                             loras=args.lora, allow_pickle=args.allow_pickle)
     print(f"{choice.format} via {choice.backend} on {choice.device} ({choice.dtype}); offload {choice.offload}: "
           f"{choice.offload_reason}; text encoder {choice.text_encoder}; attention {choice.attention}")
     from .._compile import enabled
@@ -108,7 +112,12 @@ def run(args) -> int:
         print("compiling the transformer blocks during the first step (10-20 s once; ZOPT_COMPILE=0 skips it)")
     req = P.GenerateRequest(prompts=prompts, seeds=sorted({s for _, s in jobs}), steps=args.steps, height=h,
                             width=w, guidance_scale=args.guidance, batch_size=args.batch_size, jobs=jobs)
-    results = P.run(pipe, req, out_dir, extra_meta={"model": str(args.model)})
+    meta = {"model": str(args.model)}
+    if args.lora:
+        from ..lora import lora_info
+
+        meta["loras"] = list(lora_info(pipe.transformer).values())
+    results = P.run(pipe, req, out_dir, extra_meta=meta)
     shutil.rmtree(out_dir / ".offload", ignore_errors=True)
     if single:
         os.replace(results[0].path, args.out)
