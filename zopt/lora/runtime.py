@@ -52,9 +52,9 @@ def lora_linear_class():
                 # what callers read off the layer (compute_dtype, qtype...) is the base layer's
                 return getattr(super().__getattr__("base"), name)
 
-        def add(self, key: str, down, up, mult: float, dtype, device) -> None:
-            self.register_buffer(f"{key}_down", down.to(device=device, dtype=dtype), persistent=False)
-            self.register_buffer(f"{key}_up", up.to(device=device, dtype=dtype), persistent=False)
+        def add(self, key: str, down, up, mult: float) -> None:
+            self.register_buffer(f"{key}_down", down, persistent=False)
+            self.register_buffer(f"{key}_up", up, persistent=False)
             self.scales[key] = mult
 
         def drop(self, key: str) -> None:
@@ -142,6 +142,14 @@ def add_loras(model, specs: list, *, allow_pickle: bool = False, dtype=None) -> 
     model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and p.element_size() >= 2),
                        torch.float32)
     names = []
+    placed: dict[tuple, Any] = {}  # a down matrix q, k and v share (fused qkv) is held once
+
+    def place(t, dt, dev):
+        k = (id(t), dt, str(dev))
+        if k not in placed:
+            placed[k] = t.to(device=dev, dtype=dt)
+        return placed[k]
+
     for lora in loras:
         key = _key(lora.name, set(attached))
         for path, branch in lora.branches.items():
@@ -152,7 +160,8 @@ def add_loras(model, specs: list, *, allow_pickle: bool = False, dtype=None) -> 
                 setattr(model.get_submodule(parent) if parent else model, child, wrapped)
                 layer = wrapped
             dt = dtype or _compute_dtype(layer, model_dtype)
-            layer.add(key, branch.down, branch.up, branch.factor * lora.scale, dt, _device(layer.base))
+            dev = _device(layer.base)
+            layer.add(key, place(branch.down, dt, dev), place(branch.up, dt, dev), branch.factor * lora.scale)
         attached[key] = {**lora.record(), "factors": {p: b.factor for p, b in lora.branches.items()}}
         names.append(key)
     model.zopt_loras = attached
