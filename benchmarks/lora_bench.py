@@ -23,6 +23,7 @@ Usage: python benchmarks/lora_bench.py [--models tiny,medium] [--formats ...] [-
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -132,19 +133,20 @@ def buffer_bytes(model) -> int:
     return sum(seen.values())
 
 
-def step_time(model, inp, repeats: int) -> float:
-    """Median CPU seconds of one forward after a warm-up (CPU time of this process, not wall time:
+def step_time(fn, repeats: int) -> float:
+    """Median CPU seconds of ``fn()`` after a warm-up (CPU time of this process, not wall time:
     on a machine other jobs share, wall time measures them too)."""
-    forward(model, inp)
+    fn()
     ts = []
     for _ in range(repeats):
         t0 = time.process_time()
-        forward(model, inp)
+        fn()
         ts.append(time.process_time() - t0)
     return statistics.median(ts)
 
 
-def overhead(model: str, src: Path, specs, rank: int, repeats: int, work: Path) -> list[dict]:
+def overhead(model: str, src: Path, specs, rank: int, repeats: int, work: Path,
+             branch_dtypes=(None,)) -> list[dict]:
     rows = []
     mods = modules_of(src)
     lpath = write_lora(work / f"{model}-r{rank}.safetensors",
@@ -155,23 +157,58 @@ def overhead(model: str, src: Path, specs, rank: int, repeats: int, work: Path) 
         before = buffer_bytes(m)
 
         # interleave base and LoRA measurements so load from other processes hits both alike
-        base, lora = [], []
-        for _ in range(2):
-            base.append(step_time(m, inp, repeats))
-            add_loras(m, [str(lpath)])
-            lora.append(step_time(m, inp, repeats))
+        for bdt in branch_dtypes:
+            base, lora = [], []
+            for _ in range(2):
+                base.append(step_time(functools.partial(forward, m, inp), repeats))
+                add_loras(m, [str(lpath)], dtype=bdt)
+                lora.append(step_time(functools.partial(forward, m, inp), repeats))
+                remove_loras(m)
+            add_loras(m, [str(lpath)], dtype=bdt)
+            extra = buffer_bytes(m) - before
             remove_loras(m)
-        add_loras(m, [str(lpath)])
-        extra = buffer_bytes(m) - before
-        b, lo = min(base), min(lora)
-        rows.append({"model": model, "format": spec, "rank": rank, "step_s": b, "lora_step_s": lo,
-                     "overhead": lo / b - 1, "model_bytes": before, "lora_bytes": extra,
-                     "file_bytes": lpath.stat().st_size})
-        r = rows[-1]
-        print(f"| {model} | {spec} | {rank} | {b * 1e3:.1f} | {lo * 1e3:.1f} | {100 * r['overhead']:+.1f}% | "
-              f"{before / 1e6:.1f} | {extra / 1e6:.2f} ({100 * extra / before:.1f}%) |", flush=True)
+            b, lo = min(base), min(lora)
+            rows.append({"model": model, "format": spec, "rank": rank, "branch": str(bdt or "layer dtype"),
+                         "step_s": b, "lora_step_s": lo, "overhead": lo / b - 1, "model_bytes": before,
+                         "lora_bytes": extra})
+            r = rows[-1]
+            print(f"| {model} | {spec} | {str(bdt or torch.float32)[6:]} | {rank} | {b * 1e3:.1f} | {lo * 1e3:.1f} | "
+                  f"{100 * r['overhead']:+.1f}% | {before / 1e6:.1f} | {extra / 1e6:.2f} ({100 * extra / before:.1f}%) |",
+                  flush=True)
         del m
     return rows
+
+
+def layer_overhead(dims, rank: int, tokens: int, repeats: int) -> None:
+    """CPU time of one Linear layer with and without a rank-``rank`` branch (zopt's LoraLinear) at
+    the attention (dim x dim) and feed-forward (ffn x dim) shapes of each model width: float32
+    ``nn.Linear`` and the GGUF loader's INT8 matmul layer (int-mm-cpu)."""
+    from zopt.formats.gguf.loader import GGUFInt8Linear
+    from zopt.lora.runtime import lora_linear_class
+
+    cls = lora_linear_class()
+    g = torch.Generator().manual_seed(0)
+    for dim in dims:
+        ffn = int(dim / 3 * 8)
+        for out_f, in_f in ((dim, dim), (ffn, dim)):
+            x = torch.randn(tokens, in_f, generator=g)
+            w = torch.randn(out_f, in_f, generator=g) * in_f ** -0.5
+            scale = w.reshape(out_f, -1, 32).abs().amax(-1) / 127
+            codes = (w.reshape(out_f, -1, 32) / scale.unsqueeze(-1)).round().to(torch.int8).reshape(out_f, in_f)
+            layers = {"float32": torch.nn.Linear(in_f, out_f, bias=False),
+                      "int8 (GGUF int-mm-cpu)": GGUFInt8Linear({"kind": "int8", "q": codes, "scale": scale}, "Q8_0",
+                                                               out_f, in_f, None, torch.float32)}
+            for kind, layer in layers.items():
+                for branch in (torch.float32, torch.bfloat16):
+                    wrapped = cls(layer)
+                    wrapped.add("l", torch.randn(rank, in_f, generator=g).to(branch),
+                                torch.randn(out_f, rank, generator=g).to(branch), 0.1)
+                    with torch.no_grad():
+                        b = step_time(functools.partial(layer, x), repeats)
+                        lo = step_time(functools.partial(wrapped, x), repeats)
+                    print(f"| {dim} | {out_f}x{in_f} | {kind} | {str(branch)[6:]} | {b * 1e3:.2f} | {lo * 1e3:.2f} | "
+                          f"{100 * (lo / b - 1):+.1f}% | {100 * rank * (in_f + out_f) / (in_f * out_f):.1f}% |",
+                          flush=True)
 
 
 def main() -> None:
@@ -182,6 +219,9 @@ def main() -> None:
     ap.add_argument("--overhead-rank", type=int, default=32)
     ap.add_argument("--timing", default="gguf:Q4_K_M,bf16", help="formats whose step time is measured")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--layer-dims", default="1536,3840", help="model widths of the per-layer timing")
+    ap.add_argument("--skip-models", action="store_true", help="only the per-layer timing")
+    ap.add_argument("--skip-accuracy", action="store_true", help="only the timings")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (timings are CPU time)")
     ap.add_argument("--work", default=str(REPO / "exports" / "lora-bench"))
     args = ap.parse_args()
@@ -192,15 +232,23 @@ def main() -> None:
     specs = [s for s in args.formats.split(",") if s]
     ranks = [int(r) for r in args.ranks.split(",") if r]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ZOPT_COMPILE={os.environ['ZOPT_COMPILE']}")
+    if not args.skip_models:
+        models(args, work, specs, ranks)
+    print("\n| width | layer | kind | branch | ms | ms + LoRA | overhead | LoRA FLOPs |")
+    print("|---|---|---|---|---|---|---|---|")
+    layer_overhead([int(d) for d in args.layer_dims.split(",") if d], args.overhead_rank, 320, max(args.repeats, 9))
+
+
+def models(args, work: Path, specs, ranks) -> None:
     print("\n| model | rank | format | LoRA effect | own error | run-time LoRA | merge then quantize |")
     print("|---|---|---|---|---|---|---|")
-    for model in args.models.split(","):
+    for model in args.models.split(",") if not args.skip_accuracy else ():
         accuracy(model, source(model, work), specs, ranks, work)
-    print("\n| model | format | rank | step ms | step ms + LoRA | overhead | model MB | LoRA MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| model | format | branch | rank | step ms | step ms + LoRA | overhead | model MB | LoRA MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for model in args.models.split(","):
         overhead(model, source(model, work), [s for s in args.timing.split(",") if s], args.overhead_rank,
-                 args.repeats, work)
+                 args.repeats, work, (None, torch.bfloat16))
 
 
 if __name__ == "__main__":

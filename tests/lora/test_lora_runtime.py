@@ -108,3 +108,17 @@ def test_onnx_refuses_runtime_lora_in_one_line(setup):
     with pytest.raises(ZoptError, match="run-time LoRA is not possible on onnx.*--lora") as e:
         zopt.load(root / "fake-onnx", loras=[str(lora)])
     assert "\n" not in str(e.value)
+
+
+def test_bfloat16_branches_stay_within_the_bound(setup, tiny_reference_inputs):
+    """Branches held in bfloat16 (faster on CPUs with bf16 dot products) beside a float32 GGUF
+    model: the LoRA's contribution is rounded, the error stays the format's own."""
+    root, f32, lora = setup
+    ref = output(zopt.load(f32, loras=[f"{lora}:0.8"]), tiny_reference_inputs)
+    ref_base = output(zopt.load(f32), tiny_reference_inputs)
+    art = formats.convert(f32, "gguf:Q8_0", root / "q8-bf16-branch.gguf", progress=False)
+    model = zopt.load(art)
+    own = _rel(output(model, tiny_reference_inputs), ref_base)
+    add_loras(model, [f"{lora}:0.8"], dtype=torch.bfloat16)
+    assert model.layers[0].attention.to_q.lora_l_down.dtype == torch.bfloat16
+    assert _rel(output(model, tiny_reference_inputs), ref) < 1.25 * own + 0.005
