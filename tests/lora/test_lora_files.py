@@ -62,3 +62,13 @@ def test_alpha_and_prefixes(tmp_path):
     assert lf.pairs["layers.0.attention.to_q"].factor == 1.0  # no alpha: alpha = rank
     assert lf.pairs["layers_0_attention_to_k"].factor == 0.5
     assert lf.layout == "kohya" and len(lf.sha256) == 64
+
+
+def test_pickle_lora_needs_allow_pickle(tmp_path):
+    path = tmp_path / "l.pt"
+    torch.save({"layers.0.attention.to_q.lora_A.weight": torch.ones(2, 8),
+                "layers.0.attention.to_q.lora_B.weight": torch.ones(8, 2)}, path)
+    with pytest.raises(ZoptError, match="--allow-pickle"):
+        read(path)
+    lf = read(path, allow_pickle=True)
+    assert lf.pairs["layers.0.attention.to_q"].rank == 2
