@@ -33,21 +33,27 @@ def open(source, *, allow_pickle: bool = False):  # noqa: A001
 
 
 def convert(source, to: str, out, *, options: dict | None = None, progress: bool = True, allow_pickle: bool = False,
-            force: bool = False):
+            force: bool = False, loras=None):
     """Convert ``source`` to format spec ``to`` (e.g. ``"gguf:Q4_K_M"``, ``"fp8"``) at ``out``.
 
     An existing ``out`` is refused (ZoptError, before any work) unless ``force``; a bare name gets
-    the format's suffix (``.gguf``). Returns the path written."""
+    the format's suffix (``.gguf``). ``loras`` (``"FILE[:SCALE]"`` strings) are merged into the
+    weights before quantizing. Returns the path written."""
     from .formats import convert as _convert
 
-    return _convert(source, to, out, options=options, progress=progress, allow_pickle=allow_pickle, force=force)
+    return _convert(source, to, out, options=options, progress=progress, allow_pickle=allow_pickle, force=force,
+                    loras=loras)
 
 
-def load(path, device: str = "cpu", backend: str | None = None, dtype=None):
-    """Load an artifact or checkpoint as a ready transformer module."""
+def load(path, device: str = "cpu", backend: str | None = None, dtype=None, loras=None,
+         allow_pickle: bool = False):
+    """Load an artifact or checkpoint as a ready transformer module; ``loras`` (``"FILE[:SCALE]"``
+    strings) run beside its layers without dequantizing them (change or drop them with
+    :func:`zopt.lora.set_lora_scale` / :func:`zopt.lora.remove_loras`)."""
     from .formats import load as _load
 
-    return _load(path, device=device, backend=backend, dtype=dtype)
+    extra = {"loras": loras, "allow_pickle": allow_pickle} if loras else {}
+    return _load(path, device=device, backend=backend, dtype=dtype, **extra)
 
 
 def detect():

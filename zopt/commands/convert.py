@@ -22,6 +22,8 @@ def add_arguments(p) -> None:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="format option, e.g. group_size=64, double_quant=true, fp8=e5m2 (each format's "
                         "options: docs/formats.md; an unknown key is an error)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="merge a LoRA into the weights before quantizing (repeatable; scale default 1)")
     p.add_argument("--list-types", action="store_true", help="list formats and types with bits per weight")
     p.add_argument("--allow-pickle", action="store_true", help="accept .ckpt/.pt/.bin (loaded with weights_only=True)")
     p.add_argument("--no-hash", action="store_true", help="skip hashing the source for provenance")
@@ -89,6 +91,10 @@ def run(args) -> int:
 
     specs = [t.strip() for t in args.to.split(",") if t.strip()]
     infos = [check_spec(t)[0] for t in specs]  # before the source is read: a typo costs nothing
+    from ..lora.files import LoraSpec
+
+    for spec in args.lora:  # a scale that is not a number fails here too
+        LoraSpec.parse(spec)
     options = {}
     for kv in args.option:
         if "=" not in kv:
@@ -110,7 +116,7 @@ def run(args) -> int:
     typed = infos[0].parse_options(options)  # an unknown key or bad value fails here, before any work
     note(f"converting {args.source} to {specs[0]} -> {out}")
     result = convert(args.source, specs[0], out, options=typed, progress=not args.no_progress,
-                     allow_pickle=args.allow_pickle, force=args.force)
+                     allow_pickle=args.allow_pickle, force=args.force, loras=args.lora)
     print(f"wrote {result} ({_size(result)})")
     return 0
 
@@ -139,7 +145,7 @@ def _convert_many(args, specs: list[str], options: dict, note) -> int:
         output_path(check_spec(t)[0], out, force=args.force)
     note(f"converting {args.source} to {len(specs)} formats in one pass -> {folder}/")
     results, shared = convert_many(args.source, targets, options=options, progress=not args.no_progress,
-                                   allow_pickle=args.allow_pickle, force=args.force)
+                                   allow_pickle=args.allow_pickle, force=args.force, loras=args.lora)
     for r in results:
         print(f"wrote {r} ({_size(r)})")
     print(f"read the source once: {shared.reads} tensor reads for {len(shared.src.names())} tensors "

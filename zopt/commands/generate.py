@@ -43,6 +43,9 @@ def add_arguments(p) -> None:
                    help="where the text encoder runs: on the device, freed after encoding (needs an offload mode), "
                         "on the CPU, or quantized on the fly (see zopt plan)")
     p.add_argument("--vae-tiling", action="store_true", help="decode in 512-pixel tiles (less memory at large sizes)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="run-time LoRA beside the (quantized) layers (repeatable; scale default 1)")
+    p.add_argument("--allow-pickle", action="store_true", help="accept pickle LoRA files (weights_only=True)")
     p.add_argument("-o", "--out", default="exports/images", help="a .png file (one image) or a folder")
 
 
@@ -112,6 +115,10 @@ def check_args(args) -> tuple[list, int, int, dict]:
     if args.device.split(":")[0] not in ("auto", "cpu", "cuda", "mps", "xpu"):
         raise ZoptError(f"--device {args.device!r}: choose auto, cpu, cuda[:N], mps or xpu")
     given = sampling_args.explicit(args)  # bad sampling values stop here too
+    from ..lora.files import LoraSpec
+
+    for spec in args.lora:  # a scale that is not a number or a missing file, before torch
+        LoraSpec.parse(spec)
     prompts = list(args.prompt)
     file_seeds: list[int | None] = [None] * len(prompts)
     file_negs: list[str | None] = [None] * len(prompts)
@@ -160,7 +167,8 @@ def run(args) -> int:
     pipe, choice = P.prepare(args.model, device=args.device, offload=args.offload, attention=args.attention,
                              backend=args.backend, dtype=dtype, base=args.base, width=w, height=h,
                              batch=min(args.batch_size, len(jobs)), disk_dir=out_dir / ".offload",
-                             text_encoder=args.text_encoder, vae_tiling=args.vae_tiling, guidance=sampling.guidance)
+                             text_encoder=args.text_encoder, vae_tiling=args.vae_tiling, guidance=sampling.guidance,
+                             loras=args.lora, allow_pickle=args.allow_pickle)
     print(f"{choice.format} via {choice.backend} on {choice.device} ({choice.dtype}); offload {choice.offload}: "
           f"{choice.offload_reason}; text encoder {choice.text_encoder}; attention {choice.attention}")
     print(f"sampling: {sampling.preset or 'default'} preset, {sampling.steps} steps, guidance {sampling.guidance:g}"
@@ -180,7 +188,12 @@ def run(args) -> int:
         warnings.showwarning = lambda message, category, *a, **k: (
             print(f"zopt: warning: {message}", file=sys.stderr) if issubclass(category, S.SamplingWarning)
             else shown(message, category, *a, **k))
-        results = P.run(pipe, req, out_dir, extra_meta={"model": str(args.model)}, callback=step)
+        meta = {"model": str(args.model)}
+        if args.lora:
+            from ..lora import lora_info
+
+            meta["loras"] = list(lora_info(pipe.transformer).values())
+        results = P.run(pipe, req, out_dir, extra_meta=meta, callback=step)
     shutil.rmtree(out_dir / ".offload", ignore_errors=True)
     if single:
         os.replace(results[0].path, args.out)

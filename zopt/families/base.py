@@ -79,6 +79,17 @@ class Family(ABC):
     def as_original(self, src: TensorSource, prefix: str = "") -> TensorSource:
         """A lazy view of ``src`` with original-layout names, optionally prefixed."""
 
+    # -- LoRA key names ---------------------------------------------------------------------
+
+    lora_prefixes: tuple[str, ...] = ()  # model prefixes LoRA files put before a module path
+
+    def lora_aliases(self, modules: list[str]) -> dict[str, tuple[str, ...]]:
+        """Module paths a LoRA file may name -> the diffusers Linear modules (``modules``) each
+        updates, stacked on the output dimension in that order (a fused layer names several)."""
+        from ..errors import UnsupportedFormat
+
+        raise UnsupportedFormat(f"no LoRA key map for model family {self.name!r}")
+
     # -- precision --------------------------------------------------------------------------
 
     def sensitive_reason(self, name: str) -> SensitiveRule | None:

@@ -37,12 +37,15 @@ def module_for(info: Format):
 
 
 def convert(source: Any, to: str, out: str | os.PathLike, *, options: dict[str, Any] | None = None,
-            progress: bool = True, allow_pickle: bool = False, force: bool = False) -> Path:
+            progress: bool = True, allow_pickle: bool = False, force: bool = False,
+            loras: list | None = None) -> Path:
     """Convert ``source`` (path, hub id, ``tiny`` or an open TensorSource) to format spec ``to`` at ``out``.
 
     ``options``: the format's options as a dict (``--option`` strings or Python values) or an
     instance of its options class; an unknown key or a bad value raises OptionError before any
-    work is done. ``out`` gets the format's suffix if it has none (``x`` -> ``x.gguf``); a file
+    work is done. ``loras`` (``FILE[:SCALE]`` strings) are merged into each weight as it streams
+    through, before quantizing; every LoRA is checked against the source first, and the artifact
+    records each one (file, sha256, scale). ``out`` gets the format's suffix if it has none (``x`` -> ``x.gguf``); a file
     name for a folder format (or the reverse) and an existing output without ``force`` raise
     ZoptError before any work; with ``force`` the new output replaces the old one atomically.
     """
@@ -58,13 +61,13 @@ def convert(source: Any, to: str, out: str | os.PathLike, *, options: dict[str, 
         checkpoint.open(resolve_source(source), allow_pickle=allow_pickle)
     source_spec = os.fspath(source.path) if isinstance(source, checkpoint.TensorSource) else \
         checkpoint.pinned_hub_id(os.fspath(source), src.path)
-    return convert_open(src, source_spec, to, info, sub, out, opts, progress)
+    return convert_open(src, source_spec, to, info, sub, out, opts, progress, loras, allow_pickle)
 
 
 def convert_open(src: Any, source_spec: str, to: str, info: Format, sub: str | None, out: Path, opts: Any,
-                 progress: bool) -> Path:
-    """The conversion itself, all checks done: open source ``src`` -> ``out``; the manifest records
-    the command that reproduces it (``source_spec`` as its SOURCE)."""
+                 progress: bool, loras: list | None = None, allow_pickle: bool = False) -> Path:
+    """The conversion itself, all checks done: open source ``src`` -> ``out``, with ``loras`` merged
+    as it streams; the manifest records the command that reproduces it (``source_spec`` as its SOURCE)."""
     if src.kind == "gguf":  # a zopt GGUF is an artifact: checked before it is converted further
         from ..validate.gguf import verify_digest
 
@@ -72,14 +75,18 @@ def convert_open(src: Any, source_spec: str, to: str, info: Format, sub: str | N
     from .artifact import refuse_zopt_folder
 
     refuse_zopt_folder(src)
+    if loras and not getattr(src, "loras", None):  # (a one-pass view of several outputs is merged already)
+        from ..lora import merged_source
+
+        src = merged_source(src, list(loras), allow_pickle=allow_pickle)
     if not Path(source_spec).expanduser().exists():  # a built-in name or Hub id, not a path
         src.spec = source_spec
     result = module_for(info).convert(src, out, sub, opts, progress, format=info.name)
-    _record_command(result, command_line(to, source_spec, opts.changed()))
+    _record_command(result, command_line(to, source_spec, opts.changed(), loras))
     return result
 
 
-def command_line(to: str, source: str | None, options: Any) -> str:
+def command_line(to: str, source: str | None, options: Any, loras: list | None = None) -> str:
     """The ``zopt convert`` command that reproduces a conversion with these user options
     (a dict, or an options instance: then its non-default recorded values)."""
     import shlex
@@ -89,6 +96,8 @@ def command_line(to: str, source: str | None, options: Any) -> str:
     if isinstance(options, Options):
         options = options.changed()
     parts = ["zopt", "convert", source or "SOURCE", "--to", to]
+    for spec in loras or []:
+        parts += ["--lora", os.fspath(spec) if not hasattr(spec, "scale") else f"{spec.path}:{spec.scale:g}"]
     for pat in options.get("keep", []) or []:
         parts += ["--keep", str(pat)]
     for pat in options.get("quantize", []) or []:
@@ -142,15 +151,24 @@ def load(path: str | os.PathLike, device: str = "cpu", backend: Any = None, dtyp
     The backend is selected here, once, for ``device`` on ``hardware`` (default: this machine):
     ``backend`` is a name to prefer, or a :class:`~zopt.platform.backends.Selection` already made
     (then it is used as it is). The format's loader receives the chosen name; ``kw`` goes to it too.
-    The module's ``zopt_backend`` says which backend runs it.
+    The module's ``zopt_backend`` says which backend runs it. ``loras`` (``FILE[:SCALE]`` strings)
+    are attached as run-time branches beside the layers (:func:`zopt.lora.add_loras`); a format
+    that cannot take them (a compiled graph) is refused before loading.
     """
     from ..families import resolve_source
+
+    loras = kw.pop("loras", None) or []
+    allow_pickle = kw.pop("allow_pickle", False)
 
     path = resolve_source(path)
     fmt = artifact_format(path)
     info = FORMATS.get(ALIASES.get(fmt, fmt))
     if info is None:
         raise UnsupportedFormat(f"artifact has unknown format {fmt!r}", path)
+    if loras and not info.runtime_lora:
+        raise UnsupportedFormat(f"run-time LoRA is not possible on {info.name} (the weights are baked into the "
+                                f"graph); merge it before converting: zopt convert SOURCE --lora FILE --to "
+                                f"{info.name}", path)
     if not hasattr(backend, "backend") and any(b.requires for b in info.backends):
         from ..platform.hardware import detect, for_device
         from .registry import packages
@@ -167,4 +185,8 @@ def load(path: str | os.PathLike, device: str = "cpu", backend: Any = None, dtyp
     else:
         model = module_for(info).load(Path(path), device=device, backend=backend.name, dtype=dtype, **kw)
     model.zopt_backend = backend.name
+    if loras:
+        from ..lora import add_loras
+
+        add_loras(model, list(loras), allow_pickle=allow_pickle)
     return model

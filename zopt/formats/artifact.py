@@ -33,7 +33,8 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
 
 
 def source_provenance(src: Any, hash_source: bool = True) -> dict[str, Any]:
-    """Provenance of a TensorSource: path, kind, layout and (optionally) sha256 of its files."""
+    """Provenance of a TensorSource: path, kind, layout, (optionally) sha256 of its files, and the
+    LoRAs merged into it (file, sha256, scale) if any."""
     from ..families import detect
 
     det = detect(src).detect(src)
@@ -46,6 +47,8 @@ def source_provenance(src: Any, hash_source: bool = True) -> dict[str, Any]:
     }
     if hash_source:
         prov["sha256"] = src.sha256()
+    if getattr(src, "loras", None):  # merged before converting (zopt.lora.MergedSource)
+        prov["loras"] = list(src.loras)
     return prov
 
 

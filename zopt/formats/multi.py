@@ -160,13 +160,14 @@ def split_options(options: dict[str, Any] | None, names: list[str]) -> dict[str,
 
 def convert_many(source: Any, targets: list[tuple[str, str | os.PathLike]], *, options: dict[str, Any] | None = None,
                  progress: bool = True, allow_pickle: bool = False, force: bool = False,
-                 budget: int | None = None) -> tuple[list[Path], SharedSource]:
+                 budget: int | None = None, loras: list | None = None) -> tuple[list[Path], SharedSource]:
     """Convert ``source`` to every ``(spec, out)`` of ``targets`` in one pass over it.
 
     Returns the outputs (in ``targets`` order) and the :class:`SharedSource` (its ``reads`` and
     ``rereads`` say how often the source was read). All specs, output paths and options are checked
     before any work; an output that fails leaves nothing behind (each is written atomically) and
-    its error is raised once the others finished.
+    its error is raised once the others finished. ``loras`` are merged once per tensor as the source
+    is read, so every variant carries them (see :func:`zopt.formats.convert`).
     """
     from .. import checkpoint
     from ..families import resolve_source
@@ -188,6 +189,10 @@ def convert_many(source: Any, targets: list[tuple[str, str | os.PathLike]], *, o
     opts = [c[1].parse_options(shares[c[1].name]) for c in checked]
     src = checkpoint.open(resolve_source(source), allow_pickle=allow_pickle)
     source_spec = checkpoint.pinned_hub_id(os.fspath(source), src.path)
+    if loras:
+        from ..lora import merged_source
+
+        src = merged_source(src, list(loras), allow_pickle=allow_pickle)
     total = src.total_bytes()
     results: list[Path | None] = [None] * len(checked)
     errors: list[BaseException | None] = [None] * len(checked)
@@ -198,7 +203,8 @@ def convert_many(source: Any, targets: list[tuple[str, str | os.PathLike]], *, o
         def work(i: int) -> None:
             spec, info, sub, out = checked[i]
             try:
-                results[i] = convert_open(shared.view(i), source_spec, spec, info, sub, out, opts[i], False)
+                results[i] = convert_open(shared.view(i), source_spec, spec, info, sub, out, opts[i], False,
+                                          loras=loras)
             except BaseException as e:  # noqa: BLE001 (re-raised below, after the other targets finished)
                 errors[i] = e
             finally:

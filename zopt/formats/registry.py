@@ -66,6 +66,7 @@ class Format:
     needs: tuple[tuple[str, str], ...] = field(default=())  # (import name, pip extra) to convert/load
     default_subtype: str | None = None
     suffix: str = ""  # file name suffix of a single-file artifact (".gguf")
+    runtime_lora: bool = True  # a loaded model takes run-time LoRA branches (not a compiled graph)
 
     def load_module(self, check_needs: bool = True):
         """The format's module; MissingDependency (unless ``check_needs`` is False: the options
@@ -162,12 +163,14 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
                        "onnxruntime ROCm execution provider (AMD GPU)"),
                Backend("ort-cpu", 10, (_ORT, needs_ort_provider("CPUExecutionProvider")),
                        "onnxruntime CPU execution provider")),
-           tags=("onnx",), needs=(("onnx", "onnx"), ("onnxruntime", "onnx")), default_subtype="fp32"),
+           tags=("onnx",), needs=(("onnx", "onnx"), ("onnxruntime", "onnx")), default_subtype="fp32",
+           runtime_lora=False),
     Format("tensorrt", "zopt.formats.onnx.tensorrt", "TensorRT engine built from the ONNX export (NVIDIA GPU)",
            None, "folder", "TensorRTOptions",
            (Backend("tensorrt", 10, (needs_device("cuda"), needs_package("tensorrt", "tensorrt")),
                     "TensorRT engine (execute_async_v3 on torch's CUDA stream)"),),
-           tags=("tensorrt",), needs=(("tensorrt", "tensorrt"),), default_subtype="bf16"),
+           tags=("tensorrt",), needs=(("tensorrt", "tensorrt"),), default_subtype="bf16",
+           runtime_lora=False),
 )}
 
 # what artifact_format() reports for sources loaded as they are: they run like a plain folder

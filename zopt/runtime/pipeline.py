@@ -174,10 +174,12 @@ def resolve_base(model: str | os.PathLike, transformer_config: dict[str, Any], b
 DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
-def load_transformer(model: str | os.PathLike, device: str, dtype=None, backend: str | None = None):
+def load_transformer(model: str | os.PathLike, device: str, dtype=None, backend: str | None = None,
+                     loras: list | None = None, allow_pickle: bool = False):
     from .. import formats
 
-    return formats.load(model, device=device, backend=backend, dtype=dtype)
+    extra = {"loras": loras, "allow_pickle": allow_pickle} if loras else {}
+    return formats.load(model, device=device, backend=backend, dtype=dtype, **extra)
 
 
 def runtime_hardware(device: str, hw=None):
@@ -225,7 +227,8 @@ def prepare(model: str | os.PathLike = "tiny", *, device: str = "auto", offload:
             attention: str | None = "auto", backend: str | None = None, dtype=None, base: str | None = None,
             hardware=None, width: int = 1024, height: int = 1024, batch: int = 1,
             disk_dir: str | os.PathLike | None = None, text_encoder: str = "auto", vae_tiling: bool | None = None,
-            guidance: float = 0.0, place: str | None = None):
+            guidance: float = 0.0, place: str | None = None, loras: list | None = None,
+            allow_pickle: bool = False):
     """Load ``model`` (any variant) into a ready pipeline of its family on this machine.
 
     Decides device, compute dtype (bf16 on GPUs that have it, fp16 on older ones, fp32 on CPU),
@@ -235,7 +238,8 @@ def prepare(model: str | os.PathLike = "tiny", *, device: str = "auto", offload:
     ``device``), VAE tiling and the attention kernel (``attention.choose``, which accounts for
     guidance); ``attention=None`` leaves the model's default. ``place`` runs the decisions made for
     ``hardware`` on another device (a simulated GPU's plan on the CPU); a kernel that cannot run
-    there is recorded but not switched on. Returns ``(pipe, RuntimeChoice)``; the choice is also
+    there is recorded but not switched on. ``loras`` (``FILE[:SCALE]``) run beside the transformer's
+    layers (:func:`zopt.lora.add_loras`). Returns ``(pipe, RuntimeChoice)``; the choice is also
     ``pipe.zopt_runtime``.
     """
     import torch
@@ -296,7 +300,8 @@ def prepare(model: str | os.PathLike = "tiny", *, device: str = "auto", offload:
         raise ZoptError("--text-encoder free moves the encoder in for encoding and out again: it needs --offload "
                         "model (or a streaming mode); with --offload none use device, cpu, int8 or nf4")
     # weights that will be offloaded load into RAM; the backend stays the one chosen for `dev`
-    transformer = load_transformer(model, dev if off.mode == "none" else "cpu", dtype=dtype, backend=sel)
+    transformer = load_transformer(model, dev if off.mode == "none" else "cpu", dtype=dtype, backend=sel,
+                                   loras=loras, allow_pickle=allow_pickle)
     if parts is None:
         base_dir = resolve_base(model, dict(transformer.config), base)
         family = for_model(transformer)

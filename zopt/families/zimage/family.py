@@ -59,6 +59,11 @@ class ZImageFamily(Family):
     def block_index(self, name: str) -> tuple[str, int] | None:
         return _keys.block_index(name)
 
+    lora_prefixes = _keys.LORA_PREFIXES
+
+    def lora_aliases(self, modules: list[str]) -> dict[str, tuple[str, ...]]:
+        return _keys.lora_aliases(modules)
+
     def config_for(self, size: str) -> dict[str, Any]:
         return _config.config_for(size)
 

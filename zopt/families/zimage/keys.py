@@ -158,3 +158,36 @@ def as_original(src: TensorSource, prefix: str = "") -> TensorSource:
             continue
         plan[prefix + to_original_name(n)] = ("copy", n)
     return MappedSource(dsrc, plan, "original")
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA key names
+
+# prefixes published Z-Image LoRAs put before a module path: diffusers/PEFT (``transformer.``,
+# ``base_model.model.``), ComfyUI / musubi / ai-toolkit (``diffusion_model.``), full checkpoints
+LORA_PREFIXES = ("base_model.model.", "transformer.", "model.diffusion_model.", "diffusion_model.")
+_FUSED_QKV = ".attention.qkv"
+
+
+def lora_aliases(modules: list[str]) -> dict[str, tuple[str, ...]]:
+    """Every module path a LoRA may name -> the diffusers Linear modules it updates, in row order.
+
+    ``modules`` are the diffusers paths of the model's Linear layers (``layers.0.attention.to_q``).
+    Each goes by its diffusers path, its original-layout path (``attention.out``, ``x_embedder``...)
+    and the kohya spelling of both (dots as underscores: ``layers_0_attention_to_q``). The original
+    layout's fused ``attention.qkv`` stands for to_q, to_k, to_v stacked on the output dimension.
+    """
+    out: dict[str, tuple[str, ...]] = {}
+    mods = set(modules)
+    for m in modules:
+        orig = to_original_name(m + ".weight")[: -len(".weight")]
+        for alias in (m, orig):
+            out[alias] = (m,)
+        if m.endswith(".attention.to_q"):
+            base = m[: -len(".to_q")]
+            parts = tuple(f"{base}.{p}" for p in ("to_q", "to_k", "to_v"))
+            if all(p in mods for p in parts):
+                out[to_original_name(base + ".x")[: -len(".x")] + ".qkv"] = parts
+    for alias, parts in list(out.items()):
+        out.setdefault(alias.replace(".", "_"), parts)
+    return out

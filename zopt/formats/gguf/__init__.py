@@ -126,6 +126,8 @@ def metadata_for(src: TensorSource, subtype: str, config: dict[str, Any], plans:
     }
     if changed:
         meta["zopt.options"] = json.dumps(changed, sort_keys=True)
+    if getattr(src, "loras", None):  # merged before quantizing: file, sha256, scale of each
+        meta["zopt.loras"] = json.dumps(list(src.loras), sort_keys=True)
     return meta
 
 
