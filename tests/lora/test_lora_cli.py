@@ -13,7 +13,7 @@ from PIL import Image
 
 from zopt.cli import main
 
-GEN = ["--prompt", "a red fox", "--steps", "2", "--resolution", "64x64", "--seed", "3"]
+GEN = ["--prompt", "a red fox", "--steps", "2", "--resolution", "64x64", "--seeds", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def q4(tmp_path_factory):
 @pytest.fixture(scope="module")
 def base_image(q4, tmp_path_factory):
     out = tmp_path_factory.mktemp("img") / "base.png"
-    assert main(["generate", "--model", str(q4), *GEN, "-o", str(out)]) == 0
+    assert main(["generate", str(q4), *GEN, "-o", str(out)]) == 0
     return np.asarray(Image.open(out), dtype=np.float32)
 
 
@@ -38,8 +38,8 @@ def test_convert_and_generate_with_lora_in_each_layout(tmp_path, q4, base_image,
     assert main(["convert", "tiny", "--lora", f"{path}:0.8", "--to", "gguf:Q4_K_M", "-o", str(merged),
                  "--no-progress"]) == 0
     runtime_png, merged_png = tmp_path / "rt.png", tmp_path / "merged.png"
-    assert main(["generate", "--model", str(q4), "--lora", f"{path}:0.8", *GEN, "-o", str(runtime_png)]) == 0
-    assert main(["generate", "--model", str(merged), *GEN, "-o", str(merged_png)]) == 0
+    assert main(["generate", str(q4), "--lora", f"{path}:0.8", *GEN, "-o", str(runtime_png)]) == 0
+    assert main(["generate", str(merged), *GEN, "-o", str(merged_png)]) == 0
     meta = json.loads(runtime_png.with_suffix(".json").read_text())
     assert meta["loras"][0]["file"] == path.name and meta["loras"][0]["scale"] == 0.8
     rt = np.asarray(Image.open(runtime_png), dtype=np.float32)
@@ -93,11 +93,27 @@ def test_bad_loras_exit_2_one_line_nothing_written(tmp_path, q4, capsys):
                           "--no-progress"], capsys, needle, bad)
         assert not out.exists() and not list(tmp_path.glob(".out*"))
         png = tmp_path / "img.png"
-        _one_line_exit_2(["generate", "--model", str(q4), "--lora", str(bad), *GEN, "-o", str(png)], capsys, needle,
+        _one_line_exit_2(["generate", str(q4), "--lora", str(bad), *GEN, "-o", str(png)], capsys, needle,
                          bad)
         assert not png.exists() and not list(tmp_path.glob(".zopt-gen*/*.png"))
     _one_line_exit_2(["convert", "tiny", "--lora", f"{good}:strong", "--to", "bf16", "-o", str(tmp_path / "o")],
                      capsys, "is not a number", good)
     assert not (tmp_path / "o").exists()
-    _one_line_exit_2(["generate", "--model", str(q4), "--lora", f"{good}:nan", *GEN, "-o", str(tmp_path / "i.png")],
+    _one_line_exit_2(["generate", str(q4), "--lora", f"{good}:nan", *GEN, "-o", str(tmp_path / "i.png")],
                      capsys, "not a finite number", good)
+
+
+def test_one_pass_conversion_merges_the_lora_into_every_target(tmp_path):
+    """``--to A,B --lora L``: each variant equals its single-target conversion with the same LoRA."""
+    lora = random_lora(tiny_modules(), rank=4, seed=5, std=0.2)
+    path = write_lora(tmp_path / "l.safetensors", lora, sorted(LAYOUTS)[0])
+    single = tmp_path / "single.gguf"
+    assert main(["convert", "tiny", "--lora", f"{path}:0.5", "--to", "gguf:Q8_0", "-o", str(single),
+                 "--no-progress"]) == 0
+    both = tmp_path / "both"
+    assert main(["convert", "tiny", "--lora", f"{path}:0.5", "--to", "gguf:Q8_0,int8", "-o", str(both),
+                 "--no-progress"]) == 0
+    ggufs = list(both.glob("*.gguf"))
+    assert len(ggufs) == 1 and ggufs[0].read_bytes() == single.read_bytes()
+    manifest = json.loads(next(both.glob("*/zopt-manifest.json")).read_text())
+    assert [(x["file"], x["scale"]) for x in manifest["source"]["loras"]] == [(path.name, 0.5)]
