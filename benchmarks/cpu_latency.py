@@ -30,6 +30,16 @@ SPECS = ["fp8", "int8", "int8_w8a8", "int4", "int4:r32", "nf4", "nf4:r32", "gguf
 DEQUANT = {"fp8": "fp8-storage", "int8": "torch-dequant", "int4": "torch-dequant", "nf4": "torch-dequant"}
 
 
+def cpu_name() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def held_mb(model) -> float:
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
@@ -58,7 +68,7 @@ def main() -> int:
     ap.add_argument("--reference", action="store_true", help="also time each format's dequantizing kernel")
     args = ap.parse_args()
 
-    import platform
+    import os
 
     import torch
 
@@ -66,7 +76,7 @@ def main() -> int:
     from zopt.formats.plain import load_source
 
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {cpu_name()} ({os.cpu_count()} cores), "
           f"size {args.size}, {args.rounds} rounds")
     with tempfile.TemporaryDirectory(prefix="zopt-cpu-latency-") as td:
         tmp = Path(td)

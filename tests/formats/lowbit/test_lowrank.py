@@ -70,10 +70,10 @@ def test_branch_output_equals_dense_reference():
 def test_low_rank_beats_plain_int4_on_heavy_tailed_weights():
     w = _heavy_tailed()
     plain, r16, r32 = _int4_error(w, 0), _int4_error(w, 16), _int4_error(w, 32)
-    # measured 0.79x and 0.64x of plain INT4 (0.160) on this 256 x 512 Student-t weight
-    assert r32 < r16 < 0.9 * plain
-    assert r32 < 0.75 * plain
-    # structured outliers (a few large input channels) go into the branch almost entirely
+    # measured 0.77x and 0.61x of plain INT4 (0.159) on this 256 x 512 Student-t weight
+    assert r32 < r16 < 0.85 * plain
+    assert r32 < 0.7 * plain
+    # structured outliers (a few large input channels) go into the branch almost entirely: 0.28x
     w = _outlier_columns()
     assert _int4_error(w, 8) < 0.4 * _int4_error(w, 0)
 
@@ -133,7 +133,7 @@ def test_int4_rank_artifact_round_trip(root, tiny_transformer_dir, tiny_referenc
     err = float((output(model, tiny_reference_inputs) - ref).norm() / ref.norm())
     plain = load(artifact(root, tiny_transformer_dir, "int4"), backend="torch-dequant", dtype=torch.float32)
     plain_err = float((output(plain, tiny_reference_inputs) - ref).norm() / ref.norm())
-    assert err < 0.95 * plain_err  # measured 0.132 vs 0.148 on the tiny model
+    assert err < 0.9 * plain_err  # measured 0.125 vs 0.148 on the tiny model (0.845x)
 
 
 def test_nf4_rank_folder_is_not_a_bitsandbytes_folder(root, tiny_transformer_dir):
