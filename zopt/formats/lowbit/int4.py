@@ -15,7 +15,7 @@ branch and INT4 stores the residual (:mod:`.lowrank`).
 
 Kernels: ``torch-dequant`` (unpack and dequantize one layer at a time, matmul in the activation
 dtype) and ``int-mm-cpu`` (dequantized once at load to per-row INT8 codes, integer matmul with
-per-token INT8 activations: :meth:`.common.Scheme.module_int8`).
+per-token INT8 activations: :func:`.int8.as_int8`).
 """
 
 from __future__ import annotations
