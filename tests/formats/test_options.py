@@ -61,17 +61,17 @@ def test_manifest_records_the_dataclass_and_load_reads_it_back(tmp_path, tiny_tr
     out = zopt.convert(tiny_transformer_dir, "int4", tmp_path / "g64", options={"group_size": 64, "clip_search": False},
                        progress=False)
     m = json.loads((out / "zopt-manifest.json").read_text())
-    assert m["options"] == {"keep": [], "quantize": [], "group_size": 64, "clip_search": False}
+    assert m["options"] == {"keep": [], "quantize": [], "group_size": 64, "clip_search": False, "rank": 0}
     assert m["scheme"]["scales"] == "F16"
     assert "--option group_size=64" in m["command"] and "--option clip_search=false" in m["command"]
-    model = zopt.load(out)
+    model = zopt.load(out, backend="torch-dequant")  # the stored INT4 layout as it is
     lin = model.layers[0].feed_forward.w1
     assert lin.weight_scale.shape[1] == lin.in_features // 64
     # a manifest an older zopt wrote (descriptive entries among the options) still loads
     m["options"].update({"scales": "F16", "zeros": "U8", "packing": "low nibble = even column"})
     m.pop("manifest_sha256", None)  # older manifests carry no digest of their own
     (out / "zopt-manifest.json").write_text(json.dumps(m))
-    assert zopt.load(out).layers[0].feed_forward.w1.weight_scale.shape == lin.weight_scale.shape
+    assert zopt.load(out, backend="torch-dequant").layers[0].feed_forward.w1.weight_scale.shape == lin.weight_scale.shape
 
 
 def test_backend_is_selected_once_and_handed_to_the_loader(tmp_path, tiny_transformer_dir):
@@ -90,7 +90,7 @@ def test_backend_is_selected_once_and_handed_to_the_loader(tmp_path, tiny_transf
     # asked by name on this CPU, the same backend is refused: the loader did not select again above
     with pytest.raises(zopt.ZoptError, match="scaled-mm"):
         zopt.load(out, device="cpu", backend="scaled-mm")
-    assert zopt.load(out, device="cpu").zopt_backend == "fp8-storage"
+    assert zopt.load(out, device="cpu").zopt_backend == "int-mm-cpu"
 
 
 @pytest.mark.parametrize("spec,options", [("int4:g128", {"group_size": 64}), ("fp8:e4m3", {"fp8": "e5m2"})])

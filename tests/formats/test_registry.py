@@ -83,7 +83,7 @@ def test_a_format_is_one_module_and_one_entry(toy, tmp_path, tiny_transformer_di
     assert registry.card_tags("toy") == ("toy-tag",) and "toy_kernels" in registry.packages()
 
 
-@pytest.mark.parametrize("spec", ["int8:foo", "nf4:xyz", "bf16:x", "int8_w8a8:q"])
+@pytest.mark.parametrize("spec", ["int8:foo", "fp16:xyz", "bf16:x", "int8_w8a8:q"])
 def test_a_subtype_for_a_format_without_subtypes_is_refused_before_any_work(spec, tmp_path, tiny_transformer_dir):
     from zopt.errors import UnsupportedFormat
     from zopt.formats import convert

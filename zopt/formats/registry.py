@@ -96,6 +96,16 @@ class Format:
 
 
 _TORCH = Backend("torch", 10, (), "eager PyTorch on any device")
+
+
+def _int8_cpu(held: str) -> Backend:
+    """The CPU backend of a low-bit format: INT8 codes and ``torch._int_mm`` (benchmarks/cpu_latency.py:
+    the only CPU kernel measured faster than the BF16 model; no CPU has FP8 or INT4 arithmetic)."""
+    return Backend("int-mm-cpu", 20, (needs_device("cpu"),),
+                   f"{held}, dynamic per-token INT8 activations, torch._int_mm (oneDNN) with INT32 accumulation")
+
+
+_REPACKED = "weights re-quantized once at load to per-row INT8 codes"
 _ORT = needs_package("onnxruntime", "onnx")
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
@@ -123,12 +133,14 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            "FP8Options", (
                Backend("scaled-mm", 30, (needs_any(needs_cc(8, 9), needs_rocm_arch("gfx94", "gfx95")),),
                        "torch._scaled_mm FP8 matmul (dynamic per-tensor E4M3 activations; E4M3FNUZ on gfx94x)"),
+               _int8_cpu(_REPACKED),
                Backend("fp8-storage", 10, (),
                        "FP8 weights in memory, dequantized per layer, matmul in bf16/fp16/fp32")),
            (Candidate("fp8", 8.0 + 32 / 3840, True, "E4M3 + one F32 scale per output row", quality=10),),
            ("fp8",)),
     Format("int8", "zopt.formats.lowbit.int8", "INT8 symmetric per-output-channel weights", 8, "folder", "Int8Options",
-           (Backend("torch-dequant", 10, (), "INT8 weights dequantized per layer, matmul in the activation dtype"),),
+           (_int8_cpu("the stored INT8 codes"),
+            Backend("torch-dequant", 10, (), "INT8 weights dequantized per layer, matmul in the activation dtype")),
            (Candidate("int8", 8.0 + 32 / 3840, True, "+ one F32 scale per output row", quality=20),), ("int8",)),
     Format("int8_w8a8", "zopt.formats.lowbit.int8", "INT8 weights + dynamic per-token INT8 activations", 8, "folder",
            "Int8Options", (
@@ -142,11 +154,13 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            tags=("int8",)),
     Format("int4", "zopt.formats.lowbit.int4", "INT4 group-wise asymmetric weights with clipping search", 4, "folder",
            "Int4Options",
-           (Backend("torch-dequant", 10, (), "INT4 unpacked and dequantized per layer, matmul in the activation dtype"),),
+           (_int8_cpu(_REPACKED),
+            Backend("torch-dequant", 10, (), "INT4 unpacked and dequantized per layer, matmul in the activation dtype")),
            (Candidate("int4", 4.0 + 24 / 128, True, "128-weight groups, F16 scale + U8 zero", quality=80, unpack=3.0),), ("int4",)),
     Format("nf4", "zopt.formats.lowbit.nf4", "bitsandbytes 4-bit NormalFloat, blocksize 64", 4, "folder", "NF4Options",
            (Backend("bitsandbytes", 30, (needs_device("cuda", "rocm"), needs_package("bitsandbytes", "bnb")),
                     "bitsandbytes matmul_4bit (CUDA; ROCm builds of bitsandbytes >= 0.45)"),
+            _int8_cpu(_REPACKED),
             Backend("torch-dequant", 10, (),
                     "zopt's NF4 dequantization per layer, matmul in the activation dtype")),
            (Candidate("nf4", 4.5, True, "64-weight blocks, fp32 absmax", quality=70, unpack=3.0),), ("nf4",)),

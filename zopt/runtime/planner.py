@@ -41,10 +41,10 @@ def candidates() -> tuple[Candidate, ...]:
 CANDIDATES: tuple[Candidate, ...] = candidates()
 
 # How a backend or device holds a format's weights when that differs from the file:
-# (format, backend or device) -> effective bits. GGUF on int-mm-cpu keeps INT8 codes plus one
-# float32 scale per output row (rows of 3,840 or more weights); MPS has no float8 dtype, so FP8
-# weights are held as bf16 there.
-HELD_BITS = {("gguf", "int-mm-cpu"): 8.0 + 32 / 3840, ("fp8", "mps"): 16.0}
+# (format, backend or device) -> effective bits. GGUF, INT4 and NF4 on int-mm-cpu keep INT8 codes
+# plus one float32 scale per output row (rows of 3,840 or more weights); MPS has no float8 dtype,
+# so FP8 weights are held as bf16 there.
+HELD_BITS = {**{(f, "int-mm-cpu"): 8.0 + 32 / 3840 for f in ("gguf", "int4", "nf4")}, ("fp8", "mps"): 16.0}
 
 
 def held(cand: Candidate, backend: str | None, device: str | None = None) -> Candidate:

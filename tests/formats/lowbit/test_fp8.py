@@ -37,7 +37,7 @@ def test_fp8_artifact_reloads_within_bounds(root, tiny_transformer_dir, tiny_ref
     import zopt
 
     out = artifact(root, tiny_transformer_dir, "fp8")
-    model = zopt.load(out, dtype=torch.float32)
+    model = zopt.load(out, dtype=torch.float32, backend="fp8-storage")  # the stored FP8 as it is
     assert model.zopt_backend == "fp8-storage"
     to_q = model.layers[0].attention.to_q
     assert type(to_q).__name__ == "FP8Linear" and to_q.weight.dtype == torch.uint8
@@ -147,8 +147,8 @@ def test_densified_fp8_matches_the_storage_kernel(root, tiny_transformer_dir, ti
     from zopt.formats.lowbit.fp8 import densify
 
     out = artifact(root, tiny_transformer_dir, "fp8")
-    fp8 = zopt.load(out, dtype=torch.float32)
-    dense = densify(zopt.load(out, dtype=torch.float32), torch.float32)
+    fp8 = zopt.load(out, dtype=torch.float32, backend="fp8-storage")
+    dense = densify(zopt.load(out, dtype=torch.float32, backend="fp8-storage"), torch.float32)
     kinds = {type(m).__name__ for m in dense.modules()}
     assert "FP8Linear" not in kinds and "Linear" in kinds
     assert rel_err(output(dense, tiny_reference_inputs), output(fp8, tiny_reference_inputs)) < 1e-5

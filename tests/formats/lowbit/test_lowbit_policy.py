@@ -60,7 +60,7 @@ def test_keep_and_quantize_overrides(root, tiny_transformer_dir):
     assert m["options"]["keep"] == [r"feed_forward\.w2"] and m["options"]["quantize"] == ["adaLN_modulation"]
     import zopt
 
-    model = zopt.load(out)
+    model = zopt.load(out, backend="fp8-storage")
     assert type(model.layers[0].adaLN_modulation[0]).__name__ == "FP8Linear"
     assert type(model.layers[0].feed_forward.w2).__name__ == "Linear"
 
@@ -119,11 +119,14 @@ def test_backend_selection_per_hardware():
     ampere = Hardware("cuda", "A100", (8, 0))
     assert select("fp8", ada).name == "scaled-mm"
     assert select("fp8", ampere).name == "fp8-storage"
-    assert select("fp8", cpu).name == "fp8-storage"
+    assert select("fp8", cpu).name == "int-mm-cpu"  # every low-bit format: the CPU integer matmul
     assert select("int8_w8a8", ampere).name == "int-mm-cuda"
     assert select("int8_w8a8", cpu).name == "int-mm-cpu"
     assert select("int8_w8a8", Hardware("mps", "m")).name == "torch-dequant"
     assert select("int8", ampere).name == "torch-dequant"
+    assert select("int8", cpu).name == "int-mm-cpu"
     assert select("nf4", ada).name == "bitsandbytes"
     assert select("nf4", ampere).name == "torch-dequant"  # no bitsandbytes installed there
-    assert select("int4", cpu).name == "torch-dequant"
+    assert select("int4", cpu).name == "int-mm-cpu"
+    assert select("int4", Hardware("mps", "m")).name == "torch-dequant"
+    assert select("nf4", cpu).name == "int-mm-cpu"

@@ -79,7 +79,7 @@ def test_bitsandbytes_dequantizes_our_artifact(root, tiny_transformer_dir):
         packed = f.get_tensor(name)
     state = bnbf.QuantState.from_dict(qs, device=torch.device("cpu"))
     theirs = bnbf.dequantize_4bit(packed, state).float()
-    ours = zopt.load(out).layers[1].feed_forward.w3.dequantize()
+    ours = zopt.load(out, backend="torch-dequant").layers[1].feed_forward.w3.dequantize()
     assert torch.allclose(theirs, ours, rtol=1e-2, atol=1e-6)
 
 
@@ -94,7 +94,7 @@ def test_nf4_artifact_reloads_within_bounds(root, tiny_transformer_dir, tiny_ref
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "bitsandbytes" and cfg["bnb_4bit_quant_type"] == "nf4"
     assert "layers.0.adaLN_modulation.0" in cfg["llm_int8_skip_modules"]
-    model = zopt.load(out, dtype=torch.float32)
+    model = zopt.load(out, dtype=torch.float32, backend="torch-dequant")
     y, ref = output(model, tiny_reference_inputs), reference_output(tiny_transformer_dir, tiny_reference_inputs)
     assert rel_err(y, ref) < 0.25 and cosine(y, ref) > 0.97
 

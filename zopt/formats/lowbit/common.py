@@ -30,6 +30,7 @@ from ..artifact import read_manifest, source_provenance, verify_manifest, write_
 from ..common import check_no_meta, empty_model, replace_module, set_tensor
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INT8_CPU = "int-mm-cpu"  # the CPU backend every low-bit format has: INT8 codes held, integer matmul
 # rows of a weight matrix quantized at once: bounds the float32 working set of the biggest
 # full-size tensors (10240 x 3840) to a few tens of MB per step
 ROW_CHUNK = 1024
@@ -73,13 +74,15 @@ def lowbit_linear_base():
     if _BASE is not None:
         return _BASE
     import torch
+    import torch.nn.functional as F
 
     class _LowBitLinear(torch.nn.Module):
         """A Linear whose weight is stored quantized in buffers; ``backend`` picks the kernel.
 
-        Subclasses define ``dequantize(dtype)`` (the weight as a dense ``(out, in)`` tensor) and
-        ``KERNELS`` (backend name -> function(module, x2d) -> y2d). The bias is added in the
-        activation dtype after the kernel.
+        Subclasses define ``dequantize(dtype)`` (the quantized weight as a dense ``(out, in)``
+        tensor) and ``KERNELS`` (backend name -> function(module, x2d) -> y2d). A low-rank branch
+        (``lowrank_up`` ``(out, r)``, ``lowrank_down`` ``(r, in)``, see :mod:`.lowrank`) is added
+        after any kernel, then the bias, in the activation dtype.
         """
 
         KERNELS: dict[str, Callable] = {}
@@ -91,16 +94,29 @@ def lowbit_linear_base():
                 raise UnsupportedFormat(f"{type(self).__name__} has no kernel {backend!r}")
             self.backend = backend
             self.register_parameter("bias", None)
+            self.register_buffer("lowrank_up", None)
+            self.register_buffer("lowrank_down", None)
 
         def forward(self, x):
             shape = x.shape
-            y = self.KERNELS[self.backend](self, x.reshape(-1, shape[-1]))
+            x2 = x.reshape(-1, shape[-1])
+            y = self.KERNELS[self.backend](self, x2)
+            if self.lowrank_up is not None:
+                y = y + F.linear(F.linear(x2, self.lowrank_down.to(x2.dtype)), self.lowrank_up.to(x2.dtype)).to(y.dtype)
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
             return y.reshape(*shape[:-1], self.out_features)
 
+        def dense(self, dtype=None):
+            """The weight the layer computes with: dequantized, plus the low-rank branch if any."""
+            w = self.dequantize(torch.float32)
+            if self.lowrank_up is not None:
+                w = w + self.lowrank_up.float() @ self.lowrank_down.float()
+            return w.to(dtype or torch.float32)
+
         def extra_repr(self) -> str:
-            return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}"
+            rank = "" if self.lowrank_up is None else f", rank={self.lowrank_up.shape[1]}"
+            return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}{rank}"
 
     _BASE = _LowBitLinear
     return _BASE
@@ -119,6 +135,7 @@ class Scheme(ABC):
 
     format: str = ""
     storage: str = ""  # what the manifest records for quantized tensors, e.g. "F8_E4M3"
+    dequant_backend: str = "torch-dequant"  # the module kernel that dequantizes (any device)
 
     def describe(self) -> dict[str, Any]:
         """How quantized tensors are stored, in words (the manifest's ``scheme``)."""
@@ -142,6 +159,14 @@ class Scheme(ABC):
     def extra_config(self) -> dict[str, Any]:
         """Keys added to the artifact's config.json (e.g. diffusers' ``quantization_config``)."""
         return {}
+
+    def draft(self) -> Scheme:
+        """A cheaper scheme of the same storage, for intermediate quantizations (low-rank refinement)."""
+        return self
+
+    def module_int8(self, parts: dict[str, Any], shape: tuple[int, int]):
+        """The Linear module of backend ``int-mm-cpu`` (formats that have it: :func:`.int8.as_int8`)."""
+        raise UnsupportedFormat(f"format {self.format!r} has no {INT8_CPU} kernel")
 
 
 def quantize_rows(fn: Callable, w, *args) -> list:
@@ -316,7 +341,9 @@ def _load_lowbit_tensors(folder: Path, manifest: dict[str, Any], scheme: Scheme,
         for n, rec in manifest["tensors"].items():
             if "parts" in rec:
                 parts = {p: f.get_tensor(p) for p in rec["parts"]}
-                mod = scheme.module(parts, tuple(rec["shape"]), name).to(device)
+                shape = tuple(rec["shape"])
+                mod = scheme.module_int8(parts, shape) if name == INT8_CPU else scheme.module(parts, shape, name)
+                mod = mod.to(device)
                 replace_module(model, n.rsplit(".", 1)[0], mod)
         for n, rec in manifest["tensors"].items():
             if "parts" not in rec:

@@ -11,8 +11,10 @@ Two layouts:
   (see ``docs/lowbit.md``). ComfyUI loads the ``.safetensors`` file inside the folder.
 
 Kernels: ``scaled-mm`` (``torch._scaled_mm``, CUDA cc >= 8.9: activations quantized to E4M3 with one
-dynamic scale per call, weight scales applied to the output) and ``fp8-storage`` (any device: FP8
-kept in memory, each layer's weight dequantized at call time, matmul in the activation dtype).
+dynamic scale per call, weight scales applied to the output), ``fp8-storage`` (any device: FP8
+kept in memory, each layer's weight dequantized at call time, matmul in the activation dtype) and
+``int-mm-cpu`` (CPUs have no FP8 arithmetic: the weight is re-quantized once at load to per-row
+INT8 codes and run by the integer matmul with per-token INT8 activations).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ..options import Options
 from . import common as C
 from .fp8_comfy import convert_comfy, load_comfy
 from .fp8_ops import VARIANTS, densify, fp8_linear, needs_fnuz, quantize_fp8, to_fnuz  # noqa: F401  (shared with the comfy layout)
+from .int8 import as_int8
 
 COMFY_FILE = "zimage_fp8_scaled.safetensors"
 LAYOUTS = ("diffusers", "comfy")
@@ -49,6 +52,7 @@ def variant(name: str | None, subtype: str | None = None) -> str:
 
 class FP8Scheme(C.Scheme):
     format = "fp8"
+    dequant_backend = "fp8-storage"
 
     def __init__(self, var: str = "e4m3"):
         self.var = var
@@ -62,6 +66,9 @@ class FP8Scheme(C.Scheme):
 
     def quantize(self, w):
         return C.quantize_rows(quantize_fp8, w, self.var)
+
+    def module_int8(self, parts, shape):
+        return as_int8(self.module(parts, shape, self.dequant_backend))
 
     def module(self, parts, shape, backend):
         q = next(v for k, v in parts.items() if not k.endswith("_scale"))

@@ -21,6 +21,7 @@ from ..artifact import read_manifest, source_provenance, verify_manifest, write_
 from ..common import check_no_meta, empty_model, replace_module, set_tensor
 from . import common as C
 from .fp8_ops import VARIANTS, fp8_linear, quantize_fp8
+from .int8 import as_int8
 
 MARKER = "scaled_fp8"
 COMFY_FILE = "zimage_fp8_scaled.safetensors"
@@ -121,7 +122,11 @@ def _build_comfy(folder: Path, manifest: dict[str, Any], weights: Path, want: di
                 t = t[rec["rows"][0] : rec["rows"][1]]
             C.check_shape(t, want[dn], dn, folder)
             if "scale" in rec:
-                mod = fp8_linear(t, f.get_tensor(rec["scale"]), name).to(device)
+                if name == C.INT8_CPU:
+                    mod = as_int8(fp8_linear(t, f.get_tensor(rec["scale"]), "fp8-storage"))
+                else:
+                    mod = fp8_linear(t, f.get_tensor(rec["scale"]), name)
+                mod = mod.to(device)
                 replace_module(model, dn.rsplit(".", 1)[0], mod)
             else:
                 set_tensor(model, dn, t.to(device=device, dtype=dtype or t.dtype))

@@ -10,7 +10,12 @@ A quantized Linear stores
 and ``w ~= (code - zero) * scale``. Each group's range is chosen by a **clipping search**: the
 group's min and max are shrunk by factors 1.0, 0.95, ... and the factor with the least squared
 reconstruction error is kept (1.0 is plain round-to-nearest, so the search never does worse).
-Kernel ``torch-dequant``: unpack and dequantize one layer at a time, matmul in the activation dtype.
+With ``--option rank=R`` (``int4:r32``, ``int4:g64r32``) the weight also keeps a rank-R BF16
+branch and INT4 stores the residual (:mod:`.lowrank`).
+
+Kernels: ``torch-dequant`` (unpack and dequantize one layer at a time, matmul in the activation
+dtype) and ``int-mm-cpu`` (dequantized once at load to per-row INT8 codes, integer matmul with
+per-token INT8 activations: :func:`.int8.as_int8`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from ...checkpoint import TensorSource
 from ...errors import ZoptError
 from ..options import Options
 from . import common as C
+from .int8 import as_int8
+from .lowrank import LISTED_RANKS, check_rank, overhead_bits, with_rank, with_subtype
 
 GROUP_SIZES = (64, 128)
 DEFAULT_GROUP = 128
@@ -33,6 +40,7 @@ CLIP_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 class Int4Options(Options):
     group_size: int = field(default=DEFAULT_GROUP, metadata={"choices": GROUP_SIZES})  # weights per scale/zero
     clip_search: bool = True  # search shrunken ranges per group (never worse than round-to-nearest)
+    rank: int = 0  # rank of the BF16 low-rank branch beside each weight (0: none)
 
 
 def _grid(mn, mx):
@@ -143,6 +151,9 @@ class Int4Scheme(C.Scheme):
     def describe(self) -> dict[str, Any]:
         return {"scales": "F16", "zeros": "U8", "packing": "low nibble = even column"}
 
+    def draft(self) -> Int4Scheme:
+        return Int4Scheme(self.group, clip_search=False)  # round to nearest: 6x cheaper
+
     def unsupported(self, shape):
         if shape[1] % self.group:
             return f"in_features {shape[1]} is not a multiple of the group size {self.group}"
@@ -156,25 +167,24 @@ class Int4Scheme(C.Scheme):
     def quantize(self, w):
         return C.quantize_rows(quantize_int4, w, self.group, self.clip_search)
 
+    def module_int8(self, parts, shape):
+        return as_int8(self.module(parts, shape, self.dequant_backend))
+
     def module(self, parts, shape, backend):
         get = {k.rsplit(".", 1)[-1]: v for k, v in parts.items()}
         return int4_linear(get["weight"], get["weight_scale"], get["weight_zero"], backend)
 
 
-def scheme_from_options(options: Int4Options) -> Int4Scheme:
-    return Int4Scheme(options.group_size, options.clip_search)
+def scheme_from_options(options: Int4Options) -> C.Scheme:
+    return with_rank(Int4Scheme(options.group_size, options.clip_search), check_rank("int4", options.rank))
 
 
 def convert(src: TensorSource, out: Path, subtype: str | None, options: Int4Options, progress: bool, *,
             format: str = "int4") -> Path:
-    if subtype:  # int4:g64
-        group = str(subtype).lower().lstrip("g")
-        if options.group_size != DEFAULT_GROUP and group != str(options.group_size):
-            raise ZoptError(f"int4:{subtype} and --option group_size={options.group_size} disagree; give one of them")
-        options = Int4Options.from_dict({**options.recorded(), "hash_source": options.hash_source,
-                                         "group_size": group}, format=format)
+    options = with_subtype(options, format, subtype)
     scheme = scheme_from_options(options)
-    return C.convert_lowbit(src, out, scheme, f"g{scheme.group}", options, progress)
+    sub = f"g{options.group_size}" + (f"r{options.rank}" if options.rank else "")
+    return C.convert_lowbit(src, out, scheme, sub, options, progress)
 
 
 def load(path: Path, device: str, backend: str, dtype: Any = None):
@@ -183,5 +193,12 @@ def load(path: Path, device: str, backend: str, dtype: Any = None):
 
 
 def list_types() -> list[tuple[str, float, str]]:
-    return [(f"g{g}", 4 + 24 / g, f"INT4 asymmetric, groups of {g}, F16 scale + U8 zero per group")
-            for g in GROUP_SIZES]
+    """Subtypes: group sizes, and listed ranks of the low-rank branch (bits counted at dim 3840)."""
+    out = [(f"g{g}", 4 + 24 / g, f"INT4 asymmetric, groups of {g}, F16 scale + U8 zero per group")
+           for g in GROUP_SIZES]
+    for g in GROUP_SIZES:
+        for r in LISTED_RANKS:
+            name = f"r{r}" if g == DEFAULT_GROUP else f"g{g}r{r}"
+            out.append((name, 4 + 24 / g + overhead_bits(r, 3840, 3840),
+                        f"groups of {g} + rank-{r} BF16 branch (bits at 3840 x 3840)"))
+    return out

@@ -4,7 +4,9 @@ codes in [-127, 127]) and ``<name>.weight_scale`` (F32, ``(out,)``): ``w ~= q * 
 
 Kernels:
 
-* ``int8``: ``torch-dequant`` (weight dequantized per layer, matmul in the activation dtype).
+* ``int8``: ``torch-dequant`` (weight dequantized per layer, matmul in the activation dtype) and,
+  on CPU, ``int-mm-cpu`` (the stored codes as they are, with per-token INT8 activations: the same
+  kernel as ``int8_w8a8``, measured faster than any weight-only kernel there).
 * ``int8_w8a8``: activations are quantized per token (row) to INT8 with scale ``amax/127``;
   ``int-mm-cuda`` multiplies with ``torch._int_mm`` (INT32 accumulation) on CUDA, ``int-mm-cpu``
   does the same on CPU (measured faster than dequant + matmul here, see docs/lowbit.md), and
@@ -93,6 +95,23 @@ def int8_linear(q, scale, backend: str = "torch-dequant"):
     return _CLS(q, scale, backend)
 
 
+def as_int8(module):
+    """Quantized Linear ``module`` held as INT8 instead (backend ``int-mm-cpu``): its weight
+    dequantized once, at load, and re-quantized per output row to INT8 codes (each within half a
+    step of the dequantized weight), run by the integer-matmul kernel with per-token INT8
+    activations; a low-rank branch moves over as it is."""
+    import torch
+
+    from .int_mm import quantize_rows
+
+    q, scale = quantize_rows(module.dequantize(torch.float32))
+    out = int8_linear(q, scale, C.INT8_CPU)
+    if module.lowrank_up is not None:
+        out.register_buffer("lowrank_up", module.lowrank_up)
+        out.register_buffer("lowrank_down", module.lowrank_down)
+    return out
+
+
 class Int8Scheme(C.Scheme):
     storage = "I8"
 
@@ -110,6 +129,9 @@ class Int8Scheme(C.Scheme):
 
     def quantize(self, w):
         return C.quantize_rows(quantize_int8, w)
+
+    def module_int8(self, parts, shape):
+        return self.module(parts, shape, C.INT8_CPU)  # already per-row INT8 codes
 
     def module(self, parts, shape, backend):
         q = next(v for k, v in parts.items() if not k.endswith("_scale"))

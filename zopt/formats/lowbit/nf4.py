@@ -12,8 +12,13 @@ The artifact stores each quantized Linear exactly as bitsandbytes serializes a `
 * ``<name>.weight.quant_state.bitsandbytes__nf4`` — U8, the quant state as JSON (padded with spaces
   to a fixed length so the file header can be written before the data).
 
-Kernels: ``bitsandbytes`` (CUDA, ``bnb.matmul_4bit``) and ``torch-dequant`` (zopt's own NF4
-dequantization, any device).
+With ``--option rank=R`` (``nf4:r32``) each weight also keeps a rank-R BF16 branch and NF4 stores
+the residual (:mod:`.lowrank`); such a folder has no ``quantization_config`` (diffusers' loader
+would drop the branch), so only zopt loads it.
+
+Kernels: ``bitsandbytes`` (CUDA, ``bnb.matmul_4bit``), ``torch-dequant`` (zopt's own NF4
+dequantization, any device) and ``int-mm-cpu`` (dequantized once at load to per-row INT8 codes,
+integer matmul with per-token INT8 activations).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from ...checkpoint import TensorSource
 from ...errors import MissingDependency, ZoptError
 from ..options import Options
 from . import common as C
+from .int8 import as_int8
+from .lowrank import LISTED_RANKS, check_rank, overhead_bits, with_rank, with_subtype
 
 BLOCK = 64
 NESTED_BLOCK = 256
@@ -37,6 +44,7 @@ QS_BYTES = 256  # fixed JSON length (spaces pad it; JSON ignores trailing whites
 @dataclass(frozen=True)
 class NF4Options(Options):
     double_quant: bool = True  # quantize the per-block absmax to 8 bits (bitsandbytes' double quantization)
+    rank: int = 0  # rank of the BF16 low-rank branch beside each weight (0: none)
 
 # bitsandbytes' NF4 table (quantiles of N(0, 1) normalized to [-1, 1], with an exact zero)
 NF4_CODE = (
@@ -229,26 +237,41 @@ class NF4Scheme(C.Scheme):
     def quantize(self, w):
         return quantize_nf4(w, self.double_quant)
 
+    def module_int8(self, parts, shape):
+        return as_int8(self.module(parts, shape, self.dequant_backend))
+
     def module(self, parts, shape, backend):
         wname = min(parts, key=len)
         return nf4_linear({k[len(wname) + 1 :] if k != wname else "weight": v for k, v in parts.items()}, backend)
 
 
+def scheme_from_options(options: NF4Options) -> C.Scheme:
+    return with_rank(NF4Scheme(options.double_quant), check_rank("nf4", options.rank))
+
+
 def convert(src: TensorSource, out: Path, subtype: str | None, options: NF4Options, progress: bool, *,
             format: str = "nf4") -> Path:
-    scheme = NF4Scheme(options.double_quant)
-    # diffusers quantizes every Linear unless told to skip it: list the kept ones
-    _, config, decisions = C.plan(src, scheme, options)
-    linear = C.linear_weight_names(config)
-    skip = sorted(n[: -len(".weight")] for n, d in decisions.items() if n in linear and not d.quantize)
-    scheme.extra_config = lambda: {"quantization_config": {  # type: ignore[method-assign]
-        "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
-        "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": scheme.double_quant,
-        "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "uint8",
-        "llm_int8_skip_modules": skip}}
-    return C.convert_lowbit(src, out, scheme, None, options, progress)
+    options = with_subtype(options, format, subtype, groups=False)
+    scheme = scheme_from_options(options)
+    if not options.rank:  # diffusers' loader knows no low-rank branch: only a plain NF4 folder says it is bnb
+        # diffusers quantizes every Linear unless told to skip it: list the kept ones
+        _, config, decisions = C.plan(src, scheme, options)
+        linear = C.linear_weight_names(config)
+        skip = sorted(n[: -len(".weight")] for n, d in decisions.items() if n in linear and not d.quantize)
+        scheme.extra_config = lambda: {"quantization_config": {  # type: ignore[method-assign]
+            "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+            "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": scheme.double_quant,
+            "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "uint8",
+            "llm_int8_skip_modules": skip}}
+    return C.convert_lowbit(src, out, scheme, f"r{options.rank}" if options.rank else None, options, progress)
 
 
 def load(path: Path, device: str, backend: str, dtype: Any = None):
-    return C.load_lowbit(path, lambda m: NF4Scheme(C.recorded_options(NF4Options, m).double_quant), device, backend,
+    return C.load_lowbit(path, lambda m: scheme_from_options(C.recorded_options(NF4Options, m)), device, backend,
                          dtype)
+
+
+def list_types() -> list[tuple[str, float, str]]:
+    """Subtypes: listed ranks of the low-rank branch (bits counted at dim 3840); plain ``nf4`` has none."""
+    return [(f"r{r}", 4.127 + overhead_bits(r, 3840, 3840), f"NF4 + rank-{r} BF16 branch (bits at 3840 x 3840)")
+            for r in LISTED_RANKS]
