@@ -20,6 +20,10 @@ def add_arguments(p) -> None:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="format option, e.g. group_size=64, double_quant=true, fp8=e5m2 (each format's "
                         "options: docs/formats.md; an unknown key is an error)")
+    p.add_argument("--imatrix", metavar="FILE", help="importance matrix (zopt calibrate, llama.cpp or "
+                   "stable-diffusion.cpp) for importance-weighted quantization")
+    p.add_argument("--target-bpw", type=float, metavar="BITS", help="gguf:auto: file size as bits per parameter")
+    p.add_argument("--target-size", metavar="SIZE", help="gguf:auto: file size, e.g. 5GB or 800MB")
     p.add_argument("--list-types", action="store_true", help="list formats and types with bits per weight")
     p.add_argument("--allow-pickle", action="store_true", help="accept .ckpt/.pt/.bin (loaded with weights_only=True)")
     p.add_argument("--no-hash", action="store_true", help="skip hashing the source for provenance")
@@ -99,10 +103,31 @@ def run(args) -> int:
         options["layout"] = args.layout
     if args.no_hash:
         options["hash_source"] = False
+    for key in ("imatrix", "target_bpw", "target_size"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
     out = Path(args.out) if args.out else default_out(args.source, args.to, args.layout)
     out = output_path(info, args.out if args.out else out, force=args.force)
     result = convert(args.source, args.to, out, options=options, progress=not args.no_progress,
                      allow_pickle=args.allow_pickle, force=args.force)
     size = sum(f.stat().st_size for f in result.rglob("*") if f.is_file()) if result.is_dir() else result.stat().st_size
     print(f"wrote {result} ({size / 1e6:.1f} MB)")
+    if info.name == "gguf" and (args.to.partition(":")[2].strip().lower() == "auto"):
+        _print_auto_types(result)
     return 0
+
+
+def _print_auto_types(path: Path) -> None:
+    """The per-tensor types gguf:auto chose, as recorded in the file."""
+    import json
+    from collections import Counter
+
+    from .. import checkpoint
+    from ..formats.gguf import AUTO_TYPES_KEY
+
+    meta = checkpoint.open(path).metadata
+    types = json.loads(meta[AUTO_TYPES_KEY])
+    counts = Counter(types.values())
+    print(f"{meta.get('zopt.bits_per_weight')} bits/weight; " + ", ".join(f"{t}: {n}" for t, n in sorted(counts.items())))
+    for name, t in types.items():
+        print(f"  {t:5} {name}")
