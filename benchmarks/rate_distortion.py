@@ -80,7 +80,7 @@ def measure(source, spec: str, options: dict, path: Path, refs, inputs, params: 
     model = load(path, device="cpu", dtype=torch.float32, backend="torch-dequant")
     err = rel_err(outputs(model, inputs), refs)
     size = path.stat().st_size
-    row = {"label": label, "spec": spec, "imatrix": bool(options.get("imatrix")), "bytes": size,
+    row = {"label": label, "spec": spec, "file": str(path), "imatrix": bool(options.get("imatrix")), "bytes": size,
            "bpw": round(8 * size / params, 4), "rel_error": round(err, 6), "convert_s": round(conv_s, 1)}
     if adh:
         row["adherence"] = adherence(str(source), model, adh)
@@ -115,6 +115,48 @@ def peer_points(source, types, refs, inputs, params: int, work: Path) -> list[di
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
+
+
+def predict(source, rows: list[dict], imatrix_path: str | None) -> list[tuple[float, float]]:
+    """gguf:auto's predicted error (summed importance-weighted squared error of every tensor at the
+    type the file stores it in) for each row's file, against its measured output error; prints
+    both and their Spearman rank correlation. Uses ``imatrix_path`` for the weights when given."""
+    import gguf
+
+    from zopt import checkpoint
+    from zopt.families import zimage
+    from zopt.formats.gguf.auto import measure
+    from zopt.formats.imatrix import read
+
+    view = zimage.as_original(checkpoint.open(source))
+    im = read(imatrix_path) if imatrix_path else None
+    types: dict[str, set[str]] = {}
+    files = {}
+    for r in rows:
+        tensors = {t.name: t.tensor_type.name for t in gguf.GGUFReader(r["file"]).tensors}
+        files[r["label"]] = tensors
+        for n, t in tensors.items():
+            if t not in ("F32",) and len(view.info(n).shape) == 2:
+                types.setdefault(n, set()).add(t)
+    torch.set_num_threads(1)
+    errs = {}
+    for n, ts in types.items():
+        w = view.get(n)
+        imp = im.importance(n, w.shape[-1]) if im is not None else None
+        errs[n] = measure(n, w, imp, tuple(sorted(ts))).errors
+    pairs = []
+    print("| point | predicted (sum of weighted sq. errors) | measured rel. output error |")
+    print("|---|---:|---:|")
+    for r in sorted(rows, key=lambda r: r["bpw"]):
+        pred = sum(errs[n][t] for n, t in files[r["label"]].items() if n in errs)
+        pairs.append((pred, r["rel_error"]))
+        print(f"| {r['label']} | {pred:.4g} | {r['rel_error']:.4f} |")
+    rank = lambda v: {x: i for i, x in enumerate(sorted(v))}  # noqa: E731
+    rp, rm = rank([p for p, _ in pairs]), rank([m for _, m in pairs])
+    n = len(pairs)
+    d2 = sum((rp[p] - rm[m]) ** 2 for p, m in pairs)
+    print(f"Spearman rank correlation, predicted vs measured: {1 - 6 * d2 / (n * (n * n - 1)):.3f} over {n} files")
+    return pairs
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -160,7 +202,20 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--work", default=None)
+    ap.add_argument("--predict", nargs="+", metavar="JSON", help="instead of measuring: compare gguf:auto's "
+                    "predicted error with the measured error of the files listed in these --json outputs")
     args = ap.parse_args()
+    if args.predict:
+        from zopt.families import resolve_source
+
+        rows = []
+        for j in args.predict:
+            for r in json.loads(Path(j).read_text())["rows"]:
+                # rows without a path: the file name the measuring run gave it, in --work
+                r.setdefault("file", str(Path(args.work or ".") / (r["label"].replace("auto ", "auto-") + ".gguf")))
+                rows.append(r)
+        predict(resolve_source(args.source), rows, args.imatrix)
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
     from zopt import checkpoint
