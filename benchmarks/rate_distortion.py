@@ -104,8 +104,9 @@ def peer_points(source, types, refs, inputs, params: int, work: Path) -> list[di
         if t not in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"):
             continue
         out = work / f"sdcpp-{t}.gguf"
-        sd_type = getattr(sd.SDType, f"SD_TYPE_{t}")
-        ok = sd.convert(str(source).encode(), b"", str(out).encode(), sd_type, b"", False)
+        # the C API: convert(input, vae, output, sd_type_t, tensor_type_rules, convert_name)
+        ok = sd.convert(str(source).encode(), b"", str(out).encode(), int(getattr(sd.GGMLType, f"SD_TYPE_{t}")),
+                        b"", False)
         if not ok or not out.exists():
             continue
         model = load(out, device="cpu", dtype=torch.float32, backend="torch-dequant")
