@@ -60,10 +60,23 @@ class Imatrix:
     path: Path | None = None
     sha256: str = ""
 
+    def entry(self, name: str) -> Stat | None:
+        """The statistics of tensor ``name`` in either key layout (diffusers ``to_q``/``to_k``/``to_v``
+        share the fused ``qkv`` entry), or None."""
+        st = self.entries.get(_strip(name))
+        if st is None:
+            from ..families import zimage
+
+            orig = zimage.to_original_name(_strip(name))
+            for part in (".attention.to_q.", ".attention.to_k.", ".attention.to_v."):
+                orig = orig.replace(part, ".attention.qkv.")
+            st = self.entries.get(orig)
+        return st
+
     def importance(self, name: str, n_cols: int) -> np.ndarray | None:
         """``E[x^2]`` for the columns of tensor ``name``, or None when the file has no such entry;
         ZoptError when the entry's length does not match the tensor's rows."""
-        st = self.entries.get(_strip(name))
+        st = self.entry(name)
         if st is None:
             return None
         if st.sum2.shape[0] != n_cols:
@@ -72,7 +85,8 @@ class Imatrix:
         return st.mean_square
 
     def absmax(self, name: str) -> np.ndarray | None:
-        st = self.entries.get(_strip(name))
+        """Largest input magnitude per channel of tensor ``name`` (None without an entry or abs-max)."""
+        st = self.entry(name)
         return None if st is None else st.absmax
 
 
