@@ -1,11 +1,11 @@
 """``gguf:auto``: one GGML type per tensor, chosen to minimize predicted output error within a size.
 
 Sensitivity is measured, per tensor and candidate type, on a sample of the tensor's rows: the
-importance-weighted squared reconstruction error ``sum_ij E[x_j^2] (W - Q(W))_ij^2`` scaled to the
-whole tensor. With an importance matrix this is the expected squared error the quantization adds
-to the layer's output ``W x`` (uncorrelated input channels); without one every column weighs 1.
-Summing it over tensors predicts the output error (checked against measured output error in
-``benchmarks/rate_distortion.py``).
+squared reconstruction error ``sum_ij (W - Q(W))_ij^2`` scaled to the whole tensor, the candidates
+quantized with the importance matrix's weighted searches when one is given. Weighing the errors by
+``E[x_j^2]`` (the error added to the layer's output) chose a worse mix on the medium model, see
+docs/quality-per-bit.md; :func:`measure` still offers it (``weigh``) for the benchmark's
+``--predict``.
 
 The choice is a knapsack on that prediction: every quantized tensor starts at its cheapest
 candidate, then the upgrade with the largest error reduction per added byte (on each tensor's
@@ -56,9 +56,11 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * unit ** "_KMGT".index(m.group(2) or "_"))
 
 
-def measure(name: str, w, importance=None, types: tuple[str, ...] | None = None) -> Sensitivity:
+def measure(name: str, w, importance=None, types: tuple[str, ...] | None = None,
+            weigh: bool = True) -> Sensitivity:
     """Sensitivity of tensor ``name`` (float tensor ``w``, rows x cols) to each candidate type, from
-    up to :data:`SAMPLE_WEIGHTS` weights of evenly spaced rows; ``importance`` (cols,) per column."""
+    up to :data:`SAMPLE_WEIGHTS` weights of evenly spaced rows; ``importance`` (cols,) per column
+    drives the weighted searches and (``weigh``) weighs the errors."""
     import torch
 
     from . import quants
@@ -77,7 +79,7 @@ def measure(name: str, w, importance=None, types: tuple[str, ...] | None = None)
         else:
             q = quants.quantize(x, t, None if importance is None else imp)
             deq = quants.dequantize(q, t, tuple(x.shape))
-        errors[t] = float(((x - deq).square() * imp).sum()) * scale
+        errors[t] = float(((x - deq).square() * (imp if weigh else 1.0)).sum()) * scale
         nbytes[t] = tensor_nbytes(tuple(w.shape), t)
     return Sensitivity(name, errors, nbytes)
 
@@ -166,7 +168,9 @@ def plan_auto(view, base: list[TensorPlan], *, target_bpw: float | None, target_
             with torch.inference_mode():
                 w = view.get(p.name).reshape(p.shape)
                 imp = imatrix.importance(p.name, p.shape[-1]) if imatrix is not None else None
-                sens[p.name] = measure(p.name, w, imp)
+                # the importance matrix shapes the searches, but not the allocation: measured on the
+                # medium model, errors weighted by E[x^2] chose a worse mix (docs/quality-per-bit.md)
+                sens[p.name] = measure(p.name, w, imp, weigh=False)
                 del w
     finally:
         torch.set_num_threads(threads)
