@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "doctor": "show this machine's hardware and which backend runs each format (or why not)",
     "plan": "recommend format, offload and attention for a memory budget (--vram 8GB --resolution 1024x1024)",
     "bench": "benchmark formats here: memory, latency, quality vs reference; table, JSON, HTML report, CI gate",
+    "calibrate": "run the model over calibration prompts and write an importance matrix (GGUF imatrix)",
     "synth": "write a seeded synthetic checkpoint (full size: 6.15B params, 12.3 GB bf16), streaming",
     "publish": "assemble a Hub-ready folder (files, measured model card, checksums) and optionally --push",
     "verify": "re-check a published folder or one artifact: every sha256, every variant loads",

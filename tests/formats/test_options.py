@@ -52,7 +52,9 @@ def test_cli_strings_and_python_values_give_the_same_options():
     assert a == b and a.group_size == 64 and a.clip_search is False and a.keep == ("w2",)
     g = entry("gguf").parse_options({"workers": "2", "compile": "auto"})
     assert g.workers == 2 and g.compile == "auto" and entry("gguf").parse_options({"compile": True}).compile is True
-    assert g.recorded() == {"keep": [], "quantize": []}  # run knobs do not shape the file
+    # run knobs (and the imatrix path: its sha256 goes in the header) are not recorded
+    assert g.recorded() == {"keep": [], "quantize": [], "min_elements": 1 << 16, "target_bpw": None,
+                            "target_size": None}
 
 
 def test_manifest_records_the_dataclass_and_load_reads_it_back(tmp_path, tiny_transformer_dir):

@@ -24,6 +24,10 @@ def add_arguments(p) -> None:
                         "options: docs/formats.md; an unknown key is an error)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="merge a LoRA into the weights before quantizing (repeatable; scale default 1)")
+    p.add_argument("--imatrix", metavar="FILE", help="importance matrix (zopt calibrate, llama.cpp or "
+                   "stable-diffusion.cpp) for importance-weighted quantization")
+    p.add_argument("--target-bpw", type=float, metavar="BITS", help="gguf:auto: file size as bits per parameter")
+    p.add_argument("--target-size", metavar="SIZE", help="gguf:auto: file size, e.g. 5GB or 800MB")
     p.add_argument("--list-types", action="store_true", help="list formats and types with bits per weight")
     p.add_argument("--allow-pickle", action="store_true", help="accept .ckpt/.pt/.bin (loaded with weights_only=True)")
     p.add_argument("--no-hash", action="store_true", help="skip hashing the source for provenance")
@@ -109,6 +113,9 @@ def run(args) -> int:
         options["layout"] = args.layout
     if args.no_hash:
         options["hash_source"] = False
+    for key in ("imatrix", "target_bpw", "target_size"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
     if len(specs) > 1:
         return _convert_many(args, specs, options, note)
     out = Path(args.out) if args.out else default_out(args.source, args.to, args.layout)
@@ -118,6 +125,8 @@ def run(args) -> int:
     result = convert(args.source, specs[0], out, options=typed, progress=not args.no_progress,
                      allow_pickle=args.allow_pickle, force=args.force, loras=args.lora)
     print(f"wrote {result} ({_size(result)})")
+    if infos[0].name == "gguf" and specs[0].partition(":")[2].strip().lower() == "auto":
+        _print_auto_types(result)
     return 0
 
 
@@ -151,3 +160,19 @@ def _convert_many(args, specs: list[str], options: dict, note) -> int:
     print(f"read the source once: {shared.reads} tensor reads for {len(shared.src.names())} tensors "
           f"({shared.rereads} read again)")
     return 0
+
+
+def _print_auto_types(path: Path) -> None:
+    """The per-tensor types gguf:auto chose, as recorded in the file."""
+    import json
+    from collections import Counter
+
+    from .. import checkpoint
+    from ..formats.gguf import AUTO_TYPES_KEY
+
+    meta = checkpoint.open(path).metadata
+    types = json.loads(meta[AUTO_TYPES_KEY])
+    counts = Counter(types.values())
+    print(f"{meta.get('zopt.bits_per_weight')} bits/weight; " + ", ".join(f"{t}: {n}" for t, n in sorted(counts.items())))
+    for name, t in types.items():
+        print(f"  {t:5} {name}")

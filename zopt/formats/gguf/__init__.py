@@ -10,6 +10,7 @@ the loader in :mod:`.loader`, the decoding in :mod:`zopt.ggml`; see ``docs/gguf.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -19,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from gguf.constants import LlamaFileType
 
 from ..._io import atomic_path
 from ...checkpoint import TensorSource
@@ -31,6 +34,9 @@ from . import recipes as gguf_recipes
 from .recipes import FILE_TYPE, FLOAT_TYPES, TensorPlan
 from .writer import StreamingGGUFWriter
 
+AUTO = "auto"  # the size-targeted subtype (gguf:auto, see .auto)
+AUTO_TYPES_KEY = "zopt.auto.types"
+AUTO_CANDIDATES = r"\.weight$"  # what gguf:auto may quantize (the policy still keeps non-Linear tensors)
 ARCHITECTURE = "lumina2"  # ComfyUI-GGUF's name for the Lumina-2 / Z-Image (NextDiT) family
 QUANTIZATION_VERSION = 2  # ggml's GGML_QNT_VERSION
 CHUNK_ELEMENTS = 1 << 22  # rows are quantized in pieces of ~4M weights: bounded memory per step
@@ -48,10 +54,19 @@ class GGUFOptions(Options):
     workers: int | None = field(default=None, metadata={"record": False})
     # compiled GGML kernels: "auto" (when the plan quantizes >= COMPILE_MIN_WEIGHTS weights), true, false
     compile: bool | str = field(default="auto", metadata={"record": False, "choices": (True, False, "auto")})
+    # importance matrix (zopt calibrate, llama.cpp or stable-diffusion.cpp imatrix): importance-weighted
+    # searches for every quantized type that has them (the file's sha256 is recorded in the header)
+    imatrix: str | None = field(default=None, metadata={"record": False})
+    # Linear weights with fewer elements stay float (quantizing them saves little on a real model)
+    min_elements: int = gguf_recipes.SMALL_NUMEL
+    # gguf:auto only: the whole file's size as bits per parameter, or as bytes ("5GB", "800MB")
+    target_bpw: float | None = None
+    target_size: str | None = None
 
 
-def quantize_rows(x, qtype: str):
-    """Float rows ``x`` (..., row) -> stored bytes of GGML type ``qtype`` (a uint8 tensor/array)."""
+def quantize_rows(x, qtype: str, importance=None):
+    """Float rows ``x`` (..., row) -> stored bytes of GGML type ``qtype`` (a uint8 tensor/array).
+    ``importance``: one weight per column (an imatrix's ``E[x^2]``) for ggml's weighted searches."""
     import torch
 
     from . import quants
@@ -65,7 +80,8 @@ def quantize_rows(x, qtype: str):
     if qtype in quants.SUPPORTED:
         # bf16/f16 rows go in as they are: quantize() widens each cache-sized piece to float32
         # itself, which saves a whole-chunk float32 copy (same bytes)
-        return quants.quantize(x if x.dtype in (torch.bfloat16, torch.float16) else x.to(torch.float32), qtype)
+        return quants.quantize(x if x.dtype in (torch.bfloat16, torch.float16) else x.to(torch.float32), qtype,
+                               importance)
     import gguf.quants
 
     try:
@@ -92,7 +108,7 @@ def plan_for(src: TensorSource, subtype: str | None, options: Options | dict[str
         options = GGUFOptions.from_dict(options, format="gguf")
     view = zimage.as_original(src)
     shapes = {n: _file_shape(n, view.info(n).shape) for n in view.names()}
-    plans = gguf_recipes.plan(shapes, subtype, options.keep, options.quantize)
+    plans = gguf_recipes.plan(shapes, subtype, options.keep, options.quantize, options.min_elements)
     return view, plans
 
 
@@ -102,22 +118,23 @@ def _file_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def metadata_for(src: TensorSource, subtype: str, config: dict[str, Any], plans: list[TensorPlan],
-                 sha256: str | None, options: Options | None = None) -> dict[str, Any]:
+                 sha256: str | None, options: Options | None = None, imatrix=None) -> dict[str, Any]:
     """The GGUF header's key/values; ``zopt.options`` (JSON) records options that differ from the
     defaults and shape the file (a default conversion writes none: its bytes do not depend on them)."""
     from ..._version import __version__
 
-    rec = gguf_recipes.recipe(subtype)
+    auto = (subtype or "").strip().lower() == AUTO
+    rec_name = AUTO if auto else gguf_recipes.recipe(subtype).name
     det = zimage.detect(src)
     changed = options.changed() if options is not None else {}
     meta = {
         "general.architecture": ARCHITECTURE,
         "general.type": "model",
         "general.name": det.variant,
-        "general.file_type": FILE_TYPE[rec.name],
+        "general.file_type": int(LlamaFileType.GUESSED) if auto else FILE_TYPE[rec_name],
         "general.quantization_version": QUANTIZATION_VERSION,
         "zopt.version": __version__,
-        "zopt.recipe": rec.name,
+        "zopt.recipe": rec_name,
         "zopt.source.name": getattr(src, "spec", None) or _source_name(src.path),
         "zopt.source.sha256": sha256 or "",
         "zopt.bits_per_weight": round(gguf_recipes.bits_per_weight(plans), 4),
@@ -128,7 +145,41 @@ def metadata_for(src: TensorSource, subtype: str, config: dict[str, Any], plans:
         meta["zopt.options"] = json.dumps(changed, sort_keys=True)
     if getattr(src, "loras", None):  # merged before quantizing: file, sha256, scale of each
         meta["zopt.loras"] = json.dumps(list(src.loras), sort_keys=True)
+    if imatrix is not None:
+        meta["zopt.imatrix.file"] = imatrix.path.name if imatrix.path else ""
+        meta["zopt.imatrix.sha256"] = imatrix.sha256
+        meta["zopt.imatrix.datasets"] = "; ".join(imatrix.datasets)
+    if auto:
+        # the chosen type of every tensor (every type name is 4 characters: the size is known up front)
+        meta[AUTO_TYPES_KEY] = json.dumps({p.name: p.qtype for p in plans}, sort_keys=True)
     return meta
+
+
+def read_imatrix(options: Options):
+    """The options' importance matrix (:mod:`zopt.formats.imatrix`), or None."""
+    path = getattr(options, "imatrix", None)
+    if not path:
+        return None
+    from .. import imatrix
+
+    return imatrix.read(path)
+
+
+def importance_for(imatrix, plans: list[TensorPlan]) -> dict[str, Any]:
+    """Per quantized tensor, its columns' importance (a float32 torch tensor) where the imatrix has
+    an entry; ZoptError when it has none for any quantized tensor or a length does not match."""
+    import torch
+
+    out = {}
+    for p in plans:
+        if p.qtype in FLOAT_TYPES or imatrix is None:
+            continue
+        imp = imatrix.importance(p.name, p.shape[-1])
+        if imp is not None:
+            out[p.name] = torch.from_numpy(imp)
+    if imatrix is not None and not out:
+        raise ZoptError("the imatrix has no entry for any quantized tensor of this model", imatrix.path)
+    return out
 
 
 def _chunks(t, qtype: str):
@@ -171,16 +222,32 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: GGUFOpti
 
     from . import compile as ggml_compile
 
-    rec = gguf_recipes.recipe(subtype)
+    auto = (subtype or "").strip().lower() == AUTO
+    if not auto and (options.target_bpw is not None or options.target_size is not None):
+        raise ZoptError("--target-bpw / --target-size set the size of gguf:auto; use --to gguf:auto")
+    rec_name = AUTO if auto else gguf_recipes.recipe(subtype).name
     config = zimage.check_shapes(src)
-    view, plans = plan_for(src, rec.name, options)
+    imatrix = read_imatrix(options)
+    # gguf:auto: every Linear weight not kept by --keep is a candidate (the family's sensitive ones
+    # and small ones too: measurement, not a rule, decides whether their bits pay); norms, biases
+    # and pad tokens stay as every recipe stores them
+    view, plans = plan_for(src, rec_name, options) if not auto else plan_for(src, "Q4_K", dataclasses.replace(
+        options, quantize=(*options.quantize, AUTO_CANDIDATES), min_elements=0))
     hash_source = options.hash_source
+    sha_mark = "0" * 64 if hash_source else None
+    meta = metadata_for(src, rec_name, config, plans, sha_mark, options, imatrix)
+    if auto:
+        from .auto import plan_auto
+
+        plans, _ = plan_auto(view, plans, target_bpw=options.target_bpw, target_size=options.target_size,
+                             imatrix=imatrix, metadata_bytes=sum(len(k) + len(str(v)) + 16 for k, v in meta.items()))
+        meta = metadata_for(src, rec_name, config, plans, sha_mark, options, imatrix)
+    importance = importance_for(imatrix, plans)
     digest: dict[str, str] = {}
     hasher = None
     if hash_source:
         hasher = threading.Thread(target=lambda: digest.setdefault("sha", src.sha256()), daemon=True)
         hasher.start()
-    meta = metadata_for(src, rec.name, config, plans, "0" * 64 if hash_source else None, options)
     entries = [(p.name, p.shape, p.qtype) for p in plans]
     total = sum(view.info(p.name).nbytes for p in plans)
     quantized = sum(math.prod(p.shape) for p in plans if p.qtype not in FLOAT_TYPES)
@@ -204,7 +271,7 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: GGUFOpti
             if not t.is_floating_point():
                 raise ZoptError(f"tensor {p.name} is not floating point ({t.dtype})", src.path)
             for rows in _chunks(t, p.qtype):
-                yield i, pool.submit(_quantize_job, rows, p.qtype)
+                yield i, pool.submit(_quantize_job, rows, p.qtype, importance.get(p.name))
             del t
 
     threads = torch.get_num_threads()
@@ -212,7 +279,7 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: GGUFOpti
     try:
         with ggml_compile.compiled(bool(want_compile)), torch.inference_mode(), atomic_path(out) as tmp, \
                 StreamingGGUFWriter(tmp, entries, meta) as w, \
-                progress_bar(total, f"gguf:{rec.name}", unit="B", enabled=progress) as bar, \
+                progress_bar(total, f"gguf:{rec_name}", unit="B", enabled=progress) as bar, \
                 ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(workers) as pool:
             if ggml_compile.enabled():
                 _warm_up({p.qtype for p in plans})
@@ -233,7 +300,7 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: GGUFOpti
 
             for i, p in enumerate(plans):
                 w.write(p.name, pieces(i))
-                bar.describe(f"gguf:{rec.name} {i + 1}/{len(plans)} tensors")
+                bar.describe(f"gguf:{rec_name} {i + 1}/{len(plans)} tensors")
                 bar.advance(view.info(p.name).nbytes)
             if hasher is not None:
                 hasher.join()
@@ -243,16 +310,17 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: GGUFOpti
     return out
 
 
-def _quantize_job(rows, qtype: str):
+def _quantize_job(rows, qtype: str, importance=None):
     import torch
 
     with torch.inference_mode():
-        return quantize_rows(rows, qtype)
+        return quantize_rows(rows, qtype, importance)
 
 
 def list_types() -> list[tuple[str, float, str]]:
     """(subtype, effective bits per weight on the full-size layout, summary) for every recipe."""
-    return gguf_recipes.list_types()
+    return [*gguf_recipes.list_types(),
+            (AUTO, 0.0, "per-tensor types for --target-bpw / --target-size from measured sensitivity")]
 
 
 def load(path: Path, device: str, backend: str, dtype: Any = None, **kw: Any):

@@ -178,14 +178,17 @@ def _block_choice(where: str, name: str, n_layers: int) -> bool:
     return more_bits_block(i, n_layers) if where == "more_bits" else edge_block(i, n_layers)
 
 
-def too_small(shape: tuple[int, ...]) -> str | None:
+def too_small(shape: tuple[int, ...], min_elements: int = SMALL_NUMEL) -> str | None:
     """GGUF's say to the policy: a tensor this small is kept (quantizing it saves nothing)."""
-    return "small tensor: quantizing saves nothing" if _numel(shape) < SMALL_NUMEL else None
+    return "small tensor: quantizing saves nothing" if _numel(shape) < min_elements else None
 
 
-def policy_for(keep: Iterable[str] = (), quantize: Iterable[str] = ()) -> Policy:
-    """The tensor policy of a GGUF conversion with these ``--keep`` / ``--quantize`` patterns."""
-    return Policy(tuple(keep), tuple(quantize), too_small)
+def policy_for(keep: Iterable[str] = (), quantize: Iterable[str] = (), min_elements: int = SMALL_NUMEL) -> Policy:
+    """The tensor policy of a GGUF conversion with these ``--keep`` / ``--quantize`` patterns;
+    tensors under ``min_elements`` elements are kept."""
+    if min_elements == SMALL_NUMEL:
+        return Policy(tuple(keep), tuple(quantize), too_small)
+    return Policy(tuple(keep), tuple(quantize), lambda shape: too_small(shape, min_elements))
 
 
 def choose(name: str, shape: tuple[int, ...], rec: Recipe, n_layers: int,
@@ -215,12 +218,12 @@ def storage_type(name: str, shape: tuple[int, ...], dec: Decision, rec: Recipe, 
 
 
 def plan(shapes: dict[str, tuple[int, ...]], subtype: str | None, keep: Iterable[str] = (),
-         quantize: Iterable[str] = ()) -> list[TensorPlan]:
+         quantize: Iterable[str] = (), min_elements: int = SMALL_NUMEL) -> list[TensorPlan]:
     """One :class:`TensorPlan` per tensor of ``shapes`` (original-layout names, file order)."""
     rec = recipe(subtype)
     layers = [b[1] for n in shapes if (b := zimage.block_index(n)) and b[0] == "layers"]
     n_layers = max(layers) + 1 if layers else 1
-    policy = policy_for(keep, quantize)
+    policy = policy_for(keep, quantize, min_elements)
     out = []
     for n, s in shapes.items():
         qtype, why = storage_type(n, tuple(s), policy.decide(n, tuple(s)), rec, n_layers)

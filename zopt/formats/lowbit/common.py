@@ -156,6 +156,10 @@ class Scheme(ABC):
     def module(self, parts: dict[str, Any], shape: tuple[int, int], backend: str):
         """Stored tensors (by stored name) -> a Linear module running kernel ``backend``."""
 
+    def quantize_named(self, name: str, w) -> list:
+        """:meth:`quantize` for the weight called ``name`` (schemes with per-tensor data override it)."""
+        return self.quantize(w)
+
     def extra_config(self) -> dict[str, Any]:
         """Keys added to the artifact's config.json (e.g. diffusers' ``quantization_config``)."""
         return {}
@@ -233,7 +237,7 @@ def convert_lowbit(src: TensorSource, out: Path, scheme: Scheme, subtype: str | 
             for n in names:
                 t, dec = d.get(n), decisions[n]
                 if dec.quantize:
-                    for (pname, _, _), q in zip(layout[n], scheme.quantize(t.float()), strict=True):
+                    for (pname, _, _), q in zip(layout[n], scheme.quantize_named(n, t.float()), strict=True):
                         w.write(pname, q)
                 else:
                     w.write(n, t.to(torch.float32 if dec.storage == "F32" else torch.bfloat16))

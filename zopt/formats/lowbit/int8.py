@@ -11,11 +11,16 @@ Kernels:
   ``int-mm-cuda`` multiplies with ``torch._int_mm`` (INT32 accumulation) on CUDA, ``int-mm-cpu``
   does the same on CPU (measured faster than dequant + matmul here, see docs/lowbit.md), and
   ``torch-dequant`` simulates the same quantized numerics with float matmuls anywhere.
+
+``int8_w8a8`` with ``--imatrix FILE`` (``zopt calibrate``) applies SmoothQuant: per input channel
+``s_j = max|x_j|^a / max_i |W_ij|^(1-a)`` (``smooth_alpha`` a, default 0.5) moves activation
+outliers into the weight, which is stored as ``W diag(s)``, and ``<name>.weight_smooth`` (F32,
+``(in,)``) holds ``1/s``, multiplied into the activations before their per-token quantization.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +31,11 @@ from . import common as C
 
 @dataclass(frozen=True)
 class Int8Options(Options):
-    """int8 / int8_w8a8: only the shared options (the storage has no knobs)."""
+    """int8 / int8_w8a8; ``imatrix`` (int8_w8a8 only) turns on SmoothQuant smoothing (recorded in the
+    manifest's scheme, with the file's sha256)."""
+
+    imatrix: str | None = field(default=None, metadata={"record": False})
+    smooth_alpha: float = field(default=0.5, metadata={"record": False})
 
 
 def quantize_int8(w):
@@ -57,31 +66,38 @@ def _int8_linear_class():
             return F.linear(x, m.weight.to(x.dtype) * m.weight_scale.to(x.dtype)[:, None])
         return F.linear(x, m.weight.to(x.dtype)) * m.weight_scale.to(x.dtype)
 
+    def smoothed(m, x):
+        return x if m.weight_smooth is None else x * m.weight_smooth.to(x.dtype)
+
     def w8a8_sim_kernel(m, x):
         # same quantized operands as the integer kernels; float32 accumulation
-        xq, sx = quantize_tokens(x)
+        xq, sx = quantize_tokens(smoothed(m, x))
         y = F.linear(xq.float(), m.weight.float())
         return (y * sx * m.weight_scale).to(x.dtype)
 
     def int_mm_kernel(m, x):
         from . import int_mm
 
-        return int_mm.linear(x, m.weight, m.weight_scale)
+        return int_mm.linear(smoothed(m, x), m.weight, m.weight_scale)
 
     class Int8Linear(Base):
         KERNELS = {"torch-dequant": dequant_kernel, "torch-dequant-w8a8": w8a8_sim_kernel,
                    "int-mm-cuda": int_mm_kernel, "int-mm-cpu": int_mm_kernel}
 
-        def __init__(self, q, scale, backend: str):
+        def __init__(self, q, scale, backend: str, smooth=None):
             super().__init__(q.shape[1], q.shape[0], backend)
             self.register_buffer("weight", q.contiguous())
             self.register_buffer("weight_scale", scale.float().reshape(-1))
+            self.register_buffer("weight_smooth", None if smooth is None else smooth.float().reshape(-1))
             # torch._int_mm needs K and N divisible by 8
             if backend.startswith("int-mm") and (q.shape[0] % 8 or q.shape[1] % 8):
                 self.backend = "torch-dequant-w8a8"
 
         def dequantize(self, dtype=None):
-            return (self.weight.float() * self.weight_scale[:, None]).to(dtype or torch.float32)
+            w = self.weight.float() * self.weight_scale[:, None]
+            if self.weight_smooth is not None:
+                w = w * self.weight_smooth[None, :]
+            return w.to(dtype or torch.float32)
 
     return Int8Linear
 
@@ -89,10 +105,22 @@ def _int8_linear_class():
 _CLS = None
 
 
-def int8_linear(q, scale, backend: str = "torch-dequant"):
+def int8_linear(q, scale, backend: str = "torch-dequant", smooth=None):
     global _CLS
     _CLS = _CLS or _int8_linear_class()
-    return _CLS(q, scale, backend)
+    return _CLS(q, scale, backend, smooth)
+
+
+def smoothing(act_absmax, w, alpha: float):
+    """SmoothQuant's per-input-channel factors ``s`` for weight ``w`` (out, in) whose inputs reach
+    ``act_absmax`` (in,): ``max|x|^alpha / max|W|^(1-alpha)``, 1 where either is zero."""
+    import torch
+
+    a = torch.tensor(act_absmax, dtype=torch.float32)
+    wmax = w.float().abs().amax(0)
+    s = a.clamp_min(1e-8).pow(alpha) / wmax.clamp_min(1e-8).pow(1 - alpha)
+    ok = (a > 0) & (wmax > 0) & torch.isfinite(s)
+    return torch.where(ok, s.clamp(1e-4, 1e4), torch.ones_like(s))
 
 
 def as_int8(module):
@@ -115,17 +143,26 @@ def as_int8(module):
 class Int8Scheme(C.Scheme):
     storage = "I8"
 
-    def __init__(self, fmt: str = "int8"):
+    def __init__(self, fmt: str = "int8", imatrix=None, alpha: float = 0.5):
         self.format = fmt
+        self.imatrix = imatrix  # SmoothQuant statistics (int8_w8a8), or None
+        self.alpha = alpha
 
     def describe(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"weights": "symmetric per-output-channel, codes [-127, 127], F32 scales"}
         if self.format == "int8_w8a8":
             opts["activations"] = "dynamic per-token symmetric INT8"
+        if self.imatrix is not None:
+            opts["smoothing"] = {"method": "SmoothQuant", "alpha": self.alpha, "imatrix_sha256": self.imatrix.sha256,
+                                 "imatrix_datasets": list(self.imatrix.datasets)}
         return opts
 
+    def _smoothed(self, name) -> bool:
+        return self.imatrix is not None and self.imatrix.absmax(name) is not None
+
     def parts(self, name, shape):
-        return [(name, "I8", tuple(shape)), (name + "_scale", "F32", (shape[0],))]
+        out = [(name, "I8", tuple(shape)), (name + "_scale", "F32", (shape[0],))]
+        return out + [(name + "_smooth", "F32", (shape[1],))] if self._smoothed(name) else out
 
     def quantize(self, w):
         return C.quantize_rows(quantize_int8, w)
@@ -133,17 +170,40 @@ class Int8Scheme(C.Scheme):
     def module_int8(self, parts, shape):
         return self.module(parts, shape, C.INT8_CPU)  # already per-row INT8 codes
 
+    def quantize_named(self, name, w):
+        if not self._smoothed(name):
+            return self.quantize(w)
+        am = self.imatrix.absmax(name)
+        if am.shape[0] != w.shape[1]:
+            from ...errors import ZoptError
+
+            raise ZoptError(f"imatrix entry {name} has {am.shape[0]} channels, the weight has {w.shape[1]}",
+                            self.imatrix.path)
+        s = smoothing(am, w, self.alpha)
+        return [*self.quantize(w * s[None, :]), 1.0 / s]
+
     def module(self, parts, shape, backend):
-        q = next(v for k, v in parts.items() if not k.endswith("_scale"))
+        q = next(v for k, v in parts.items() if not k.endswith(("_scale", "_smooth")))
         s = next(v for k, v in parts.items() if k.endswith("_scale"))
+        smooth = next((v for k, v in parts.items() if k.endswith("_smooth")), None)
         if self.format == "int8_w8a8" and backend == "torch-dequant":
             backend = "torch-dequant-w8a8"
-        return int8_linear(q, s, backend)
+        return int8_linear(q, s, backend, smooth)
 
 
 def convert(src: TensorSource, out: Path, subtype: str | None, options: Int8Options, progress: bool, *,
             format: str = "int8") -> Path:
-    return C.convert_lowbit(src, out, Int8Scheme(format), subtype, options, progress)
+    im = None
+    if options.imatrix:
+        from ...errors import ZoptError
+        from .. import imatrix
+
+        if format != "int8_w8a8":
+            raise ZoptError("--imatrix smooths activations for int8_w8a8; int8 (weight-only) has no use for it")
+        if not 0.0 <= options.smooth_alpha <= 1.0:
+            raise ZoptError(f"smooth_alpha={options.smooth_alpha} is outside 0..1")
+        im = imatrix.read(options.imatrix)
+    return C.convert_lowbit(src, out, Int8Scheme(format, im, options.smooth_alpha), subtype, options, progress)
 
 
 def load(path: Path, device: str, backend: str, dtype: Any = None):

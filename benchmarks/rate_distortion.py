@@ -1,0 +1,280 @@
+"""Rate-distortion of zopt's GGUF files: size, bits per weight and output error, per type and budget.
+
+On one source and one set of inputs, converts the source to every requested ``gguf:TYPE`` (uniform
+types and recipes), to ``gguf:auto`` at each ``--auto`` budget (bits per parameter, whole file),
+each with and without ``--imatrix``; loads each file with zopt's exact ``torch-dequant`` backend in
+float32 and measures the relative output error ``||out - ref|| / ||ref||`` of the transformer
+against the source in float32, summed over fixed inputs at two timesteps. With ``--adherence N``
+(the micro model) it also generates N held-out shapes prompts through the pipeline and scores
+prompt adherence. stable-diffusion.cpp's converter joins as a peer when
+``stable_diffusion_cpp`` imports (``--peer``). Prints a markdown table, writes ``--json`` and a
+``--plot`` (error against bits per weight).
+
+Usage::
+
+    python benchmarks/rate_distortion.py SOURCE [--imatrix FILE] [--types Q4_K,Q3_K]
+        [--auto 2.5,3.5,4.5] [--option min_elements=0] [--quantize .] [--adherence 24]
+        [--json out.json] [--plot out.png] [--work DIR]
+
+``SOURCE``: a checkpoint (``zopt synth --size medium -o medium.safetensors``) or ``micro``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M", "Q5_0", "Q5_1",
+                 "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
+DEFAULT_AUTO = (2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.5, 8.5)
+
+
+def make_inputs(config: dict, latent: int = 16, cap_tokens: int = 32, seed: int = 1234):
+    """Fixed transformer inputs: seeded latents and caption features at timesteps 0.3 and 0.7."""
+    g = torch.Generator().manual_seed(seed)
+    x = [torch.randn(config["in_channels"], 1, latent, latent, generator=g)]
+    cap = [torch.randn(cap_tokens, config["cap_feat_dim"], generator=g)]
+    return [(x, torch.tensor([t]), cap) for t in (0.3, 0.7)]
+
+
+def outputs(model, inputs) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        return [model(x, t, cap, return_dict=False)[0][0].float() for x, t, cap in inputs]
+
+
+def rel_err(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
+    num = sum(float((o - r).square().sum()) for o, r in zip(outs, refs, strict=True))
+    den = sum(float(r.square().sum()) for r in refs)
+    return math.sqrt(num / den)
+
+
+def adherence(source: str, model, n: int) -> float | None:
+    """Mean prompt adherence of ``n`` held-out shapes prompts generated with ``model`` (micro only)."""
+    from zopt.families.zimage.micro.adherence import held_out_prompts, prompt_adherence
+    from zopt.runtime.pipeline import GenerateRequest, build_pipeline, run
+
+    prompts = held_out_prompts(n)
+    pipe = build_pipeline(source, device="cpu", dtype=torch.float32, transformer=model)
+    with tempfile.TemporaryDirectory() as tmp:
+        res = run(pipe, GenerateRequest(prompts=prompts, seeds=[0], steps=8, height=64, width=64), tmp)
+        from PIL import Image
+
+        images = [Image.open(r.path).convert("RGB") for r in res]
+        acc = prompt_adherence(images, prompts)
+    return None if acc is None else acc["mean"]
+
+
+def measure(source, spec: str, options: dict, path: Path, refs, inputs, params: int, adh: int, label: str) -> dict:
+    from zopt.formats import convert, load
+
+    t0 = time.perf_counter()
+    convert(source, spec, path, options={"hash_source": False, **options}, progress=False, force=True)
+    conv_s = time.perf_counter() - t0
+    model = load(path, device="cpu", dtype=torch.float32, backend="torch-dequant")
+    err = rel_err(outputs(model, inputs), refs)
+    size = path.stat().st_size
+    row = {"label": label, "spec": spec, "file": str(path), "imatrix": bool(options.get("imatrix")), "bytes": size,
+           "bpw": round(8 * size / params, 4), "rel_error": round(err, 6), "convert_s": round(conv_s, 1)}
+    if adh:
+        row["adherence"] = adherence(str(source), model, adh)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def peer_points(source, types, refs, inputs, params: int, work: Path) -> list[dict]:
+    """stable-diffusion.cpp's converter (stable-diffusion-cpp-python) at each type, loaded by zopt."""
+    try:
+        import stable_diffusion_cpp  # noqa: F401
+    except ImportError:
+        print("stable-diffusion-cpp-python is not installed: no peer points")
+        return []
+    from stable_diffusion_cpp import stable_diffusion_cpp as sd
+
+    from zopt.formats import load
+
+    rows = []
+    for t in types:
+        if t not in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"):
+            continue
+        out = work / f"sdcpp-{t}.gguf"
+        # the C API: convert(input, vae, output, sd_type_t, tensor_type_rules, convert_name)
+        ok = sd.convert(str(source).encode(), b"", str(out).encode(), int(getattr(sd.GGMLType, f"SD_TYPE_{t}")),
+                        b"", False)
+        if not ok or not out.exists():
+            continue
+        model = load(out, device="cpu", dtype=torch.float32, backend="torch-dequant")
+        size = out.stat().st_size
+        row = {"label": f"sd.cpp {t}", "spec": f"sdcpp:{t}", "imatrix": False, "bytes": size,
+               "bpw": round(8 * size / params, 4), "rel_error": round(rel_err(outputs(model, inputs), refs), 6)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def predict(source, rows: list[dict], imatrix_path: str | None) -> list[tuple[float, float]]:
+    """gguf:auto's predicted error (summed importance-weighted squared error of every tensor at the
+    type the file stores it in) for each row's file, against its measured output error; prints
+    both and their Spearman rank correlation. Uses ``imatrix_path`` for the weights when given."""
+    import gguf
+
+    from zopt import checkpoint
+    from zopt.families import zimage
+    from zopt.formats.gguf.auto import measure
+    from zopt.formats.imatrix import read
+
+    view = zimage.as_original(checkpoint.open(source))
+    im = read(imatrix_path) if imatrix_path else None
+    types: dict[str, set[str]] = {}
+    files = {}
+    for r in rows:
+        tensors = {t.name: t.tensor_type.name for t in gguf.GGUFReader(r["file"]).tensors}
+        files[r["label"]] = tensors
+        for n, t in tensors.items():
+            if t not in ("F32",) and len(view.info(n).shape) == 2:
+                types.setdefault(n, set()).add(t)
+    torch.set_num_threads(1)
+    errs = {}
+    for n, ts in types.items():
+        w = view.get(n)
+        imp = im.importance(n, w.shape[-1]) if im is not None else None
+        errs[n] = measure(n, w, imp, tuple(sorted(ts))).errors
+    pairs = []
+    print("| point | predicted (sum of weighted sq. errors) | measured rel. output error |")
+    print("|---|---:|---:|")
+    for r in sorted(rows, key=lambda r: r["bpw"]):
+        pred = sum(errs[n][t] for n, t in files[r["label"]].items() if n in errs)
+        pairs.append((pred, r["rel_error"]))
+        print(f"| {r['label']} | {pred:.4g} | {r['rel_error']:.4f} |")
+    rank = lambda v: {x: i for i, x in enumerate(sorted(v))}  # noqa: E731
+    rp, rm = rank([p for p, _ in pairs]), rank([m for _, m in pairs])
+    n = len(pairs)
+    d2 = sum((rp[p] - rm[m]) ** 2 for p, m in pairs)
+    print(f"Spearman rank correlation, predicted vs measured: {1 - 6 * d2 / (n * (n * n - 1)):.3f} over {n} files")
+    return pairs
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    groups = {}
+    for r in rows:
+        kind = "auto" if r["spec"] == "gguf:auto" else ("sd.cpp" if r["spec"].startswith("sdcpp") else "type")
+        groups.setdefault((kind, r["imatrix"]), []).append(r)
+    for (kind, imat), rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["bpw"])
+        style = "-o" if kind == "auto" else ("s" if kind == "sd.cpp" else "x")
+        ax.plot([r["bpw"] for r in rs], [r["rel_error"] for r in rs], style,
+                label=f"{kind}{' + imatrix' if imat else ''}")
+        if kind == "type":
+            for r in rs:
+                ax.annotate(r["spec"].split(":")[1], (r["bpw"], r["rel_error"]), fontsize=6)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per parameter (whole file)")
+    ax.set_ylabel("relative output error")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("source")
+    ap.add_argument("--imatrix", default=None, help="also convert every point with this importance matrix")
+    ap.add_argument("--types", default=",".join(DEFAULT_TYPES), help="comma-separated gguf types/recipes ('' for none)")
+    ap.add_argument("--auto", default=",".join(map(str, DEFAULT_AUTO)), help="gguf:auto budgets in bits per weight")
+    ap.add_argument("--no-plain", action="store_true", help="only the imatrix points")
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="gguf option for every point")
+    ap.add_argument("--quantize", action="append", default=[], help="--quantize pattern for every point")
+    ap.add_argument("--adherence", type=int, default=0, help="held-out prompts to score (micro model)")
+    ap.add_argument("--peer", action="store_true", help="add stable-diffusion.cpp's converter when installed")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None)
+    ap.add_argument("--work", default=None)
+    ap.add_argument("--predict", nargs="+", metavar="JSON", help="instead of measuring: compare gguf:auto's "
+                    "predicted error with the measured error of the files listed in these --json outputs")
+    args = ap.parse_args()
+    if args.predict:
+        from zopt.families import resolve_source
+
+        rows = []
+        for j in args.predict:
+            for r in json.loads(Path(j).read_text())["rows"]:
+                # rows without a path: the file name the measuring run gave it, in --work
+                r.setdefault("file", str(Path(args.work or ".") / (r["label"].replace("auto ", "auto-") + ".gguf")))
+                rows.append(r)
+        predict(resolve_source(args.source), rows, args.imatrix)
+        return
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    from zopt import checkpoint
+    from zopt.families import resolve_source, zimage
+    from zopt.formats.plain import load_source
+
+    source = resolve_source(args.source)
+    src = checkpoint.open(source)
+    params = sum(math.prod(src.info(n).shape) for n in src.names())
+    ref_path = Path(source) / "transformer" if (Path(source) / "transformer").is_dir() else Path(source)
+    ref_model = load_source(ref_path, dtype=torch.float32)
+    inputs = make_inputs(dict(ref_model.config))
+    refs = outputs(ref_model, inputs)
+    base = {"ref_bytes": sum(src.info(n).nbytes for n in src.names()), "params": params,
+            "config": {k: v for k, v in zimage.infer_config(src).items() if not k.startswith("_")}}
+    if args.adherence:
+        base["ref_adherence"] = adherence(str(source), ref_model, args.adherence)
+    print(json.dumps(base), flush=True)
+    del ref_model
+    work = Path(args.work or tempfile.mkdtemp(prefix="zopt-rd-"))
+    work.mkdir(parents=True, exist_ok=True)
+    opts: dict = {}
+    for kv in args.option:
+        k, _, v = kv.partition("=")
+        opts[k] = v
+    if args.quantize:
+        opts["quantize"] = args.quantize
+    variants = ([] if args.no_plain else [("", {})]) + ([("+imat", {"imatrix": args.imatrix})] if args.imatrix else [])
+    rows = []
+    types = [t for t in args.types.split(",") if t]
+    budgets = [float(b) for b in args.auto.split(",") if b]
+    for tag, extra in variants:
+        for t in types:
+            rows.append(measure(source, f"gguf:{t}", {**opts, **extra}, work / f"{t}{tag}.gguf", refs, inputs,
+                                params, args.adherence, f"{t}{tag}"))
+        for b in budgets:
+            try:
+                rows.append(measure(source, "gguf:auto", {**opts, **extra, "target_bpw": b},
+                                    work / f"auto-{b}{tag}.gguf", refs, inputs, params, args.adherence,
+                                    f"auto {b}{tag}"))
+            except Exception as e:  # a budget below the float tensors' share cannot be met
+                print(f"auto {b}{tag}: {e}")
+    if args.peer:
+        rows += peer_points(source, types, refs, inputs, params, work)
+    print()
+    print(f"source {args.source}: {params:,} parameters, BF16 {base['ref_bytes'] / 1e6:.1f} MB")
+    print("| point | MB | bits/param | rel. output error |" + (" adherence |" if args.adherence else ""))
+    print("|---|---:|---:|---:|" + ("---:|" if args.adherence else ""))
+    for r in sorted(rows, key=lambda r: r["bpw"]):
+        line = f"| {r['label']} | {r['bytes'] / 1e6:.2f} | {r['bpw']:.3f} | {r['rel_error']:.4f} |"
+        if args.adherence:
+            line += f" {r.get('adherence')} |"
+        print(line)
+    if args.json:
+        Path(args.json).write_text(json.dumps({**base, "rows": rows}, indent=1) + "\n")
+    if args.plot:
+        plot(rows, Path(args.plot), f"{args.source}: rate-distortion")
+
+
+if __name__ == "__main__":
+    main()
