@@ -153,6 +153,16 @@ def _umask() -> int:
     return mask
 
 
+def publish_cached(tmp: str | os.PathLike, target: str | os.PathLike, marker: str) -> None:
+    """Rename a finished cache folder ``tmp`` to ``target``; if another process published the same
+    folder first (``target/marker`` exists), keep theirs: the caller removes ``tmp``."""
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if not (Path(target) / marker).exists():
+            raise
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 16 << 20) -> str:
     """Hex sha256 of a file, read in chunks (constant memory)."""
     from .validate import open_regular

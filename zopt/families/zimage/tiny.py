@@ -71,7 +71,7 @@ def tiny_pipeline_dir(root: str | os.PathLike | None = None) -> Path:
     import shutil
     import tempfile
 
-    from ..._io import TMP_TAG, remove_stale
+    from ..._io import TMP_TAG, publish_cached, remove_stale
     from ...progress import note
 
     note(f"building the embedded tiny pipeline (first use only, a few seconds) in {target}")
@@ -81,11 +81,7 @@ def tiny_pipeline_dir(root: str | os.PathLike | None = None) -> Path:
     try:
         build_tiny_pipeline(TINY_SEED).save_pretrained(tmp, safe_serialization=True)
         (tmp / "zopt.json").write_text(json.dumps({"kind": "tiny", "seed": TINY_SEED, "version": TINY_VERSION}))
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "model_index.json").exists():  # not just another process winning the race
-                raise
+        publish_cached(tmp, target, "model_index.json")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -82,7 +82,7 @@ def base_pipeline_dir(turbo_dir: str | os.PathLike) -> Path:
     import shutil
     import tempfile
 
-    from ..._io import TMP_TAG, remove_stale
+    from ..._io import TMP_TAG, publish_cached, remove_stale
 
     src = Path(turbo_dir)
     target = src.parent / f"{src.name}-base"
@@ -102,11 +102,7 @@ def base_pipeline_dir(turbo_dir: str | os.PathLike) -> Path:
         meta = _read_json(src / "zopt.json")
         (tmp / "zopt.json").unlink(missing_ok=True)  # a hard link: never write through it
         (tmp / "zopt.json").write_text(json.dumps({**meta, "variant": BASE, "from": src.name}))
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "model_index.json").exists():  # not just another process winning the race
-                raise
+        publish_cached(tmp, target, "model_index.json")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
