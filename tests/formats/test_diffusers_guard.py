@@ -12,7 +12,8 @@ from tests.lowbit_helpers import artifact, output
 pytest.importorskip("diffusers")
 
 # every folder layout whose weights diffusers cannot read as they are stored
-ZOPT_ONLY = [("fp8", {}), ("fp8", {"layout": "comfy"}), ("int8", {}), ("int8_w8a8", {}), ("int4", {})]
+ZOPT_ONLY = [("fp8", {}), ("fp8", {"layout": "comfy"}), ("int8", {}), ("int8_w8a8", {}), ("int4", {}),
+             ("int4:r16", {}), ("nf4:r16", {})]  # a low-rank branch diffusers would drop
 
 
 @pytest.fixture(scope="module")
