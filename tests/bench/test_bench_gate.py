@@ -230,7 +230,7 @@ def test_recorded_rounds_on_this_machine():
 
     streams = gate_noise.load_rounds(Path(__file__).parent / "data" / "gate_noise.json")
     rounds = [r for s in streams for r in s]
-    assert len(rounds) >= 16 and all(len(r["A"]["metrics"]["latency"]["step_cpu_ms"]["samples"]) >= 16
+    assert len(rounds) >= 20 and all(len(r["A"]["metrics"]["latency"]["step_cpu_ms"]["samples"]) >= 16
                                     for r in rounds)
     assert all(rec["settings"]["threads"] == 1 for r in rounds for rec in r.values())
     limits = G.parse_limits("cpu_latency=10%")
