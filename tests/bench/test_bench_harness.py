@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -47,6 +48,28 @@ def test_cache_key_tracks_source_spec_and_options():
     others = {H.cached_artifact_path("bb" * 32, "bf16", {}), H.cached_artifact_path("aa" * 32, "fp16", {}),
               H.cached_artifact_path("aa" * 32, "bf16", {"hash_source": False})}
     assert a not in others and len(others) == 3
+
+
+def test_cache_key_tracks_the_converting_code(tmp_path, monkeypatch):
+    """A changed writer between releases must not reuse an artifact the new loader refuses."""
+    import shutil
+
+    import zopt
+
+    pkg = tmp_path / "zopt"
+    shutil.copytree(Path(zopt.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__", "*.safetensors"))
+    fake = pkg / "bench" / "harness.py"
+    monkeypatch.setattr(H, "__file__", str(fake))
+    H.code_fingerprint.cache_clear()
+    try:
+        same = H.code_fingerprint()
+        assert same == H.code_fingerprint()
+        (pkg / "formats" / "gguf" / "writer.py").write_text((pkg / "formats" / "gguf" / "writer.py").read_text() + "\n# x\n")
+        H.code_fingerprint.cache_clear()
+        assert H.code_fingerprint() != same
+    finally:
+        monkeypatch.undo()
+        H.code_fingerprint.cache_clear()
 
 
 @pytest.mark.parametrize("code, status, words", [

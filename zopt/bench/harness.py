@@ -8,6 +8,7 @@ record with a status and a message, and the sweep moves on.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -206,11 +207,23 @@ def runtime_rows(rows: list[Planned], offload: list[str], attention: list[str], 
 
 
 def cache_key(source_sha: str, spec: str, options: dict[str, Any]) -> str:
+    """The cached conversion's key: source, spec, options and the code that converts (the version
+    alone misses a changed writer between releases, and a stale artifact then fails to load)."""
     from .._version import __version__
 
-    blob = json.dumps({"source": source_sha, "spec": spec, "options": options, "zopt": __version__},
-                      sort_keys=True, default=str)
+    blob = json.dumps({"source": source_sha, "spec": spec, "options": options, "zopt": __version__,
+                       "code": code_fingerprint()}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """sha256 of the installed zopt package's Python sources (a few ms)."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
 
 
 def cached_artifact_path(source_sha: str, spec: str, options: dict[str, Any]) -> Path:
