@@ -153,14 +153,28 @@ def _umask() -> int:
     return mask
 
 
-def publish_cached(tmp: str | os.PathLike, target: str | os.PathLike, marker: str) -> None:
-    """Rename a finished cache folder ``tmp`` to ``target``; if another process published the same
-    folder first (``target/marker`` exists), keep theirs: the caller removes ``tmp``."""
+def build_cached(target: str | os.PathLike, build, marker: str = "model_index.json") -> Path:
+    """The cache folder ``target``, made on first use: ``build(tmp)`` fills a temporary sibling that
+    is then renamed into place (a killed build leaves nothing ``target`` could be mistaken for). If
+    another process published the same folder first (``target/marker`` exists), theirs is kept."""
+    import tempfile
+
+    target = Path(target)
+    if (target / marker).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=TMP_TAG, dir=target.parent))
     try:
-        os.rename(tmp, target)
-    except OSError:
-        if not (Path(target) / marker).exists():
-            raise
+        build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / marker).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 16 << 20) -> str:

@@ -64,27 +64,19 @@ SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0, "
 
 def tiny_pipeline_dir(root: str | os.PathLike | None = None) -> Path:
     """Folder of the embedded tiny pipeline, building it on first use (deterministic from TINY_SEED)."""
+    from ..._io import build_cached
+
     root = Path(root) if root else cache_dir() / "models"
     target = root / f"tiny-zimage-v{TINY_VERSION}-{TINY_SEED}"
-    if (target / "model_index.json").exists():
-        return target
-    import shutil
-    import tempfile
 
-    from ..._io import TMP_TAG, publish_cached, remove_stale
-    from ...progress import note
+    def build(tmp: Path) -> None:
+        from ...progress import note
 
-    note(f"building the embedded tiny pipeline (first use only, a few seconds) in {target}")
-    root.mkdir(parents=True, exist_ok=True)
-    remove_stale(target)  # what a killed build left behind
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=TMP_TAG, dir=root))
-    try:
+        note(f"building the embedded tiny pipeline (first use only, a few seconds) in {target}")
         build_tiny_pipeline(TINY_SEED).save_pretrained(tmp, safe_serialization=True)
         (tmp / "zopt.json").write_text(json.dumps({"kind": "tiny", "seed": TINY_SEED, "version": TINY_VERSION}))
-        publish_cached(tmp, target, "model_index.json")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return build_cached(target, build)
 
 
 def _seeded_init(module, seed: int) -> None:

@@ -80,16 +80,10 @@ def base_pipeline_dir(turbo_dir: str | os.PathLike) -> Path:
     Base preset: guidance 4 with a negative prompt, 28 steps.
     """
     import shutil
-    import tempfile
 
-    from ..._io import TMP_TAG, publish_cached, remove_stale
+    from ..._io import build_cached
 
     src = Path(turbo_dir)
-    target = src.parent / f"{src.name}-base"
-    if (target / "model_index.json").exists():
-        return target
-    remove_stale(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=TMP_TAG, dir=src.parent))
 
     def link_or_copy(a: str, b: str) -> None:
         try:
@@ -97,12 +91,10 @@ def base_pipeline_dir(turbo_dir: str | os.PathLike) -> Path:
         except OSError:
             shutil.copy2(a, b)
 
-    try:
+    def build(tmp: Path) -> None:
         shutil.copytree(src, tmp, dirs_exist_ok=True, copy_function=link_or_copy)
         meta = _read_json(src / "zopt.json")
         (tmp / "zopt.json").unlink(missing_ok=True)  # a hard link: never write through it
         (tmp / "zopt.json").write_text(json.dumps({**meta, "variant": BASE, "from": src.name}))
-        publish_cached(tmp, target, "model_index.json")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return build_cached(src.parent / f"{src.name}-base", build)

@@ -146,32 +146,20 @@ def micro_pipeline_dir(root: str | os.PathLike | None = None) -> Path:
     """Folder of the trained micro Z-Image pipeline (source name ``micro``), built on first use from
     the weights shipped in the package (``families/zimage/micro/weights``)."""
     import hashlib
-    import shutil
-    import tempfile
 
-    from ...._io import TMP_TAG, cache_dir, remove_stale
+    from ...._io import build_cached, cache_dir
 
     digest = hashlib.sha256()
     for name in ("micro.json", "transformer.safetensors", "vae.safetensors"):
         digest.update((WEIGHTS_DIR / name).read_bytes())
     root = Path(root) if root else cache_dir() / "models"
     target = root / f"micro-zimage-{digest.hexdigest()[:12]}"
-    if (target / "model_index.json").exists():
-        return target
-    from ....progress import note
 
-    note(f"building the embedded micro pipeline from its shipped weights (first use only) in {target}")
-    root.mkdir(parents=True, exist_ok=True)
-    remove_stale(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=TMP_TAG, dir=root))
-    try:
+    def build(tmp: Path) -> None:
+        from ....progress import note
+
+        note(f"building the embedded micro pipeline from its shipped weights (first use only) in {target}")
         build_micro_pipeline().save_pretrained(tmp, safe_serialization=True)
         (tmp / "zopt.json").write_text(json.dumps({"kind": "micro", "sha256": digest.hexdigest()}))
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "model_index.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return build_cached(target, build)
