@@ -93,8 +93,9 @@ def read_prompts_file(path: str) -> tuple[list[str], list[int | None], list[str 
     return prompts, seeds, negatives
 
 
-def check_args(args) -> tuple[list, int, int, dict]:
-    """Every argument checked before torch or diffusers is imported: (jobs, width, height, sampling values)."""
+def check_args(args) -> tuple[list[str], list, int, int, dict]:
+    """Every argument checked before torch or diffusers is imported: (prompts, jobs, width, height,
+    sampling values)."""
     from ..errors import ZoptError
     from ..runtime.attention import ATTENTION
     from ..runtime.offload import MODES
@@ -138,8 +139,7 @@ def check_args(args) -> tuple[list, int, int, dict]:
     w, h = parse_resolution(args.resolution)
     if args.out.lower().endswith(".png") and len(jobs) != 1:
         raise ZoptError(f"-o {args.out} names one image but {len(jobs)} were requested; give a folder")
-    args.prompt_list = prompts
-    return jobs, w, h, given
+    return prompts, jobs, w, h, given
 
 
 def run(args) -> int:
@@ -150,7 +150,7 @@ def run(args) -> int:
 
     from ..progress import note
 
-    jobs, w, h, given = check_args(args)
+    prompts, jobs, w, h, given = check_args(args)
     if args.compile is not None:  # the loaders read the switch (ZOPT_COMPILE) when they build the model
         os.environ["ZOPT_COMPILE"] = "1" if args.compile else "0"
     note(f"generating {len(jobs)} image{'s' * (len(jobs) != 1)} with {args.model}: loading torch and the pipeline")
@@ -174,7 +174,7 @@ def run(args) -> int:
     print(f"sampling: {sampling.preset or 'default'} preset, {sampling.steps} steps, guidance {sampling.guidance:g}"
           + (f", cfg normalization {sampling.cfg_normalization:g}" if sampling.cfg and sampling.cfg_normalization else "")
           + (f", cfg truncation {sampling.cfg_truncation:g}" if sampling.cfg and sampling.cfg_truncation < 1 else ""))
-    req = P.GenerateRequest.from_sampling(sampling, args.prompt_list, sorted({j[1] for j in jobs}), height=h, width=w,
+    req = P.GenerateRequest.from_sampling(sampling, prompts, sorted({j[1] for j in jobs}), height=h, width=w,
                                           batch_size=args.batch_size, jobs=jobs)
     calls = -(-len(jobs) // max(1, args.batch_size))
     with progress_bar(calls * sampling.steps, "generate", unit="steps", enabled=not args.no_progress) as bar, \
