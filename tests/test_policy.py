@@ -71,7 +71,7 @@ def _kept_onnx(tmp_path, config, keep):
 
     folder = tmp_path / "onnx"
     folder.mkdir()
-    export(checkpoint.open(resolve_source("tiny")), folder, "fp32", progress=False)
+    export(checkpoint.open(resolve_source("tiny-random")), folder, "fp32", progress=False)
     m = onnx.load(str(folder / MODEL_NAME), load_external_data=False)
     other = quantizable_matmuls(m, Policy(keep=keep))[1]
     by_node = {node.name: weight_of(node.input[1]) for node in m.graph.node if node.op_type == "MatMul"}
@@ -79,7 +79,7 @@ def _kept_onnx(tmp_path, config, keep):
 
 
 def test_a_pattern_means_the_same_in_either_layout():
-    src = checkpoint.open(resolve_source("tiny"))
+    src = checkpoint.open(resolve_source("tiny-random"))
     views = (zimage.as_diffusers(src), zimage.as_original(src))
     a, b = Policy(keep=KEEP_ORIGINAL), Policy(keep=KEEP_DIFFUSERS)
     for view in views:
@@ -91,19 +91,19 @@ def test_a_pattern_means_the_same_in_either_layout():
 
 def test_same_keep_pattern_keeps_the_same_tensors_in_every_format(tmp_path):
     keep = KEEP_ORIGINAL  # one pattern in each layout's names
-    config = zimage.check_shapes(checkpoint.open(resolve_source("tiny")))
+    config = zimage.check_shapes(checkpoint.open(resolve_source("tiny-random")))
     linear = _linear(config)
     default_kept = {n for n in linear if zimage.sensitive_reason(n) is not None}
     want = default_kept | {"layers.1.attention.to_out.0.weight", "noise_refiner.0.attention.to_q.weight"}
     kept: dict[str, set[str]] = {}
     for spec in ("fp8", "int8", "int8_w8a8", "int4", "nf4", "bf16"):
-        out = formats.convert("tiny", spec, tmp_path / spec, options={"keep": keep, "hash_source": False},
+        out = formats.convert("tiny-random", spec, tmp_path / spec, options={"keep": keep, "hash_source": False},
                               progress=False)
         kept[spec] = (_kept_plain if spec == "bf16" else _kept_lowbit)(out, linear)
-    comfy = formats.convert("tiny", "fp8", tmp_path / "comfy", options={"keep": keep, "layout": "comfy"},
+    comfy = formats.convert("tiny-random", "fp8", tmp_path / "comfy", options={"keep": keep, "layout": "comfy"},
                             progress=False)
     kept["fp8 comfy"] = _kept_lowbit(comfy, linear)
-    gguf = formats.convert("tiny", "gguf:Q8_0", tmp_path / "t.gguf", options={"keep": keep}, progress=False)
+    gguf = formats.convert("tiny-random", "gguf:Q8_0", tmp_path / "t.gguf", options={"keep": keep}, progress=False)
     kept["gguf"] = _kept_gguf(gguf, linear)
     # the file records the options that shaped it (a default conversion records none)
     assert json.loads(checkpoint.open(gguf).metadata["zopt.options"]) == {"keep": keep}

@@ -82,8 +82,11 @@ def test_tiny_is_resolved_by_the_entry_points_not_the_read_path(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SourceNotFound):
         checkpoint.open("tiny")  # the read path opens files only
-    assert families.resolve_source("tiny") == tiny_dir
-    assert zopt.open("tiny").path == checkpoint.open(tiny_dir).path
+    assert families.resolve_source("tiny-random") == tiny_dir
+    assert zopt.open("tiny-random").path == checkpoint.open(tiny_dir).path
+    from zopt.families.zimage.micro.model import micro_pipeline_dir
+
+    assert families.resolve_source("tiny") == families.resolve_source("micro") == micro_pipeline_dir()
     assert families.resolve_source("owner/name") == "owner/name"  # everything else passes through
     (tmp_path / "tiny").mkdir()  # a real folder of that name wins, as any path does
     assert families.resolve_source("tiny") == "tiny"

@@ -33,7 +33,8 @@ def test_pipeline_sampling_inverts_training_convention():
     from diffusers import AutoencoderKL
 
     g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(1, 16, 4, 4, generator=g)
+    side = 32 // 2 ** (len(M.VAE_CONFIG["block_out_channels"]) - 1)  # latents of a 32 px image
+    x0 = torch.randn(1, 16, side, side, generator=g)
     oracle = _oracle(x0)
     vae = AutoencoderKL(**M.VAE_CONFIG)
     pipe = M.build_pipeline(oracle, vae)

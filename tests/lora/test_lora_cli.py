@@ -19,7 +19,7 @@ GEN = ["--prompt", "a red fox", "--steps", "2", "--resolution", "64x64", "--seed
 @pytest.fixture(scope="module")
 def q4(tmp_path_factory):
     out = tmp_path_factory.mktemp("q4") / "tiny-Q4_K_M.gguf"
-    assert main(["convert", "tiny", "--to", "gguf:Q4_K_M", "-o", str(out), "--no-progress"]) == 0
+    assert main(["convert", "tiny-random", "--to", "gguf:Q4_K_M", "-o", str(out), "--no-progress"]) == 0
     return out
 
 
@@ -35,7 +35,7 @@ def test_convert_and_generate_with_lora_in_each_layout(tmp_path, q4, base_image,
     lora = random_lora(tiny_modules(), rank=8, seed=21, alpha=4.0 if LAYOUTS[layout][3] else None, std=0.2)
     path = write_lora(tmp_path / f"{layout}.safetensors", lora, layout)
     merged = tmp_path / "merged.gguf"
-    assert main(["convert", "tiny", "--lora", f"{path}:0.8", "--to", "gguf:Q4_K_M", "-o", str(merged),
+    assert main(["convert", "tiny-random", "--lora", f"{path}:0.8", "--to", "gguf:Q4_K_M", "-o", str(merged),
                  "--no-progress"]) == 0
     runtime_png, merged_png = tmp_path / "rt.png", tmp_path / "merged.png"
     assert main(["generate", str(q4), "--lora", f"{path}:0.8", *GEN, "-o", str(runtime_png)]) == 0
@@ -89,14 +89,14 @@ def test_bad_loras_exit_2_one_line_nothing_written(tmp_path, q4, capsys):
     ]
     for bad, needle in cases:
         out = tmp_path / "out.gguf"
-        _one_line_exit_2(["convert", "tiny", "--lora", str(bad), "--to", "gguf:Q4_K_M", "-o", str(out),
+        _one_line_exit_2(["convert", "tiny-random", "--lora", str(bad), "--to", "gguf:Q4_K_M", "-o", str(out),
                           "--no-progress"], capsys, needle, bad)
         assert not out.exists() and not list(tmp_path.glob(".out*"))
         png = tmp_path / "img.png"
         _one_line_exit_2(["generate", str(q4), "--lora", str(bad), *GEN, "-o", str(png)], capsys, needle,
                          bad)
         assert not png.exists() and not list(tmp_path.glob(".zopt-gen*/*.png"))
-    _one_line_exit_2(["convert", "tiny", "--lora", f"{good}:strong", "--to", "bf16", "-o", str(tmp_path / "o")],
+    _one_line_exit_2(["convert", "tiny-random", "--lora", f"{good}:strong", "--to", "bf16", "-o", str(tmp_path / "o")],
                      capsys, "is not a number", good)
     assert not (tmp_path / "o").exists()
     _one_line_exit_2(["generate", str(q4), "--lora", f"{good}:nan", *GEN, "-o", str(tmp_path / "i.png")],
@@ -108,10 +108,10 @@ def test_one_pass_conversion_merges_the_lora_into_every_target(tmp_path):
     lora = random_lora(tiny_modules(), rank=4, seed=5, std=0.2)
     path = write_lora(tmp_path / "l.safetensors", lora, sorted(LAYOUTS)[0])
     single = tmp_path / "single.gguf"
-    assert main(["convert", "tiny", "--lora", f"{path}:0.5", "--to", "gguf:Q8_0", "-o", str(single),
+    assert main(["convert", "tiny-random", "--lora", f"{path}:0.5", "--to", "gguf:Q8_0", "-o", str(single),
                  "--no-progress"]) == 0
     both = tmp_path / "both"
-    assert main(["convert", "tiny", "--lora", f"{path}:0.5", "--to", "gguf:Q8_0,int8", "-o", str(both),
+    assert main(["convert", "tiny-random", "--lora", f"{path}:0.5", "--to", "gguf:Q8_0,int8", "-o", str(both),
                  "--no-progress"]) == 0
     ggufs = list(both.glob("*.gguf"))
     assert len(ggufs) == 1 and ggufs[0].read_bytes() == single.read_bytes()

@@ -120,9 +120,10 @@ def test_run_is_diffusers_cfg_with_prompts_encoded_first(base_pipe, tmp_path):
     pipe, choice = base_pipe
     assert choice.variant == "base"
     settings = {"negative_prompt": "blurry, low quality", "cfg_normalization": 1.0, "cfg_truncation": 0.2,
-                "shift": 2.0}
+                "shift": 3.0}  # not the micro default (2.0)
+    shift = pipe.scheduler.config.shift
     ours = _run(pipe, tmp_path, "ours", **settings)
-    S.apply_shift(pipe, 2.0)
+    S.apply_shift(pipe, 3.0)
     try:
         lat = P.initial_latents(pipe, 7, 64, 64, pipe.transformer.dtype)
         ref = pipe(prompt=["a red cube on a table"], negative_prompt=["blurry, low quality"], height=64, width=64,
@@ -130,7 +131,7 @@ def test_run_is_diffusers_cfg_with_prompts_encoded_first(base_pipe, tmp_path):
                    latents=lat, max_sequence_length=512).images[0]
     finally:
         S.apply_shift(pipe, None)
-    assert pipe.scheduler.config.shift == 3.0  # restored
+    assert pipe.scheduler.config.shift == shift  # restored
     assert np.array_equal(ours, np.asarray(ref).astype(int))
 
 

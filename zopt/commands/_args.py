@@ -52,3 +52,16 @@ def check_source(spec: str | os.PathLike) -> None:
     names = sorted({s for n in FAMILIES for s in get(n).builtin_sources()})
     raise SourceNotFound(f"no such file or folder, built-in model ({', '.join(names)}) or Hub id "
                          "owner/name[@revision]", text)
+
+
+def source_defaults(spec: str | os.PathLike) -> dict:
+    """Defaults of a built-in source (``resolution``, ``prompts``) for the options the user left out;
+    empty for anything else. Cheap: nothing is built or imported beyond the family."""
+    from ..families import FAMILIES, get
+
+    text = os.fspath(spec)
+    for name in FAMILIES:
+        fam = get(name)
+        if text in fam.builtin_sources():
+            return fam.builtin_defaults(text)
+    return {}

@@ -16,8 +16,11 @@ def add_arguments(p) -> None:
     p.add_argument("--backend", default="auto",
                    help="'auto' (best per format), 'all' (every backend that can run here), a name, or FORMAT=NAME "
                         "pairs, comma separated")
-    p.add_argument("--resolution", default="256x256", help="WxH (default 256x256)")
-    p.add_argument("--prompts", default=None, metavar="FILE", help="text file, one prompt per line (default: 2 built-in)")
+    p.add_argument("--resolution", default=None,
+                   help="WxH (default 256x256; 64x64 for the embedded tiny/micro model, what it learned)")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="text file, one prompt per line (default: 2 built-in; 4 held-out shapes captions "
+                        "for the embedded tiny/micro model, scored for prompt adherence)")
     p.add_argument("--seeds", nargs="+", default=["0"], help="seeds, e.g. --seeds 0 1 or --seeds 0,1 (default 0)")
     p.add_argument("--repeats", type=int, default=2, help="timed passes over all prompts x seeds (default 2)")
     p.add_argument("--warmup", type=int, default=1, help="untimed images before timing (default 1)")
@@ -145,7 +148,7 @@ def run(args) -> int:
         records = load_records(args.results)
         root = Path(args.results) if Path(args.results).is_dir() else Path(args.results).parent
     else:
-        from ._args import check_source
+        from ._args import check_source, source_defaults
 
         specs = check_formats(args.formats)
         check_source(args.source)
@@ -156,7 +159,8 @@ def run(args) -> int:
                 raise ZoptError(f"--{name} must be at least 1")
         if args.warmup < 0:
             raise ZoptError("--warmup cannot be negative")
-        w, h = parse_resolution(args.resolution)
+        defaults = source_defaults(args.source)
+        w, h = parse_resolution(args.resolution or defaults.get("resolution", "256x256"))
         seeds, offload, attention = _seeds(args.seeds), _list(args.offload), _list(args.attention)
         check_runtime(offload, attention, args.reference_offload)
         prompts = _prompts(args.prompts)
@@ -167,7 +171,7 @@ def run(args) -> int:
         from ..bench.harness import BenchConfig, sweep
         from ..runtime.sampling import resolve_for
 
-        prompts = prompts or list(BenchConfig().prompts)
+        prompts = prompts or defaults.get("prompts") or list(BenchConfig().prompts)
         negatives = [n or "" for n in sampling_args.negatives(args.negative_prompt, len(prompts))]
         if args.preset == "auto" and given["steps"] is None and given["sigmas"] is None:
             given["steps"] = BenchConfig().steps  # a few steps time a step as well as many

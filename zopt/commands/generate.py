@@ -25,7 +25,8 @@ def add_arguments(p) -> None:
                    help="seeds, one per prompt (space or comma separated; a single seed applies to all; default 0)")
     p.add_argument("--seed", action=DeprecatedAlias, new="--seeds", append=True)
     p.add_argument("--images-per-prompt", type=int, default=1, help="N images per prompt, seeds s, s+1, ...")
-    p.add_argument("--resolution", default="256x256", help="WxH")
+    p.add_argument("--resolution", default=None,
+                   help="WxH (default 256x256; 64x64 for the embedded tiny/micro model, what it learned)")
     sampling_args.add_arguments(p)
     p.add_argument("--batch", dest="batch_size", type=int, default=1, help="images per pipeline call (default 1)")
     p.add_argument("--batch-size", type=int, action=DeprecatedAlias, new="--batch")
@@ -100,10 +101,11 @@ def check_args(args) -> tuple[list[str], list, int, int, dict]:
     from ..runtime.attention import ATTENTION
     from ..runtime.offload import MODES
     from ..runtime.pipeline import make_jobs
-    from ._args import check_source, parse_seeds
+    from ._args import check_source, parse_seeds, source_defaults
 
     args.model = args.source or args.model or "tiny"
     check_source(args.model)
+    defaults = source_defaults(args.model)
     if args.base:
         check_source(args.base)
     if args.offload not in ("auto", *MODES):
@@ -129,14 +131,15 @@ def check_args(args) -> tuple[list[str], list, int, int, dict]:
         file_seeds += seeds
         file_negs += negs
     if not prompts:
-        prompts, file_seeds, file_negs = ["a lighthouse on a cliff at dawn, photograph"], [None], [None]
+        prompts = defaults.get("prompts", ["a lighthouse on a cliff at dawn, photograph"])[:1]
+        file_seeds, file_negs = [None], [None]
     if args.batch_size < 1:
         raise ZoptError("--batch must be at least 1")
     negatives = [f if f is not None else n
                  for f, n in zip(file_negs, sampling_args.negatives(args.negative_prompt, len(prompts)), strict=True)]
     jobs = make_jobs(prompts, parse_seeds(args.seed), args.images_per_prompt,
                      file_seeds if any(s is not None for s in file_seeds) else None, negatives)
-    w, h = parse_resolution(args.resolution)
+    w, h = parse_resolution(args.resolution or defaults.get("resolution", "256x256"))
     if args.out.lower().endswith(".png") and len(jobs) != 1:
         raise ZoptError(f"-o {args.out} names one image but {len(jobs)} were requested; give a folder")
     return prompts, jobs, w, h, given

@@ -175,6 +175,11 @@ class Family(ABC):
         text encoder and VAE); None for a name this family does not build."""
         return None
 
+    def builtin_defaults(self, name: str) -> dict[str, Any]:
+        """What the commands default to for built-in source ``name`` where the user gives nothing:
+        ``resolution`` ("WxH") and ``prompts`` (a list), for a model that only learned a few."""
+        return {}
+
     # -- sampling ---------------------------------------------------------------------------
 
     def variant_of(self, folder: str | os.PathLike | None) -> str | None:

@@ -93,22 +93,29 @@ class ZImageFamily(Family):
         return graph_inputs(config, batch, height, width, text_len, seed)
 
     def builtin_sources(self) -> dict[str, Callable[[], Path]]:
-        # ``tiny`` becomes the trained micro model once its shipped weights pass the adherence floors
-        # of tests/families/test_micro_model.py; ``tiny-random`` stays the seeded random pipeline
-        return {"tiny": _tiny_pipeline, "tiny-random": _tiny_pipeline, "micro": _micro_pipeline,
-                "tiny-base": _tiny_base_pipeline}
+        # ``tiny`` is the trained micro model (images that follow a shapes prompt, so quality and
+        # adherence figures mean something); ``tiny-random`` is the seeded random pipeline at the
+        # synthetic ``tiny`` size, for tests that need its shapes (rows of 256 for every K-quant)
+        return {"tiny": _micro_pipeline, "micro": _micro_pipeline, "tiny-base": _tiny_base_pipeline,
+                "tiny-random": _tiny_pipeline}
 
     def builtin_config(self, name: str) -> dict[str, Any] | None:
         """The transformer config of built-in source ``name`` (None for an unknown name)."""
-        if name == "tiny-base":
-            return self.builtin_config("tiny")
-        if name in ("tiny", "tiny-random"):
-            return self.config_for("tiny")
-        if name == "micro":
+        if name in ("tiny", "micro", "tiny-base"):
             from .micro import model as micro
 
             return dict(micro.TRANSFORMER_CONFIG)
+        if name == "tiny-random":
+            return self.config_for("tiny")
         return None
+
+    def builtin_defaults(self, name: str) -> dict[str, Any]:
+        if self.builtin_config(name) != self.builtin_config("micro"):
+            return {}
+        # the trained micro model knows 64 px scenes of procedural shapes, nothing else
+        from .micro import adherence, model
+
+        return {"resolution": f"{model.IMAGE_SIZE}x{model.IMAGE_SIZE}", "prompts": adherence.held_out_prompts(4)}
 
     def variant_of(self, folder: str | os.PathLike | None) -> str | None:
         from .variants import variant_of

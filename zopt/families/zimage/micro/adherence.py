@@ -128,8 +128,11 @@ def score_many(images, texts) -> Adherence:
     return total
 
 
-def held_out_prompts(n: int = 48, seed: int = 1_000_000, max_shapes: int = 3) -> list[str]:
-    """Captions of scenes drawn from seeds the training script never uses (it draws below 10**6)."""
+def held_out_prompts(n: int = 48, seed: int = 1_000_000, max_shapes: int | None = None) -> list[str]:
+    """Captions of scenes drawn from seeds the training script never uses (it draws below 10**6),
+    with at most ``max_shapes`` shapes (default: as many as the shipped micro model learned)."""
+    if max_shapes is None:
+        from .model import MAX_SHAPES as max_shapes
     return [S.caption(S.sample_scene(seed + i, max_shapes)) for i in range(n)]
 
 

@@ -26,9 +26,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "star")
 # radius of the shape's circumscribing circle, as a fraction of the image side
-SIZES: dict[str, float] = {"small": 0.11, "medium": 0.15, "large": 0.20}
+# (a small star still has points an 8x VAE and a 64 px image can draw: 9 px from its centre)
+SIZES: dict[str, float] = {"small": 0.14, "medium": 0.18, "large": 0.23}
 # 3 x 3 grid of named positions: name -> (x, y) centre as a fraction of the image side
-_GRID = (0.24, 0.5, 0.76)
+_GRID = (0.26, 0.5, 0.74)
 POSITIONS: dict[str, tuple[float, float]] = {
     "top left": (_GRID[0], _GRID[0]), "top": (_GRID[1], _GRID[0]), "top right": (_GRID[2], _GRID[0]),
     "left": (_GRID[0], _GRID[1]), "centre": (_GRID[1], _GRID[1]), "right": (_GRID[2], _GRID[1]),
@@ -76,7 +77,7 @@ def sample_scene(seed: int, max_shapes: int = 3) -> Scene:
             if len(shapes) == n:
                 break
             s = Shape(SHAPES[rng.integers(len(SHAPES))], names[colours[len(shapes)]], list(SIZES)[rng.integers(3)],
-                      list(POSITIONS)[pos], float(rng.uniform(-0.03, 0.03)), float(rng.uniform(-0.03, 0.03)))
+                      list(POSITIONS)[pos], float(rng.uniform(-0.02, 0.02)), float(rng.uniform(-0.02, 0.02)))
             if not any(_overlap(s, o) for o in shapes):
                 shapes.append(s)
         if len(shapes) == n:
@@ -190,6 +191,14 @@ def render(scene: Scene, px: int = 64, ss: int = 4) -> np.ndarray:
         a = shape_mask(s.kind, cx, cy, r, px, ss)[..., None]
         img = img * (1 - a) + np.array(COLOURS[s.colour], dtype=np.float32) * a
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def coverage(scene: Scene, px: int = 64, ss: int = 2) -> np.ndarray:
+    """(px, px) float32 in [0, 1]: how much of each pixel the scene's shapes cover."""
+    out = np.zeros((px, px), dtype=np.float32)
+    for s in scene.shapes:
+        out = np.maximum(out, shape_mask(s.kind, *shape_geometry(s, px), px, ss))
+    return out
 
 
 def dataset(seeds, px: int = 64, max_shapes: int = 3) -> tuple[np.ndarray, list[str]]:

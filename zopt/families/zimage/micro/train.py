@@ -34,18 +34,25 @@ if TYPE_CHECKING:
 @dataclass
 class TrainConfig:
     seed: int = 0
-    n_train: int = 3000  # scenes, seeds [seed * 10**5, ... + n_train): all below the held-out seeds
-    vae_steps: int = 700
+    n_train: int = 20000  # scenes, seeds [seed * 10**5, ... + n_train): all below the held-out seeds
+    max_shapes: int = M.MAX_SHAPES  # shapes per training scene (and per held-out prompt)
+    vae_scenes: int = 4000  # the first scenes of the training set, for the VAE
+    vae_steps: int = 2000
     vae_batch: int = 16
     vae_crop: int = 64  # crop side (64: whole images; smaller crops change the normalization statistics)
     vae_lr: float = 3e-3
-    dit_steps: int = 2500
+    # loss weight of the shapes' pixels (VAE) and latent cells (transformer) over the background's:
+    # 1 + foreground * coverage. The shapes cover about a tenth of an image; unweighted, both models
+    # spend thousands of steps on the flat backgrounds before they draw a shape at its place
+    foreground: float = 4.0
+    dit_steps: int = 10000
     dit_batch: int = 16
     dit_lr: float = 2e-3
     warmup: int = 30
+    cap_dropout: float = 0.1  # share of training captions replaced by the empty prompt (guidance)
     ema: float = 0.99
-    eval_every: int = 250
-    eval_prompts: int = 24
+    eval_every: int = 1000
+    eval_prompts: int = 48
     steps: int = 8  # sampling steps for evaluation
     threads: int = 1
 
@@ -96,8 +103,22 @@ def encode_captions(texts: list[str], tokenizer, text_encoder, batch: int = 256)
     return out
 
 
-def train_vae(images: np.ndarray, cfg: TrainConfig, log) -> AutoencoderKL:
-    """An ``AutoencoderKL`` of ``M.VAE_CONFIG`` fitted to ``images`` (L1 + MSE + a small KL)."""
+def foreground_weights(masks: np.ndarray, factor: float, cell: int = 1):
+    """(n, 1, h / cell, w / cell) loss weights 1 + factor * m, where m is a shape's coverage grown by
+    one pixel (its edge counts: that is where a blurred decoder loses the shape) and, for cell > 1,
+    the largest over each cell (a latent cell that holds any of a shape)."""
+    import torch
+    import torch.nn.functional as F
+
+    m = F.max_pool2d(torch.from_numpy(masks)[:, None], 3, 1, 1)
+    if cell > 1:
+        m = F.max_pool2d(m, cell)
+    return 1 + factor * m
+
+
+def train_vae(images: np.ndarray, cfg: TrainConfig, log, masks: np.ndarray | None = None) -> AutoencoderKL:
+    """An ``AutoencoderKL`` of ``M.VAE_CONFIG`` fitted to ``images`` (L1 + MSE + a small KL, each
+    pixel weighted by :func:`foreground_weights` of ``masks`` when given)."""
     import torch
     from diffusers import AutoencoderKL
 
@@ -109,16 +130,19 @@ def train_vae(images: np.ndarray, cfg: TrainConfig, log) -> AutoencoderKL:
     for step in range(cfg.vae_steps):
         for g in opt.param_groups:
             g["lr"] = cfg.vae_lr * _cosine(step, cfg.vae_steps, cfg.warmup)
-        idx = rng.integers(0, len(images), cfg.vae_batch)
+        idx = rng.integers(0, min(len(images), cfg.vae_scenes), cfg.vae_batch)
         oy, ox = rng.integers(0, M.IMAGE_SIZE - cfg.vae_crop + 1, 2)
         crop = images[idx, oy:oy + cfg.vae_crop, ox:ox + cfg.vae_crop]
         x = torch.from_numpy(np.ascontiguousarray(crop)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        w = (foreground_weights(masks[idx, oy:oy + cfg.vae_crop, ox:ox + cfg.vae_crop], cfg.foreground)
+             if masks is not None else torch.ones_like(x[:, :1]))
         post = vae.encode(x).latent_dist
         # decode the mean: sampling at the initial unit variance drowns the signal and stalls
         # learning, and the pipeline only ever decodes the transformer's (mean-trained) latents
         rec = vae.decode(post.mean).sample
         kl = post.kl().mean() / x[0].numel()
-        loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean() + 1e-4 * kl
+        err = rec - x
+        loss = (w * (err.abs() + err ** 2)).mean() / w.mean() + 1e-4 * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -161,9 +185,10 @@ def evaluate(pipe, prompts: list[str], steps: int, seed: int = 0) -> tuple[dict[
 
 
 def train_transformer(latents, caps: list[str], feats: dict, vae, tokenizer, text_encoder, cfg: TrainConfig, log,
-                      on_eval=None):
-    """A ``ZImageTransformer2DModel`` of ``M.TRANSFORMER_CONFIG`` trained by flow matching; returns
-    the EMA model and its last held-out adherence (``on_eval`` sees every evaluation)."""
+                      on_eval=None, weights=None):
+    """A ``ZImageTransformer2DModel`` of ``M.TRANSFORMER_CONFIG`` trained by flow matching (each
+    latent cell's error weighted by ``weights``, (n, 1, h, w), when given); returns the EMA model and
+    its last held-out adherence (``on_eval`` sees every evaluation)."""
     import copy
 
     import torch
@@ -176,7 +201,7 @@ def train_transformer(latents, caps: list[str], feats: dict, vae, tokenizer, tex
     rng = np.random.default_rng(cfg.seed + 3)
     gen = torch.Generator().manual_seed(cfg.seed + 4)
     shift = M.SCHEDULER_CONFIG["shift"]
-    prompts = A.held_out_prompts(cfg.eval_prompts)
+    prompts = A.held_out_prompts(cfg.eval_prompts, max_shapes=cfg.max_shapes)
     acc: dict[str, float] = {}
     t0 = time.perf_counter()
     for step in range(cfg.dit_steps):
@@ -192,9 +217,12 @@ def train_transformer(latents, caps: list[str], feats: dict, vae, tokenizer, tex
         u = torch.where(on_grid, grid[torch.randint(0, cfg.steps, (len(idx),), generator=gen)], u)
         sigma = shifted_sigma(u, shift)
         xt = noisy(x0, noise, sigma)
-        out = model(list(xt.unsqueeze(2).unbind(0)), model_timestep(sigma), [feats[caps[i]] for i in idx],
+        # a share of empty captions teaches the unconditional prediction that guidance needs
+        texts = ["" if d else caps[i] for i, d in zip(idx, rng.random(len(idx)) < cfg.cap_dropout, strict=True)]
+        out = model(list(xt.unsqueeze(2).unbind(0)), model_timestep(sigma), [feats[t] for t in texts],
                     return_dict=False)[0]
-        loss = ((torch.stack(out).squeeze(2) - velocity_target(x0, noise)) ** 2).mean()
+        w = weights[idx] if weights is not None else torch.ones_like(x0[:, :1])
+        loss = (w * (torch.stack(out).squeeze(2) - velocity_target(x0, noise)) ** 2).mean() / w.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -250,7 +278,10 @@ def main(argv: list[str] | None = None) -> int:
             f.write(line + "\n")
 
     log(f"config {asdict(cfg)}")
-    images, caps = S.dataset(range(cfg.seed * 10**5, cfg.seed * 10**5 + cfg.n_train), M.IMAGE_SIZE)
+    scenes = [S.sample_scene(i, cfg.max_shapes) for i in range(cfg.seed * 10**5, cfg.seed * 10**5 + cfg.n_train)]
+    images = np.stack([S.render(sc, M.IMAGE_SIZE) for sc in scenes])
+    caps = [S.caption(sc) for sc in scenes]
+    masks = np.stack([S.coverage(sc, M.IMAGE_SIZE) for sc in scenes])
     log(f"rendered {len(images)} scenes")
     tokenizer = M.build_tokenizer()
     text_encoder = M.build_text_encoder(tokenizer)
@@ -258,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     if work and (work / "captions.pt").exists():
         feats = torch.load(work / "captions.pt")
     else:
-        feats = encode_captions(caps + A.held_out_prompts(cfg.eval_prompts), tokenizer, text_encoder)
+        held_out = A.held_out_prompts(cfg.eval_prompts, max_shapes=cfg.max_shapes)
+        feats = encode_captions(["", *caps, *held_out], tokenizer, text_encoder)
         if work:
             work.mkdir(parents=True, exist_ok=True)
             torch.save(feats, work / "captions.pt")
@@ -270,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         vae.load_state_dict(torch.load(work / "vae.pt"))
         vae.eval()
     else:
-        vae = train_vae(images, cfg, log)
+        vae = train_vae(images, cfg, log, masks)
         if work:
             torch.save(vae.state_dict(), work / "vae.pt")
     with torch.no_grad():
@@ -306,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
             n // 8 * imgs.shape[1], 8 * imgs.shape[2], 3)
         Image.fromarray(grid).save(out.parent / f"{out.name}-step{step}.png")
 
-    _, acc = train_transformer(latents, caps, feats, vae, tokenizer, text_encoder, cfg, log, on_eval)
+    cell = M.IMAGE_SIZE // latents.shape[-1]
+    weights = foreground_weights(masks, cfg.foreground, cell)
+    _, acc = train_transformer(latents, caps, feats, vae, tokenizer, text_encoder, cfg, log, on_eval, weights)
     log(f"done in {time.perf_counter() - t_start:.0f}s: held-out adherence {acc}")
     return 0
 
