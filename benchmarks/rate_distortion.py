@@ -55,8 +55,9 @@ def rel_err(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
     return math.sqrt(num / den)
 
 
-def adherence(source: str, model, n: int) -> float | None:
-    """Mean prompt adherence of ``n`` held-out shapes prompts generated with ``model`` (micro only)."""
+def adherence(source: str, model, n: int) -> dict | None:
+    """Prompt adherence (colour, shape, position, size and their mean) of ``n`` held-out shapes
+    prompts generated with ``model`` (micro only)."""
     from zopt.families.zimage.micro.adherence import held_out_prompts, prompt_adherence
     from zopt.runtime.pipeline import GenerateRequest, build_pipeline, run
 
@@ -68,7 +69,7 @@ def adherence(source: str, model, n: int) -> float | None:
 
         images = [Image.open(r.path).convert("RGB") for r in res]
         acc = prompt_adherence(images, prompts)
-    return None if acc is None else acc["mean"]
+    return acc
 
 
 def measure(source, spec: str, options: dict, path: Path, refs, inputs, params: int, adh: int, label: str) -> dict:
@@ -263,12 +264,20 @@ def main() -> None:
         rows += peer_points(source, types, refs, inputs, params, work)
     print()
     print(f"source {args.source}: {params:,} parameters, BF16 {base['ref_bytes'] / 1e6:.1f} MB")
-    print("| point | MB | bits/param | rel. output error |" + (" adherence |" if args.adherence else ""))
-    print("|---|---:|---:|---:|" + ("---:|" if args.adherence else ""))
+    adh = ("colour", "shape", "position", "size")
+
+    def adh_cells(acc) -> str:
+        return " |".join(f" {acc[k]:.2f}" if acc else " -" for k in adh) + " |"
+
+    print("| point | MB | bits/param | rel. output error |" + (" " + " | ".join(adh) + " |" if args.adherence else ""))
+    print("|---|---:|---:|---:|" + ("---:|" * len(adh) if args.adherence else ""))
+    if args.adherence:
+        print(f"| source (BF16 weights, run in FP32) | {base['ref_bytes'] / 1e6:.2f} | 16.000 | 0 |"
+              + adh_cells(base["ref_adherence"]))
     for r in sorted(rows, key=lambda r: r["bpw"]):
         line = f"| {r['label']} | {r['bytes'] / 1e6:.2f} | {r['bpw']:.3f} | {r['rel_error']:.4f} |"
         if args.adherence:
-            line += f" {r.get('adherence')} |"
+            line += adh_cells(r.get("adherence"))
         print(line)
     if args.json:
         Path(args.json).write_text(json.dumps({**base, "rows": rows}, indent=1) + "\n")

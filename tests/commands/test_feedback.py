@@ -142,3 +142,26 @@ def test_base_accepts_a_hub_id_like_source(tmp_path, tiny_dir, monkeypatch):
 
     got = resolve_base("tiny", TINY_CONFIG, "someone/tiny-pipeline")
     assert got == repo / "snapshots" / commit and (got / "model_index.json").exists()
+
+
+@pytest.mark.parametrize("source, size", [("tiny", 64), ("micro", 64), ("tiny-base", 64), ("tiny-random", 256)])
+def test_builtin_sources_default_to_what_they_learned(source, size, tmp_path):
+    """`zopt generate tiny` with no prompt or resolution asks the trained micro model for what it
+    knows (a 64 px shapes scene); a checkpoint, or the random tiny, keeps 256 px and a photo prompt."""
+    import argparse
+
+    from zopt.commands import generate
+    from zopt.families.zimage.micro import shapes
+
+    p = argparse.ArgumentParser()
+    generate.add_arguments(p)
+    prompts, _, w, h, _ = generate.check_args(p.parse_args([source, "-o", str(tmp_path / "x")]))
+    assert (w, h) == (size, size)
+    if size == 64:
+        shapes.parse_caption(prompts[0])  # in the grammar it was trained on
+    else:
+        with pytest.raises(ValueError):
+            shapes.parse_caption(prompts[0])
+    # what the user gives wins
+    _, _, w, h, _ = generate.check_args(p.parse_args([source, "--resolution", "128x96", "-o", str(tmp_path / "y")]))
+    assert (w, h) == (128, 96)

@@ -8,7 +8,7 @@ import pytest
 from zopt.families.zimage.micro import adherence as A
 from zopt.families.zimage.micro import model as M
 
-HELD_OUT = 24  # prompts; seeds the training set never used
+HELD_OUT = 48  # prompts (one shape each, as trained); seeds the training set never used
 FLOOR = {"colour": 0.90, "shape": 0.80, "position": 0.80}
 
 

@@ -166,6 +166,7 @@ def columns(records: list[dict[str, Any]], wide: bool = False) -> list[tuple[str
     size_u = byte_unit([get_path(r, "metrics.artifact_bytes") for r in records])
     mem_u = byte_unit([need_bytes(r) for r in records])
     has_lpips = any(get_path(r, "metrics.quality.lpips") is not None for r in records)
+    has_adh = any(get_path(r, "metrics.quality.adherence") is not None for r in records)
     q = lambda path, spec: lambda r: _fmt(get_path(r, f"metrics.quality.{path}"), spec)  # noqa: E731
 
     def step(r):
@@ -175,6 +176,11 @@ def columns(records: list[dict[str, Any]], wide: bool = False) -> list[tuple[str
     def lpips(r):
         v = get_path(r, "metrics.quality.lpips")
         return _fmt(v, ".4f") if v is not None else ("n/a" if get_path(r, "metrics.quality") else "-")
+
+    ref_adh = next((v for r in records if (v := get_path(r, "metrics.quality.adherence_ref")) is not None), None)
+
+    def adherence(r):  # the reference's own, as its runs measured it
+        return _fmt(ref_adh if r.get("role") == "reference" else get_path(r, "metrics.quality.adherence"), ".2f")
 
     cols: list[tuple[str, Any, bool]] = [  # (header, cell, in the compact table)
         ("run", lambda r: r["label"], True),
@@ -192,6 +198,8 @@ def columns(records: list[dict[str, Any]], wide: bool = False) -> list[tuple[str
         ("PSNR\ndB", q("psnr_db", ".1f"), True),
         ("SSIM", q("ssim", ".4f"), wide or not has_lpips),  # LPIPS, when measured, takes its place
         ("LPIPS", lpips, wide or has_lpips),
+        # prompts in the micro model's shapes grammar: share of colour, shape, position, size read right
+        ("adher-\nence", adherence, has_adh),
     ]
     return [(h, f) for h, f, compact in cols if wide or compact]
 
@@ -212,6 +220,10 @@ def footnotes(records: list[dict[str, Any]]) -> list[str]:
         which = ", ".join(f"{r['label']} {latency_spread(r):.1f}x" for r in noisy)
         notes.append(f"~ noisy latency: p90 more than {NOISY_SPREAD:g}x the median ({which}); the median is not a "
                      "reliable figure: rerun on an idle machine with more --repeats.")
+    if any(get_path(r, "metrics.quality.adherence") is not None for r in records):
+        notes.append("adherence: the share of the prompts' colours, shapes, positions and sizes read right from "
+                     "the pixels (the shapes captions the embedded micro model learned; docs/micro.md), for the "
+                     "reference too: a format that draws what was asked keeps the reference's figure.")
     if is_small_model(records):
         params = next((get_path(r, "source.params") for r in records if get_path(r, "source.params")), None)
         n = f"{params / 1e6:.1f}M-parameter" if params else "small"

@@ -28,7 +28,7 @@ DEFAULT_PROMPTS = [
     "a bowl of ramen on a wooden table, studio lighting",
 ]
 # What "all" means for formats with many subtypes: a sensible spread, not every type.
-ALL_SUBTYPES: dict[str, list[str]] = {"gguf": ["Q8_0", "Q4_K_M"]}
+ALL_SUBTYPES: dict[str, list[str]] = {"gguf": ["Q8_0", "Q4_K_M", "Q2_K"]}
 CACHE_NAME = "bench-cache"
 
 

@@ -12,7 +12,7 @@ def add_arguments(p) -> None:
                    help="checkpoint to benchmark: 'tiny' (embedded default), a diffusers folder, a file or hub id")
     p.add_argument("--formats", default="all",
                    help="comma-separated format specs (e.g. bf16,fp8,gguf:Q4_K_M) or 'all' (every format that can "
-                        "run here; gguf as Q8_0 and Q4_K_M)")
+                        "run here; gguf as Q8_0, Q4_K_M and Q2_K)")
     p.add_argument("--backend", default="auto",
                    help="'auto' (best per format), 'all' (every backend that can run here), a name, or FORMAT=NAME "
                         "pairs, comma separated")

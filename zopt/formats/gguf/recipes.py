@@ -55,6 +55,10 @@ ROW_FALLBACK: dict[str, str] = {
 }
 
 SMALL_NUMEL = 1 << 16  # below this a tensor is kept in float: quantizing it saves nothing
+# ... unless it is not small beside the model: in a test-sized transformer (the 1.1M-parameter
+# micro model, whose every weight has fewer than 2^16 elements) a tensor over this share of all
+# elements is quantized, or the file would be the float model under a GGUF type's name
+SMALL_SHARE = 0.005
 
 # Which main blocks count as "edge" blocks that get more bits: llama.cpp's use_more_bits (the
 # first and last eighth, and every third block in between), which spreads the extra bits where
@@ -223,6 +227,9 @@ def plan(shapes: dict[str, tuple[int, ...]], subtype: str | None, keep: Iterable
     rec = recipe(subtype)
     layers = [b[1] for n in shapes if (b := zimage.block_index(n)) and b[0] == "layers"]
     n_layers = max(layers) + 1 if layers else 1
+    if min_elements == SMALL_NUMEL:  # the default: small in elements and as a share of the model
+        total = sum(_numel(tuple(v)) for v in shapes.values())
+        min_elements = min(SMALL_NUMEL, max(1, int(SMALL_SHARE * total)))
     policy = policy_for(keep, quantize, min_elements)
     out = []
     for n, s in shapes.items():
