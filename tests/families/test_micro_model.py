@@ -62,13 +62,18 @@ def test_bf16_micro_model_reproduces_its_recorded_adherence(bf16_images):
         assert abs(acc[k] - recorded[k]) <= 0.2, (k, acc, recorded)
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped weights are under-trained (docs/micro.md); "
-                                       "when this passes, make them the default tiny")
-def test_bf16_micro_model_draws_what_the_prompt_says(bf16_images):
+def test_bf16_micro_model_draws_the_colour_at_the_place_the_prompt_says(bf16_images):
     prompts, images = bf16_images
     acc = A.score_many(images, prompts).accuracy()
-    for k, floor in FLOOR.items():
-        assert acc[k] >= floor, (k, acc)
+    for k in ("colour", "position"):
+        assert acc[k] >= FLOOR[k], (k, acc)
     # the same images scored against the wrong prompts fall well below
     wrong = A.score_many(images, prompts[1:] + prompts[:1]).accuracy()
-    assert wrong["position"] < 0.5
+    assert wrong["position"] < 0.5 and wrong["colour"] < 0.5
+
+
+@pytest.mark.xfail(strict=True, reason="the transformer puts each colour at its place but draws the named "
+                                       "outline for fewer than 80% of the shapes (docs/micro.md)")
+def test_bf16_micro_model_draws_the_shape_the_prompt_says(bf16_images):
+    prompts, images = bf16_images
+    assert A.score_many(images, prompts).accuracy()["shape"] >= FLOOR["shape"]

@@ -174,7 +174,7 @@ def run(args) -> int:
         prompts = prompts or defaults.get("prompts") or list(BenchConfig().prompts)
         negatives = [n or "" for n in sampling_args.negatives(args.negative_prompt, len(prompts))]
         if args.preset == "auto" and given["steps"] is None and given["sigmas"] is None:
-            given["steps"] = BenchConfig().steps  # a few steps time a step as well as many
+            given["steps"] = defaults.get("steps", BenchConfig().steps)  # a few steps time a step as well as many
         s, _ = resolve_for(args.source, args.base, args.preset, **given)
         cfg = BenchConfig(source=args.source, formats=[args.formats], backend=args.backend, steps=s.steps,
                           width=w, height=h, seeds=seeds, repeats=args.repeats, warmup=args.warmup,

@@ -177,7 +177,8 @@ class Family(ABC):
 
     def builtin_defaults(self, name: str) -> dict[str, Any]:
         """What the commands default to for built-in source ``name`` where the user gives nothing:
-        ``resolution`` ("WxH") and ``prompts`` (a list), for a model that only learned a few."""
+        ``resolution`` ("WxH"), ``prompts`` (a list) and ``steps`` (what ``zopt bench`` samples), for a
+        model that only learned a few things."""
         return {}
 
     # -- sampling ---------------------------------------------------------------------------
