@@ -165,3 +165,32 @@ def test_builtin_sources_default_to_what_they_learned(source, size, tmp_path):
     # what the user gives wins
     _, _, w, h, _ = generate.check_args(p.parse_args([source, "--resolution", "128x96", "-o", str(tmp_path / "y")]))
     assert (w, h) == (128, 96)
+
+
+def test_a_file_converted_from_tiny_keeps_its_defaults(tmp_path, capsys):
+    """A GGUF or zopt folder converted from ``tiny`` generates what tiny learned, and says which
+    prompt it drew; a prompt outside the shapes grammar gets a warning."""
+    import argparse
+
+    from zopt.commands import generate
+    from zopt.commands._args import source_defaults
+
+    gguf = tmp_path / "t.gguf"
+    assert main(["convert", "tiny", "--to", "gguf:Q4_0", "-o", str(gguf), "--no-progress"]) == 0
+    assert main(["convert", "tiny", "--to", "int8", "-o", str(tmp_path / "i8"), "--no-progress"]) == 0
+    for art in (gguf, tmp_path / "i8"):
+        assert source_defaults(art) == source_defaults("tiny") != {}
+    assert source_defaults(tmp_path) == {}  # a plain folder
+    p = argparse.ArgumentParser()
+    generate.add_arguments(p)
+    args = p.parse_args([str(gguf), "--prompt", "a photo of a cat", "-o", str(tmp_path / "x")])
+    prompts, _, w, h, _ = generate.check_args(args)
+    assert (w, h) == (64, 64)
+    capsys.readouterr()
+    generate._explain_defaults(args, prompts, w, h)
+    assert "only learned shapes captions" in capsys.readouterr().err
+    args = p.parse_args(["tiny", "-o", str(tmp_path / "y")])
+    prompts, _, w, h, _ = generate.check_args(args)
+    generate._explain_defaults(args, prompts, w, h)
+    out = capsys.readouterr()
+    assert prompts[0] in out.out and "warning" not in out.err

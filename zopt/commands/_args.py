@@ -55,8 +55,10 @@ def check_source(spec: str | os.PathLike) -> None:
 
 
 def source_defaults(spec: str | os.PathLike) -> dict:
-    """Defaults of a built-in source (``resolution``, ``prompts``) for the options the user left out;
-    empty for anything else. Cheap: nothing is built or imported beyond the family."""
+    """Defaults of a built-in source (``resolution``, ``prompts``, ``steps``) for the options the
+    user left out, also for a file or folder converted from one (a GGUF's ``zopt.source.name``, a
+    zopt folder whose manifest config is the built-in model's); empty for anything else. Cheap:
+    headers and JSON only, no torch."""
     from ..families import FAMILIES, get
 
     text = os.fspath(spec)
@@ -64,4 +66,34 @@ def source_defaults(spec: str | os.PathLike) -> dict:
         fam = get(name)
         if text in fam.builtin_sources():
             return fam.builtin_defaults(text)
-    return {}
+    built = _built_from(Path(text).expanduser())
+    return source_defaults(built) if built and built != text else {}
+
+
+def _built_from(path: Path) -> str | None:
+    """The built-in source a zopt artifact was converted from, when it says so; None otherwise."""
+    import json
+
+    from ..families import FAMILIES, get
+
+    try:
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            from ..checkpoint import open as open_checkpoint
+
+            name = open_checkpoint(path).metadata.get("zopt.source.name")
+            return name if isinstance(name, str) else None
+        manifest = path / "zopt-manifest.json"
+        if not manifest.is_file():
+            return None
+        config = json.loads(manifest.read_text(encoding="utf-8")).get("config") or {}
+    except Exception:  # unreadable or damaged: the command that reads it says what is wrong with it
+        return None
+    norm = lambda v: json.loads(json.dumps(v))  # noqa: E731  (tuples and lists alike)
+    for fam_name in FAMILIES:
+        fam = get(fam_name)
+        for name in fam.builtin_sources():
+            want = fam.builtin_config(name) or {}
+            if want and fam.builtin_defaults(name) and all(
+                    norm(config.get(k)) == norm(v) for k, v in want.items() if not k.startswith("_")):
+                return name
+    return None

@@ -145,6 +145,38 @@ def check_args(args) -> tuple[list[str], list, int, int, dict]:
     return prompts, jobs, w, h, given
 
 
+def _explain_defaults(args, prompts: list[str], w: int, h: int) -> None:
+    """Say which prompt a bare ``zopt generate tiny`` draws, and when a request is outside what a
+    built-in model learned (the micro model knows 64 px shapes captions only)."""
+    from ._args import source_defaults
+
+    defaults = source_defaults(args.model)
+    if not defaults:
+        return
+    import sys
+
+    def warn(text: str) -> None:
+        print(f"zopt: warning: {text}", file=sys.stderr)
+
+    if not args.prompt and not args.prompts_file:
+        print(f"prompt: {prompts[0]!r} (the default for {args.model}; --prompt to choose)")
+    if "prompts" in defaults:
+        from ..families.zimage.micro.shapes import parse_caption
+
+        def known(text: str) -> bool:
+            try:
+                parse_caption(text)
+            except ValueError:
+                return False
+            return True
+
+        if not all(known(p) for p in prompts):
+            warn(f"{args.model} only learned shapes captions such as {defaults['prompts'][0]!r} "
+                 "(docs/micro.md); other prompts give coloured blobs")
+    if "resolution" in defaults and f"{w}x{h}" != defaults["resolution"]:
+        warn(f"{args.model} learned {defaults['resolution']} images; at {w}x{h} it repeats or stretches them")
+
+
 def run(args) -> int:
     import os
     import shutil
@@ -157,6 +189,7 @@ def run(args) -> int:
     if args.compile is not None:  # the loaders read the switch (ZOPT_COMPILE) when they build the model
         os.environ["ZOPT_COMPILE"] = "1" if args.compile else "0"
     note(f"generating {len(jobs)} image{'s' * (len(jobs) != 1)} with {args.model}: loading torch and the pipeline")
+    _explain_defaults(args, prompts, w, h)
     import torch
 
     from ..progress import progress_bar

@@ -56,7 +56,7 @@ ROW_FALLBACK: dict[str, str] = {
 
 SMALL_NUMEL = 1 << 16  # below this a tensor is kept in float: quantizing it saves nothing
 # ... unless it is not small beside the model: in a test-sized transformer (the 1.1M-parameter
-# micro model, whose every weight has fewer than 2^16 elements) a tensor over this share of all
+# micro model, whose every block weight has fewer than 2^16 elements) a tensor over this share of all
 # elements is quantized, or the file would be the float model under a GGUF type's name
 SMALL_SHARE = 0.005
 
