@@ -162,8 +162,8 @@ def test_all_prompts_are_encoded_before_the_first_step(base_pipe, tmp_path):
     hooks = [pipe.text_encoder.register_forward_pre_hook(lambda m, a, k: calls.append(("text", 0)), with_kwargs=True),
              pipe.transformer.register_forward_pre_hook(lambda m, a: calls.append(("denoise", len(a[0]))))]
     try:
-        req = P.GenerateRequest(["fog", "a red cube", "fog"], [1], steps=2, height=64, width=64, guidance_scale=4.0,
-                                batch_size=2, jobs=[("fog", 1), ("a red cube", 2, "dark"), ("fog", 3)])
+        req = P.GenerateRequest(["fog", "a large red square in the centre on a blue background", "fog"], [1], steps=2, height=64, width=64, guidance_scale=4.0,
+                                batch_size=2, jobs=[("fog", 1), ("a large red square in the centre on a blue background", 2, "dark"), ("fog", 3)])
         out = P.run(pipe, req, tmp_path)
     finally:
         for h in hooks:
@@ -171,7 +171,7 @@ def test_all_prompts_are_encoded_before_the_first_step(base_pipe, tmp_path):
     kinds = [k for k, _ in calls]
     first = kinds.index("denoise")
     assert "text" not in kinds[first:]  # every encoding happens before any denoising
-    # distinct texts only: "fog", "a red cube", "" (default negative), "dark" in batches of 2
+    # distinct texts only: "fog", "a large red square in the centre on a blue background", "" (default negative), "dark" in batches of 2
     assert kinds[:first] == ["text", "text"]
     # each guided step runs the batch and its negatives together: 2 x 2, then 2 x 1
     assert [n for k, n in calls if k == "denoise"] == [4, 4, 2, 2]
@@ -182,9 +182,9 @@ def test_generate_cli_base_with_negative_prompts(tmp_path, capsys):
     from zopt.cli import main
 
     common = ["generate", "tiny-base", "--steps", "2", "--resolution", "64x64", "--seeds", "5"]
-    assert main(common + ["--prompt", "a red cube", "--negative-prompt", "a blue sphere", "--guidance", "4",
+    assert main(common + ["--prompt", "a large red square in the centre on a blue background", "--negative-prompt", "a blue sphere", "--guidance", "4",
                           "-o", str(tmp_path / "neg.png")]) == 0
-    assert main(common + ["--prompt", "a red cube", "--negative-prompt", "", "--guidance", "4",
+    assert main(common + ["--prompt", "a large red square in the centre on a blue background", "--negative-prompt", "", "--guidance", "4",
                           "-o", str(tmp_path / "empty.png")]) == 0
     err = capsys.readouterr()
     assert "warning" not in err.err and "base preset, 2 steps, guidance 4" in err.out
@@ -194,27 +194,28 @@ def test_generate_cli_base_with_negative_prompts(tmp_path, capsys):
         "a blue sphere", "base", "base", 4.0)
     # without --guidance the Base preset's 4 applies; the prompts file gives per-prompt negatives
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"prompt": "a red cube", "negative_prompt": "a blue sphere"}\nfog\n')
+    prompts.write_text('{"prompt": "a large red square in the centre on a blue background", "negative_prompt": "a blue sphere"}\nfog\n')
     out = tmp_path / "file"
     assert main(["generate", "tiny-base", "--steps", "2", "--resolution", "64x64", "--seeds", "5",
                  "--prompts-file", str(prompts), "--negative-prompt", "dark", "-o", str(out)]) == 0
     metas = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
     assert [(m["prompt"], m["negative_prompt"], m["guidance_scale"]) for m in metas] == [
-        ("a red cube", "a blue sphere", 4.0), ("fog", "dark", 4.0)]
+        ("a large red square in the centre on a blue background", "a blue sphere", 4.0), ("fog", "dark", 4.0)]
     assert np.array_equal(_png(out / "000-seed5.png"), _png(tmp_path / "neg.png"))
 
 
 def test_turbo_warning_and_bad_input(tmp_path, capsys):
     from zopt.cli import main
 
-    common = ["generate", "tiny", "--steps", "1", "--resolution", "64x64", "--prompt", "a"]
+    # a caption tiny learned (any other prompt draws a warning that it only knows shapes captions)
+    common = ["generate", "tiny", "--steps", "1", "--resolution", "64x64", "--prompt", "a small red circle in the centre on a blue background"]
     assert main(common + ["--guidance", "2", "-o", str(tmp_path / "g.png")]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("zopt: warning: guidance 2 on a Turbo checkpoint")
     assert main(common + ["-o", str(tmp_path / "t.png")]) == 0
     assert "warning" not in capsys.readouterr().err
     # a prompt longer than --max-sequence-length is cut by the pipeline: said once, in one line
-    assert main(common[:-1] + ["a red house by a lake", "--max-sequence-length", "16", "-o", str(tmp_path / "c.png")]) == 0
+    assert main(common[:-1] + ["a large orange square at the top right on a white and red background", "--max-sequence-length", "16", "-o", str(tmp_path / "c.png")]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "only the first 16 are read" in err[0] and err[0].startswith("zopt: warning: prompt")
     for bad in (["--cfg-truncation", "2"], ["--sigmas", "1,x"], ["--max-sequence-length", "0"],
