@@ -82,3 +82,52 @@ def test_bad_group_size_refused(tmp_path, tiny_transformer_dir):
     with pytest.raises(ZoptError, match="group_size"):
         formats.convert(tiny_transformer_dir, "int4", tmp_path / "x", options={"group_size": 100}, progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_importance_weighted_clipping_lowers_output_error_on_outlier_channels(tmp_path):
+    """With an imatrix, the clipping search minimizes the error of the layer's output on inputs
+    like the calibration's (a few loud channels), not the weight's own; bytes stay one INT4 layout."""
+    import torch
+
+    from zopt.formats.imatrix import Imatrix, Stat
+    from zopt.formats.lowbit.int4 import Int4Scheme, dequantize_int4
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 256, generator=g)
+    x[:, :8] *= 30  # outlier input channels, as real transformers' activations have
+    w = torch.randn(128, 256, generator=g) / 16
+    name = "layers.0.feed_forward.w2.weight"
+    im = Imatrix({name: Stat(x.double().square().sum(0).numpy(), 256.0)})
+    plain, weighted = Int4Scheme(128), Int4Scheme(128, imatrix=im)
+    ref = x @ w.t()
+
+    def out_err(scheme):
+        q = scheme.quantize_named(name, w)
+        assert [tuple(t.shape) for t in q] == [tuple(s) for _, _, s in scheme.parts(name, tuple(w.shape))]
+        return float((x @ dequantize_int4(*q).t() - ref).norm() / ref.norm())
+
+    e_plain, e_weighted = out_err(plain), out_err(weighted)
+    assert e_weighted < 0.9 * e_plain, (e_weighted, e_plain)
+    # a weight the imatrix has no entry for is quantized exactly as without it
+    other = "layers.0.feed_forward.w1.weight"
+    assert all(torch.equal(a, b) for a, b in zip(weighted.quantize_named(other, w), plain.quantize(w), strict=True))
+    assert weighted.describe()["clip_search_importance"]["imatrix_sha256"] == im.sha256
+
+
+def test_int4_imatrix_conversion_and_refusals(tmp_path, tiny_transformer_dir):
+    import json
+
+    from zopt import formats
+    from zopt.errors import ZoptError
+    from zopt.formats.imatrix import Imatrix, Stat, write
+
+    shapes = {"layers.0.feed_forward.w1.weight": 384}
+    path = write(Imatrix({n: Stat(__import__("numpy").ones(c), 1.0) for n, c in shapes.items()}), tmp_path / "m.imatrix")
+    out = formats.convert(tiny_transformer_dir, "int4", tmp_path / "a", options={"imatrix": str(path)}, progress=False)
+    scheme = json.loads((out / "zopt-manifest.json").read_text())["scheme"]
+    assert "clip_search_importance" in scheme
+    for opts, msg in (({"clip_search": False}, "clip_search=false"), ({"rank": 16}, "low-rank")):
+        with pytest.raises(ZoptError, match=msg):
+            formats.convert(tiny_transformer_dir, "int4", tmp_path / "b", options={"imatrix": str(path), **opts},
+                            progress=False)
+        assert not (tmp_path / "b").exists()

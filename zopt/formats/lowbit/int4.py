@@ -10,7 +10,9 @@ A quantized Linear stores
 and ``w ~= (code - zero) * scale``. Each group's range is chosen by a **clipping search**: the
 group's min and max are shrunk by factors 1.0, 0.95, ... and the factor with the least squared
 reconstruction error is kept (1.0 is plain round-to-nearest, so the search never does worse).
-With ``--option rank=R`` (``int4:r32``, ``int4:g64r32``) the weight also keeps a rank-R BF16
+With ``--imatrix FILE`` (``zopt calibrate``) the search weighs each column's squared error by its
+input's mean square ``E[x_j^2]``, so it minimizes the error of the layer's output rather than of the
+weight. With ``--option rank=R`` (``int4:r32``, ``int4:g64r32``) the weight also keeps a rank-R BF16
 branch and INT4 stores the residual (:mod:`.lowrank`).
 
 Kernels: ``torch-dequant`` (unpack and dequantize one layer at a time, matmul in the activation
@@ -41,6 +43,8 @@ class Int4Options(Options):
     group_size: int = field(default=DEFAULT_GROUP, metadata={"choices": GROUP_SIZES})  # weights per scale/zero
     clip_search: bool = True  # search shrunken ranges per group (never worse than round-to-nearest)
     rank: int = 0  # rank of the BF16 low-rank branch beside each weight (0: none)
+    # importance matrix (zopt calibrate): weights the clipping search by each input channel's E[x^2]
+    imatrix: str | None = field(default=None, metadata={"record": False})
 
 
 def _grid(mn, mx):
@@ -58,29 +62,34 @@ def _codes(g, scale, zero):
     return torch.round(g / scale[..., None] + zero[..., None]).clamp(0, 15)
 
 
-def _sq_error(g, scale, zero, buf):
-    """Per-group squared reconstruction error of ``g`` on grid (scale, zero); ``buf`` is scratch."""
+def _sq_error(g, scale, zero, buf, weight=None):
+    """Per-group squared reconstruction error of ``g`` on grid (scale, zero), each column's weighted
+    by ``weight`` (broadcast over ``g``) when given; ``buf`` is scratch."""
     import torch
 
     s, z = scale[..., None], zero[..., None]
     torch.div(g, s, out=buf)
     buf.add_(z).round_().clamp_(0, 15).sub_(z).mul_(s).sub_(g)
-    return buf.square_().sum(-1)
+    buf.square_()
+    return (buf.mul_(weight) if weight is not None else buf).sum(-1)
 
 
-def quantize_int4(w, group: int = DEFAULT_GROUP, clip_search: bool = True):
-    """Float ``(out, in)`` -> (packed U8 ``(out, in/2)``, F16 scales, U8 zeros), groups of ``group``."""
+def quantize_int4(w, group: int = DEFAULT_GROUP, clip_search: bool = True, importance=None):
+    """Float ``(out, in)`` -> (packed U8 ``(out, in/2)``, F16 scales, U8 zeros), groups of ``group``;
+    ``importance`` (``(in,)``, e.g. an imatrix's ``E[x^2]``) weights the clipping search's error."""
     import torch
 
     rows, cols = w.shape
     g = w.detach().float().reshape(rows, cols // group, group)
     mn, mx = g.amin(-1), g.amax(-1)
     best_f = torch.ones_like(mn)
+    weight = None if importance is None else torch.as_tensor(importance, dtype=torch.float32).reshape(
+        1, cols // group, group)
     if clip_search:
         buf = torch.empty_like(g)
         best_err = None
         for f in CLIP_FACTORS:
-            err = _sq_error(g, *_grid(mn * f, mx * f), buf)
+            err = _sq_error(g, *_grid(mn * f, mx * f), buf, weight)
             if best_err is None:
                 best_err = err
                 continue
@@ -141,15 +150,20 @@ class Int4Scheme(C.Scheme):
     format = "int4"
     storage = "INT4"
 
-    def __init__(self, group: int = DEFAULT_GROUP, clip_search: bool = True):
+    def __init__(self, group: int = DEFAULT_GROUP, clip_search: bool = True, imatrix=None):
         if group not in GROUP_SIZES:
             raise ZoptError(f"int4 group_size (--option group_size=N or int4:gN) must be one of {GROUP_SIZES}, "
                             f"not {group!r}")
         self.group, self.clip_search = group, bool(clip_search)
+        self.imatrix = imatrix  # weights the clipping search (zopt.formats.imatrix.Imatrix), or None
         self.storage = f"INT4_G{group}"
 
     def describe(self) -> dict[str, Any]:
-        return {"scales": "F16", "zeros": "U8", "packing": "low nibble = even column"}
+        out: dict[str, Any] = {"scales": "F16", "zeros": "U8", "packing": "low nibble = even column"}
+        if self.imatrix is not None:
+            out["clip_search_importance"] = {"imatrix_sha256": self.imatrix.sha256,
+                                             "imatrix_datasets": list(self.imatrix.datasets)}
+        return out
 
     def draft(self) -> Int4Scheme:
         return Int4Scheme(self.group, clip_search=False)  # round to nearest: 6x cheaper
@@ -167,6 +181,12 @@ class Int4Scheme(C.Scheme):
     def quantize(self, w):
         return C.quantize_rows(quantize_int4, w, self.group, self.clip_search)
 
+    def quantize_named(self, name, w):
+        imp = self.imatrix.importance(name, w.shape[1]) if self.imatrix is not None else None
+        if imp is None:  # no entry for this weight: the plain search
+            return self.quantize(w)
+        return C.quantize_rows(quantize_int4, w, self.group, self.clip_search, imp)
+
     def module_int8(self, parts, shape):
         return as_int8(self.module(parts, shape, self.dequant_backend))
 
@@ -176,7 +196,16 @@ class Int4Scheme(C.Scheme):
 
 
 def scheme_from_options(options: Int4Options) -> C.Scheme:
-    return with_rank(Int4Scheme(options.group_size, options.clip_search), check_rank("int4", options.rank))
+    im = None
+    if getattr(options, "imatrix", None):
+        from .. import imatrix
+
+        if not options.clip_search:
+            raise ZoptError("--imatrix weights int4's clipping search; with clip_search=false there is none")
+        if options.rank:
+            raise ZoptError("--imatrix with a low-rank branch (int4:rN) is not supported: convert without one")
+        im = imatrix.read(options.imatrix)
+    return with_rank(Int4Scheme(options.group_size, options.clip_search, im), check_rank("int4", options.rank))
 
 
 def convert(src: TensorSource, out: Path, subtype: str | None, options: Int4Options, progress: bool, *,
