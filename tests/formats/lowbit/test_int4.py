@@ -126,6 +126,13 @@ def test_int4_imatrix_conversion_and_refusals(tmp_path, tiny_transformer_dir):
     out = formats.convert(tiny_transformer_dir, "int4", tmp_path / "a", options={"imatrix": str(path)}, progress=False)
     scheme = json.loads((out / "zopt-manifest.json").read_text())["scheme"]
     assert "clip_search_importance" in scheme
+    # a subtype keeps the imatrix (it used to drop options the manifest does not record)
+    out = formats.convert(tiny_transformer_dir, "int4:g64", tmp_path / "g", options={"imatrix": str(path)},
+                          progress=False)
+    assert "clip_search_importance" in json.loads((out / "zopt-manifest.json").read_text())["scheme"]
+    with pytest.raises(ZoptError, match="low-rank"):
+        formats.convert(tiny_transformer_dir, "int4:r16", tmp_path / "b", options={"imatrix": str(path)},
+                        progress=False)
     for opts, msg in (({"clip_search": False}, "clip_search=false"), ({"rank": 16}, "low-rank")):
         with pytest.raises(ZoptError, match=msg):
             formats.convert(tiny_transformer_dir, "int4", tmp_path / "b", options={"imatrix": str(path), **opts},

@@ -166,14 +166,17 @@ def with_subtype(options: T, fmt: str, subtype: str | None, groups: bool = True)
     option that disagree are refused."""
     if not subtype:
         return options
+    import dataclasses
+
     group, rank = parse_subtype(fmt, subtype, groups)
-    raw = {**options.recorded(), "hash_source": options.hash_source}
+    changes: dict = {}
     if group is not None:
         if options.group_size != type(options)().group_size and group != options.group_size:
             raise ZoptError(f"{fmt}:{subtype} and --option group_size={options.group_size} disagree; give one of them")
-        raw["group_size"] = group
+        changes["group_size"] = group
     if rank is not None:
         if options.rank and rank != options.rank:
             raise ZoptError(f"{fmt}:{subtype} and --option rank={options.rank} disagree; give one of them")
-        raw["rank"] = rank
-    return type(options).from_dict(raw, format=fmt)
+        changes["rank"] = rank
+    # every other field as given, those the manifest does not record (--imatrix) too
+    return dataclasses.replace(options, **changes)
