@@ -122,7 +122,9 @@ def test_int4_imatrix_conversion_and_refusals(tmp_path, tiny_transformer_dir):
     from zopt.formats.imatrix import Imatrix, Stat, write
 
     shapes = {"layers.0.feed_forward.w1.weight": 384}
-    path = write(Imatrix({n: Stat(__import__("numpy").ones(c), 1.0) for n, c in shapes.items()}), tmp_path / "m.imatrix")
+    import numpy as np
+
+    path = write(Imatrix({n: Stat(np.ones(c), 1.0) for n, c in shapes.items()}), tmp_path / "m.imatrix")
     out = formats.convert(tiny_transformer_dir, "int4", tmp_path / "a", options={"imatrix": str(path)}, progress=False)
     scheme = json.loads((out / "zopt-manifest.json").read_text())["scheme"]
     assert "clip_search_importance" in scheme
