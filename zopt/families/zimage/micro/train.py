@@ -45,7 +45,7 @@ class TrainConfig:
     # 1 + foreground * coverage. The shapes cover about a tenth of an image; unweighted, both models
     # spend thousands of steps on the flat backgrounds before they draw a shape at its place
     foreground: float = 4.0
-    dit_steps: int = 10000
+    dit_steps: int = 16000
     dit_batch: int = 16
     dit_lr: float = 2e-3
     warmup: int = 30
