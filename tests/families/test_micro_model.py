@@ -76,7 +76,9 @@ def test_bf16_micro_model_draws_the_colour_at_the_place_the_prompt_says(bf16_ima
 def test_bf16_micro_model_draws_the_shape_the_prompt_says(bf16_images):
     prompts, images = bf16_images
     assert A.score_many(images, prompts).accuracy()["shape"] >= FLOOR["shape"]
-    # read against the same prompt with another kind, far fewer shapes pass
-    others = [p.replace(k, S.SHAPES[(S.SHAPES.index(k) + 1) % len(S.SHAPES)])
-              for p in prompts for k in S.SHAPES if f" {k} " in p]
-    assert A.score_many(images, others).accuracy()["shape"] < 0.3
+    # every kind, not rounded blobs that pass as circles: at least half of each kind's shapes read right
+    for kind in S.SHAPES:
+        pairs = [(im, p) for im, p in zip(images, prompts, strict=True) if S.parse_caption(p).shapes[0].kind == kind]
+        got = A.score_many(*zip(*pairs, strict=True)).accuracy()["shape"] if pairs else 0.0
+        print(f"{kind}: {got:.2f} of {len(pairs)}")
+        assert got >= 0.5, kind

@@ -33,8 +33,8 @@ _GRID = (0.26, 0.5, 0.74)
 # scale of the random offset of a shape's centre from its named grid point (fraction of the side,
 # up to +-0.02 x JITTER). Zero: a caption names one image exactly. With offsets of +-1.3 px the
 # transformer's best guess at high noise is the average over offsets, a blurred shape, and it drew
-# rounded blobs for stars and triangles (docs/micro.md). The offsets are still drawn (and scaled),
-# so every seed keeps its caption.
+# rounded blobs that read as circles (docs/micro.md). The offsets are still drawn (and scaled), so
+# every one-shape seed keeps its caption.
 JITTER = 0.0
 POSITIONS: dict[str, tuple[float, float]] = {
     "top left": (_GRID[0], _GRID[0]), "top": (_GRID[1], _GRID[0]), "top right": (_GRID[2], _GRID[0]),
