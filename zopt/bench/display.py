@@ -220,10 +220,9 @@ def footnotes(records: list[dict[str, Any]]) -> list[str]:
         which = ", ".join(f"{r['label']} {latency_spread(r):.1f}x" for r in noisy)
         notes.append(f"~ noisy latency: p90 more than {NOISY_SPREAD:g}x the median ({which}); the median is not a "
                      "reliable figure: rerun on an idle machine with more --repeats.")
-    if any(get_path(r, "metrics.quality.adherence") is not None for r in records):
-        n_img = sum(len(r.get("images") or []) for r in records if get_path(r, "metrics.quality.adherence") is not None)
-        runs = sum(1 for r in records if get_path(r, "metrics.quality.adherence") is not None)
-        per = n_img // runs if runs else 0
+    scored = [r for r in records if get_path(r, "metrics.quality.adherence") is not None]
+    if scored:
+        per = sum(len(r.get("images") or []) for r in scored) // len(scored)
         step = f" One attribute of one image is {1 / (4 * per):.3f} of it" if per else ""
         notes.append("adherence: the mean of the share of the prompts' colours, shapes, positions and sizes read "
                      "right from the pixels (the shapes captions the embedded micro model learned; docs/micro.md), "

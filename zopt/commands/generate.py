@@ -105,7 +105,7 @@ def check_args(args) -> tuple[list[str], list, int, int, dict]:
 
     args.model = args.source or args.model or "tiny"
     check_source(args.model)
-    defaults = args.source_defaults = source_defaults(args.model)  # _explain_defaults reads it again
+    defaults = args.source_defaults = source_defaults(args.model)  # kept for _explain_defaults
     if args.base:
         check_source(args.base)
     if args.offload not in ("auto", *MODES):
@@ -147,12 +147,9 @@ def check_args(args) -> tuple[list[str], list, int, int, dict]:
 
 def _explain_defaults(args, prompts: list[str], w: int, h: int) -> None:
     """Say which prompt a bare ``zopt generate tiny`` draws, and when a request is outside what a
-    built-in model learned (the micro model knows 64 px shapes captions only)."""
-    defaults = getattr(args, "source_defaults", None)
-    if defaults is None:
-        from ._args import source_defaults
-
-        defaults = source_defaults(args.model)
+    built-in model learned (the micro model knows 64 px shapes captions only). Reads the defaults
+    :func:`check_args` found."""
+    defaults = args.source_defaults
     if not defaults:
         return
     import sys

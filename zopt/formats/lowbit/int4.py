@@ -197,7 +197,7 @@ class Int4Scheme(C.Scheme):
 
 def scheme_from_options(options: Int4Options) -> C.Scheme:
     im = None
-    if getattr(options, "imatrix", None):
+    if options.imatrix:
         from .. import imatrix
 
         if not options.clip_search:
