@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -89,34 +90,141 @@ def measure(source, spec: str, options: dict, path: Path, refs, inputs, params: 
     return row
 
 
-def peer_points(source, types, refs, inputs, params: int, work: Path) -> list[dict]:
-    """stable-diffusion.cpp's converter (stable-diffusion-cpp-python) at each type, loaded by zopt."""
-    try:
-        import stable_diffusion_cpp  # noqa: F401
-    except ImportError:
-        print("stable-diffusion-cpp-python is not installed: no peer points")
-        return []
+SDCPP_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+
+
+def peer_types(types: list[str]) -> list[str]:
+    """stable-diffusion.cpp has one type per name and no recipes: Q4_K_M -> Q4_K; every type of
+    its converter when no zopt type is asked for."""
+    out = []
+    for t in types or SDCPP_TYPES:
+        base = t[:-2] if t.endswith(("_S", "_M", "_L")) else t
+        if base in SDCPP_TYPES and base not in out:
+            out.append(base)
+    return out
+
+
+def peer_file(source) -> Path | None:
+    """The one safetensors file stable-diffusion.cpp's converter reads: the source itself or the
+    single file of a diffusers ``transformer/`` folder."""
+    p = Path(source)
+    if p.is_file():
+        return p
+    folder = p / "transformer" if (p / "transformer").is_dir() else p
+    files = sorted(folder.glob("*.safetensors"))
+    return files[0] if len(files) == 1 else None
+
+
+def sdcpp_convert(src: Path, out: Path, t: str, log: Path) -> bool:
+    """stable-diffusion.cpp's converter (``sd -M convert``), its C output sent to ``log``."""
     from stable_diffusion_cpp import stable_diffusion_cpp as sd
 
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(log, "ab") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            # the C API: convert(input, vae, output, sd_type_t, tensor_type_rules, convert_name)
+            ok = sd.convert(str(src).encode(), b"", str(out).encode(), int(getattr(sd.GGMLType, f"SD_TYPE_{t}")),
+                            b"", False)
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+    return bool(ok) and out.exists()
+
+
+def peer_points(source, types, refs, inputs, params: int, work: Path, adh: int) -> list[dict]:
+    """stable-diffusion.cpp's converter (stable-diffusion-cpp-python) at each type, loaded by zopt
+    with the same backend and inputs as zopt's own files."""
+    try:
+        import stable_diffusion_cpp  # noqa: F401
+    except (ImportError, OSError) as e:
+        print(f"stable-diffusion-cpp-python is not usable here ({e}): no peer points")
+        return []
     from zopt.formats import load
 
+    src = peer_file(source)
+    if src is None:
+        print(f"{source}: stable-diffusion.cpp's converter reads one safetensors file; none found: no peer points")
+        return []
     rows = []
-    for t in types:
-        if t not in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"):
-            continue
+    for t in peer_types(types):
         out = work / f"sdcpp-{t}.gguf"
-        # the C API: convert(input, vae, output, sd_type_t, tensor_type_rules, convert_name)
-        ok = sd.convert(str(source).encode(), b"", str(out).encode(), int(getattr(sd.GGMLType, f"SD_TYPE_{t}")),
-                        b"", False)
-        if not ok or not out.exists():
+        t0 = time.perf_counter()
+        if not sdcpp_convert(src, out, t, work / "sdcpp.log"):
+            print(f"sd.cpp {t}: the converter failed (see {work / 'sdcpp.log'})")
             continue
+        conv_s = time.perf_counter() - t0
         model = load(out, device="cpu", dtype=torch.float32, backend="torch-dequant")
         size = out.stat().st_size
         row = {"label": f"sd.cpp {t}", "spec": f"sdcpp:{t}", "imatrix": False, "bytes": size,
-               "bpw": round(8 * size / params, 4), "rel_error": round(rel_err(outputs(model, inputs), refs), 6)}
+               "bpw": round(8 * size / params, 4), "rel_error": round(rel_err(outputs(model, inputs), refs), 6),
+               "convert_s": round(conv_s, 1), "file": str(out)}
+        if adh:
+            row["adherence"] = adherence(str(source), model, adh)
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
+
+
+def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The Pareto frontier of (bits, error): the points no smaller-or-equal file beats, by size."""
+    hull: list[tuple[float, float]] = []
+    for b, e in sorted(set(points)):
+        if hull and e >= hull[-1][1]:
+            continue  # a file at most this size is at least as good
+        if hull and b == hull[-1][0]:
+            hull.pop()
+        hull.append((b, e))
+    return hull
+
+
+def frontier_error(hull: list[tuple[float, float]], bpw: float) -> float | None:
+    """The frontier's error at ``bpw``: log-linear between its neighbouring points, its best error
+    beyond its largest file, None below its smallest."""
+    if not hull or bpw < hull[0][0]:
+        return None
+    for (x1, e1), (x2, e2) in zip(hull, hull[1:]):
+        if x1 <= bpw <= x2:
+            return math.exp(math.log(e1) + (math.log(e2) - math.log(e1)) * (bpw - x1) / (x2 - x1))
+    return hull[-1][1]
+
+
+def compare_to_peer(rows: list[dict]) -> list[dict]:
+    """For each zopt point: the peer frontier's error at its size and the ratio; prints a table."""
+    peer = [(r["bpw"], r["rel_error"]) for r in rows if r["spec"].startswith("sdcpp")]
+    if not peer:
+        return []
+    same = {r["spec"].split(":")[1]: r for r in rows if r["spec"].startswith("sdcpp")}
+    hull = frontier(peer)
+    out = []
+    print()
+    print("| zopt point | bits/param | rel. output error | peer frontier at that size | ratio | verdict "
+          "| peer's same type: bits, error |")
+    print("|---|---:|---:|---:|---:|---|---|")
+    for r in sorted((r for r in rows if not r["spec"].startswith("sdcpp")), key=lambda r: r["bpw"]):
+        pe = frontier_error(hull, r["bpw"])
+        if pe is None:  # smaller than every peer file: compare with the smallest one
+            ratio = r["rel_error"] / hull[0][1]
+            verdict = "at or below (smaller than every peer file)" if ratio <= 1.0 else "no peer file this small"
+        else:
+            ratio = r["rel_error"] / pe
+            verdict = "at or below" if ratio <= 1.0 else "above"
+        out.append({"label": r["label"], "bpw": r["bpw"], "rel_error": r["rel_error"], "peer_error": pe,
+                    "ratio": ratio, "verdict": verdict})
+        cell = f"{pe:.4f}" if pe is not None else f"({hull[0][1]:.4f} at {hull[0][0]:.3f})"
+        t = r["spec"].split(":")[1]
+        s = same.get(t[:-2] if t.endswith(("_S", "_M", "_L")) else t) if r["spec"] != "gguf:auto" else None
+        scell = f"{s['bpw']:.3f}, {s['rel_error']:.4f}" if s else "-"
+        print(f"| {r['label']} | {r['bpw']:.3f} | {r['rel_error']:.4f} | {cell} | {ratio:.3f} | {verdict} | {scell} |")
+    n_ok = sum(o["verdict"].startswith("at or below") for o in out)
+    print(f"{n_ok} of {len(out)} zopt points at or below stable-diffusion.cpp's frontier "
+          "(error at most the peer's, log-linear between its files, at the same bits per parameter)")
+    return out
 
 
 def predict(source, rows: list[dict], imatrix_path: str | None) -> list[tuple[float, float]]:
@@ -172,12 +280,16 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     for r in rows:
         kind = "auto" if r["spec"] == "gguf:auto" else ("sd.cpp" if r["spec"].startswith("sdcpp") else "type")
         groups.setdefault((kind, r["imatrix"]), []).append(r)
+    names = {"auto": "zopt gguf:auto", "type": "zopt named types", "sd.cpp": "stable-diffusion.cpp"}
     for (kind, imat), rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r["bpw"])
         style = "-o" if kind == "auto" else ("s" if kind == "sd.cpp" else "x")
         ax.plot([r["bpw"] for r in rs], [r["rel_error"] for r in rs], style,
-                label=f"{kind}{' + imatrix' if imat else ''}")
-        if kind == "type":
+                label=f"{names[kind]}{' + imatrix' if imat else ''}")
+        if kind == "sd.cpp":
+            hull = frontier([(r["bpw"], r["rel_error"]) for r in rs])
+            ax.plot([b for b, _ in hull], [e for _, e in hull], ":", color="grey", label="its frontier")
+        if kind in ("type", "sd.cpp"):
             for r in rs:
                 ax.annotate(r["spec"].split(":")[1], (r["bpw"], r["rel_error"]), fontsize=6)
     ax.set_yscale("log")
@@ -261,7 +373,7 @@ def main() -> None:
             except Exception as e:  # a budget below the float tensors' share cannot be met
                 print(f"auto {b}{tag}: {e}")
     if args.peer:
-        rows += peer_points(source, types, refs, inputs, params, work)
+        rows += peer_points(source, types, refs, inputs, params, work, args.adherence)
     print()
     print(f"source {args.source}: {params:,} parameters, BF16 {base['ref_bytes'] / 1e6:.1f} MB")
     adh = ("colour", "shape", "position", "size")
@@ -279,8 +391,9 @@ def main() -> None:
         if args.adherence:
             line += adh_cells(r.get("adherence"))
         print(line)
+    versus = compare_to_peer(rows)
     if args.json:
-        Path(args.json).write_text(json.dumps({**base, "rows": rows}, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps({**base, "rows": rows, "versus_peer": versus}, indent=1) + "\n")
     if args.plot:
         plot(rows, Path(args.plot), f"{args.source}: rate-distortion")
 

@@ -1,0 +1,41 @@
+"""The rate-distortion benchmark's comparison with a peer's files: its frontier and verdicts."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+from rate_distortion import compare_to_peer, frontier, frontier_error, peer_types  # noqa: E402
+
+
+def test_frontier_drops_dominated_files_and_interpolates_in_log_error():
+    hull = frontier([(3.0, 0.4), (4.0, 0.2), (4.5, 0.3), (5.0, 0.1), (5.0, 0.12), (6.0, 0.05)])
+    assert hull == [(3.0, 0.4), (4.0, 0.2), (5.0, 0.1), (6.0, 0.05)]
+    assert frontier_error(hull, 2.9) is None
+    assert math.isclose(frontier_error(hull, 4.5), math.sqrt(0.2 * 0.1))
+    assert frontier_error(hull, 4.0) == 0.2
+    assert frontier_error(hull, 7.0) == 0.05  # past the largest file: its error
+
+
+def test_verdicts(capsys):
+    rows = [{"label": f"sd.cpp {t}", "spec": f"sdcpp:{t}", "bpw": b, "rel_error": e}
+            for t, b, e in (("Q3_K", 3.5, 0.4), ("Q4_K", 4.5, 0.2), ("Q5_K", 5.5, 0.1))]
+    rows += [{"label": "Q4_K_M", "spec": "gguf:Q4_K_M", "bpw": 5.0, "rel_error": 0.13},
+             {"label": "Q4_0", "spec": "gguf:Q4_0", "bpw": 5.0, "rel_error": 0.15},
+             {"label": "auto 3.0", "spec": "gguf:auto", "bpw": 3.0, "rel_error": 0.35},
+             {"label": "auto 2.5", "spec": "gguf:auto", "bpw": 2.5, "rel_error": 0.5}]
+    out = {o["label"]: o for o in compare_to_peer(rows)}
+    assert out["Q4_K_M"]["verdict"] == "at or below" and math.isclose(out["Q4_K_M"]["ratio"], 0.13 / math.sqrt(0.02))
+    assert out["Q4_0"]["verdict"] == "above"
+    assert out["auto 3.0"]["verdict"].startswith("at or below")  # smaller and better than Q3_K's file
+    assert out["auto 2.5"]["verdict"] == "no peer file this small"
+    text = capsys.readouterr().out
+    assert "2 of 4 zopt points at or below" in text and "| 4.500, 0.2000 |" in text  # Q4_K_M beside sd.cpp Q4_K
+
+
+def test_peer_types_map_recipes_to_its_types():
+    assert peer_types(["Q4_K_M", "Q4_K_S", "Q8_0", "Q3_K_L", "F16"]) == ["Q4_K", "Q8_0", "Q3_K"]
+    assert len(peer_types([])) == 10
