@@ -40,6 +40,7 @@ class Decision:
     reason: str
     floor: str | None = None  # "F32" / "BF16": the least precision the family's rules ask for, if any
     forced: bool = False  # quantized because a --quantize pattern asked for it
+    sensitive: bool = False  # kept because of the family's precision rules (not --keep, not its shape)
     unsupported: bool = False  # kept because the format cannot (or need not) store this shape quantized
 
 
@@ -120,7 +121,7 @@ class Policy:
         forced = self._match(self.force, name)
         rule = zimage.sensitive_reason(name)
         if forced is None and rule is not None:
-            return Decision(False, f"sensitive: {rule.reason}", floor)
+            return Decision(False, f"sensitive: {rule.reason}", floor, sensitive=True)
         if forced is not None:
             return Decision(True, f"--quantize {forced.pattern}", floor, forced=True)
         return Decision(True, "policy", floor)

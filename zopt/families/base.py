@@ -37,6 +37,10 @@ class SensitiveRule:
     pattern: str
     keep: str  # "F32" or "BF16"
     reason: str
+    # the GGUF type every quantized recipe stores it in (None: ``keep``, as the other formats do)
+    gguf: str | None = None
+    # the least GGUF type a size-targeted recipe (gguf:auto) may give it; None: measurement decides
+    auto_least: str | None = None
 
 
 @dataclass(frozen=True)

@@ -117,3 +117,20 @@ def test_choice_fits_and_beats_every_uniform_choice_that_fits():
         for t in types:
             if sum(s.nbytes[t] for s in sens) <= budget:
                 assert err <= sum(s.errors[t] for s in sens)
+
+
+def test_family_floor_holds_the_direct_path_where_it_is_cheap(auto_files):
+    """The patch embedding and the final layer (a family rule's ``auto_least``, Q8_0) take only Q8_0
+    or better in a size-targeted file when they are a small part of the model; a tensor holding
+    more than ``FLOOR_SHARE`` of the weights, or one without the rule, may take any type."""
+    from zopt.formats.gguf.auto import FLOOR_SHARE, K_CANDIDATES, candidates
+
+    assert candidates((64, 3840), "final_layer.linear.weight", 0.0001) == ("Q8_0", "BF16")
+    assert candidates((3840, 64), "x_embedder.weight", 0.0001) == ("Q8_0", "BF16")
+    assert candidates((3840, 256), "t_embedder.mlp.0.weight", 0.0001) == ("Q8_0", "BF16")
+    assert candidates((3840, 256), "t_embedder.mlp.0.weight", 2 * FLOOR_SHARE) == K_CANDIDATES
+    assert candidates((15360, 256), "layers.3.adaLN_modulation.0.weight", 0.0001) == K_CANDIDATES
+    for path in auto_files.values():
+        types = json.loads(checkpoint.open(path).metadata[AUTO_TYPES_KEY])
+        for n in ("x_embedder.weight", "final_layer.linear.weight"):
+            assert types[n] in ("Q8_0", "BF16"), (path.name, n, types[n])

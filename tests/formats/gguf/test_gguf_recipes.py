@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from zopt.families import zimage
 from zopt.formats.gguf import recipes as R
 from zopt.formats.gguf.writer import StreamingGGUFWriter
 
@@ -15,7 +16,13 @@ def full_plan():
     return {name: {p.name: p.qtype for p in R.plan(shapes, name)} for name in R.RECIPES}
 
 
-def test_sensitive_tensors_stay_float_in_every_recipe(full_plan):
+DIRECT_PATH = ("t_embedder.mlp.0.weight", "x_embedder.weight", "final_layer.linear.weight",
+               "final_layer.adaLN_modulation.1.weight")
+MODULATION = ("cap_embedder.1.weight", "layers.7.adaLN_modulation.0.weight", "noise_refiner.0.adaLN_modulation.0.weight")
+SENSITIVE_WEIGHTS = DIRECT_PATH + MODULATION
+
+
+def test_sensitive_tensors_keep_precision_in_every_recipe(full_plan):
     for name, types in full_plan.items():
         if name == "F32":
             assert set(types.values()) == {"F32"}
@@ -24,9 +31,19 @@ def test_sensitive_tensors_stay_float_in_every_recipe(full_plan):
         assert types["layers.3.attention.q_norm.weight"] == "F32"
         assert types["layers.3.attention_norm1.weight"] == "F32"
         assert types["layers.3.adaLN_modulation.0.bias"] == "F32"
-        for n in ("t_embedder.mlp.0.weight", "cap_embedder.1.weight", "x_embedder.weight",
-                  "final_layer.linear.weight", "layers.7.adaLN_modulation.0.weight"):
+        # the direct path BF16 everywhere; adaLN and cap_embedder BF16 in the float recipes and
+        # Q8_0 (8.5 bits, within ~0.4% of BF16) in every quantized one
+        for n in DIRECT_PATH:
             assert types[n] == "BF16", (name, n)
+        for n in MODULATION:
+            assert types[n] == ("BF16" if name in R.FLOAT_TYPES else "Q8_0"), (name, n)
+
+
+def test_keep_holds_sensitive_weights_in_bf16():
+    shapes = R.full_size_shapes()
+    types = {p.name: p.qtype for p in R.plan(shapes, "Q4_K_M", keep=[r"adaLN_modulation"])}
+    assert types["layers.7.adaLN_modulation.0.weight"] == "BF16"
+    assert types["cap_embedder.1.weight"] == "Q8_0"
 
 
 def test_q4_k_m_raises_qkv_and_w2_as_documented(full_plan):
@@ -44,8 +61,11 @@ def test_q4_k_m_raises_qkv_and_w2_as_documented(full_plan):
 
 
 def test_uniform_and_mixed_recipes(full_plan):
-    quantized = {n for n, q in full_plan["Q4_K"].items() if q not in R.FLOAT_TYPES}
+    sensitive = {n for n in full_plan["Q4_K"] if zimage.sensitive_reason(n) is not None}
+    quantized = {n for n, q in full_plan["Q4_K"].items() if q not in R.FLOAT_TYPES and n not in sensitive}
     assert {full_plan["Q4_K"][n] for n in quantized} == {"Q4_K"}
+    q8 = {n for n in sensitive if full_plan["Q4_K"][n] not in R.FLOAT_TYPES}
+    assert {full_plan["Q4_K"][n] for n in q8} == {"Q8_0"} and all("adaLN" in n or "cap_embedder" in n for n in q8)
     assert {full_plan["Q3_K_S"][n] for n in quantized} == {"Q3_K"}
     assert {full_plan["Q8_0"][n] for n in quantized} == {"Q8_0"}
     l3 = full_plan["Q3_K_L"]

@@ -11,6 +11,9 @@ The choice is a knapsack on that prediction: every quantized tensor starts at it
 candidate, then the upgrade with the largest error reduction per added byte (on each tensor's
 lower convex hull of (bytes, error)) is taken while it fits the budget; upgrades that do not fit
 are skipped, smaller ones still taken. Tensors the policy keeps stay as the recipes keep them.
+Tensors whose family rule sets ``auto_least`` (Z-Image: patch embedding, final layer, timestep
+MLP) only take types at least that precise: the proxy misses that their errors reach the output
+undiluted (measured, see ``zimage.sensitive``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import re
 from dataclasses import dataclass
 
 from ...errors import ZoptError
+from ...families import zimage
 from .recipes import FLOAT_TYPES, TensorPlan, tensor_nbytes
 
 K_CANDIDATES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "BF16")
@@ -37,14 +41,24 @@ class Sensitivity:
     nbytes: dict[str, int]
 
 
-def candidates(shape: tuple[int, ...]) -> tuple[str, ...]:
-    """Types a quantized tensor of ``shape`` may take (K types need rows of 256, legacy of 32)."""
+# A family floor (``auto_least``) is cheap insurance where the tensor is a small part of the model
+# (the full model's embedders and final layer: under 0.1%); in a test-sized model whose timestep
+# MLP is a third of the weights it would take the bits from everything else (measured on the
+# micro model: 5.84 bits per weight before any other tensor could be quantized)
+FLOOR_SHARE = 0.01
+
+
+def candidates(shape: tuple[int, ...], name: str | None = None, share: float = 0.0) -> tuple[str, ...]:
+    """Types a quantized tensor of ``shape`` may take (K types need rows of 256, legacy of 32);
+    with ``name``, only those at least as precise as the family's ``auto_least`` for it, where the
+    tensor holds at most :data:`FLOOR_SHARE` of the model's parameters (``share``)."""
     cols = shape[-1]
-    if cols % 256 == 0:
-        return K_CANDIDATES
-    if cols % 32 == 0:
-        return LEGACY_CANDIDATES
-    return ("BF16",)
+    types = K_CANDIDATES if cols % 256 == 0 else LEGACY_CANDIDATES if cols % 32 == 0 else ("BF16",)
+    rule = zimage.sensitive_reason(name) if name is not None else None
+    if rule is not None and rule.auto_least is not None and share <= FLOOR_SHARE:
+        order = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "BF16")
+        types = tuple(t for t in types if order.index(t) >= order.index(rule.auto_least))
+    return types
 
 
 def parse_size(text: str) -> int:
@@ -170,7 +184,8 @@ def plan_auto(view, base: list[TensorPlan], *, target_bpw: float | None, target_
                 imp = imatrix.importance(p.name, p.shape[-1]) if imatrix is not None else None
                 # the importance matrix shapes the searches, but not the allocation: measured on the
                 # medium model, errors weighted by E[x^2] chose a worse mix (docs/quality-per-bit.md)
-                sens[p.name] = measure(p.name, w, imp, weigh=False)
+                share = math.prod(p.shape) / params
+                sens[p.name] = measure(p.name, w, imp, candidates(p.shape, p.name, share), weigh=False)
                 del w
     finally:
         torch.set_num_threads(threads)

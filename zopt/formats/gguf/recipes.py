@@ -10,7 +10,8 @@ below ``SMALL_NUMEL`` elements are kept, quantizing them saves nothing. Then the
 the storage type:
 
 * a kept tensor: F32 when it is 1-D, small, named F32 by the family's rules or the recipe is F32;
-  else BF16;
+  a weight whose family rule names a GGUF type (Z-Image: adaLN, cap_embedder: Q8_0) is stored in
+  it by every quantized recipe; else (``--keep``, float recipes, the other sensitive weights) BF16;
 * a quantized tensor: the recipe's bump rules (attention qkv, ``feed_forward.w2``,
   ``attention.out`` in chosen blocks; not for tensors forced by ``--quantize``) -> a higher type,
   else the recipe's base type; if the row length is not a multiple of the chosen type's block
@@ -201,13 +202,21 @@ def choose(name: str, shape: tuple[int, ...], rec: Recipe, n_layers: int,
     return storage_type(name, shape, policy_for(keep, quantize).decide(name, shape), rec, n_layers)
 
 
-def storage_type(name: str, shape: tuple[int, ...], dec: Decision, rec: Recipe, n_layers: int) -> tuple[str, str]:
-    """(GGML type, reason) of one tensor once the policy decided ``dec`` for it."""
+def storage_type(name: str, shape: tuple[int, ...], dec: Decision, rec: Recipe, n_layers: int,
+                 min_elements: int = SMALL_NUMEL) -> tuple[str, str]:
+    """(GGML type, reason) of one tensor once the policy decided ``dec`` for it (a sensitive weight
+    under ``min_elements`` elements stays BF16, as any small tensor)."""
     if not dec.quantize:
         # 1-D tensors (and the 2-D pad tokens, via the family's rule) stay F32: loaders such as
         # diffusers' only decode F32/F16 outside Linear layers, and they are too small to matter
         f32 = rec.base == "F32" or len(shape) < 2 or dec.floor == "F32" or dec.unsupported
-        return ("F32" if f32 else "BF16"), dec.reason
+        if f32:
+            return "F32", dec.reason
+        rule = zimage.sensitive_reason(name) if dec.sensitive and rec.base not in FLOAT_TYPES else None
+        if rule is not None and rule.gguf and len(shape) == 2 and shape[-1] % TYPE_LAYOUT[rule.gguf][0] == 0 \
+                and _numel(shape) >= min_elements:
+            return rule.gguf, f"{dec.reason} ({rule.gguf}: within ~0.4% of BF16, half its bytes)"
+        return "BF16", dec.reason
     qtype, reason = rec.base, f"{rec.name} base type"
     if not dec.forced:
         for b in rec.bumps:
@@ -233,7 +242,7 @@ def plan(shapes: dict[str, tuple[int, ...]], subtype: str | None, keep: Iterable
     policy = policy_for(keep, quantize, min_elements)
     out = []
     for n, s in shapes.items():
-        qtype, why = storage_type(n, tuple(s), policy.decide(n, tuple(s)), rec, n_layers)
+        qtype, why = storage_type(n, tuple(s), policy.decide(n, tuple(s)), rec, n_layers, min_elements)
         out.append(TensorPlan(n, tuple(s), qtype, why))
     return out
 
