@@ -16,6 +16,12 @@ Kernels:
 ``s_j = max|x_j|^a / max_i |W_ij|^(1-a)`` (``smooth_alpha`` a, default 0.5) moves activation
 outliers into the weight, which is stored as ``W diag(s)``, and ``<name>.weight_smooth`` (F32,
 ``(in,)``) holds ``1/s``, multiplied into the activations before their per-token quantization.
+
+``int8_w8a8`` with ``--option rotate=B`` (a power of two) rotates each Linear's input space by a
+block-diagonal Walsh-Hadamard matrix ``H`` (blocks of ``b``, the largest power of two up to ``B``
+dividing the layer's input width): the stored weight is ``W H`` and the kernels quantize ``x H``
+(``x W^T = (x H)(W H)^T``, ``H`` orthonormal), so a few loud input channels are spread over their
+block instead of setting every token's scale. ``dequantize`` returns the weight unrotated.
 """
 
 from __future__ import annotations
@@ -36,6 +42,35 @@ class Int8Options(Options):
 
     imatrix: str | None = field(default=None, metadata={"record": False})
     smooth_alpha: float = field(default=0.5, metadata={"record": False})
+    rotate: int = field(default=0, metadata={"record": False})  # Hadamard block (int8_w8a8), 0: none
+
+
+def rotation_block(cols: int, block: int) -> int:
+    """The Hadamard block a layer of ``cols`` inputs uses: the largest power of two up to ``block``
+    that divides ``cols`` (1: no rotation)."""
+    b = 1
+    while b * 2 <= block and cols % (b * 2) == 0:
+        b *= 2
+    return b
+
+
+def hadamard(b: int):
+    """The orthonormal ``b x b`` Walsh-Hadamard matrix (Sylvester's construction), float32."""
+    import torch
+
+    h = torch.ones(1, 1)
+    while h.shape[0] < b:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / h.shape[0] ** 0.5
+
+
+def rotate_cols(x, b: int):
+    """``x H`` for the block-diagonal Hadamard ``H`` of block ``b`` over ``x``'s last dimension
+    (``H`` is symmetric, so this also undoes itself)."""
+    if b <= 1:
+        return x
+    h = hadamard(b).to(device=x.device, dtype=x.dtype)
+    return (x.reshape(*x.shape[:-1], x.shape[-1] // b, b) @ h).reshape(x.shape)
 
 
 def quantize_int8(w):
@@ -67,7 +102,8 @@ def _int8_linear_class():
         return F.linear(x, m.weight.to(x.dtype)) * m.weight_scale.to(x.dtype)
 
     def smoothed(m, x):
-        return x if m.weight_smooth is None else x * m.weight_smooth.to(x.dtype)
+        x = x if m.weight_smooth is None else x * m.weight_smooth.to(x.dtype)
+        return rotate_cols(x, m.rotate)
 
     def w8a8_sim_kernel(m, x):
         # same quantized operands as the integer kernels; float32 accumulation
@@ -84,8 +120,9 @@ def _int8_linear_class():
         KERNELS = {"torch-dequant": dequant_kernel, "torch-dequant-w8a8": w8a8_sim_kernel,
                    "int-mm-cuda": int_mm_kernel, "int-mm-cpu": int_mm_kernel}
 
-        def __init__(self, q, scale, backend: str, smooth=None):
+        def __init__(self, q, scale, backend: str, smooth=None, rotate: int = 1):
             super().__init__(q.shape[1], q.shape[0], backend)
+            self.rotate = rotate  # Hadamard block of the stored weight's input space (1: none)
             self.register_buffer("weight", q.contiguous())
             self.register_buffer("weight_scale", scale.float().reshape(-1))
             self.register_buffer("weight_smooth", None if smooth is None else smooth.float().reshape(-1))
@@ -94,7 +131,7 @@ def _int8_linear_class():
                 self.backend = "torch-dequant-w8a8"
 
         def dequantize(self, dtype=None):
-            w = self.weight.float() * self.weight_scale[:, None]
+            w = rotate_cols(self.weight.float() * self.weight_scale[:, None], self.rotate)
             if self.weight_smooth is not None:
                 w = w * self.weight_smooth[None, :]
             return w.to(dtype or torch.float32)
@@ -105,10 +142,10 @@ def _int8_linear_class():
 _CLS = None
 
 
-def int8_linear(q, scale, backend: str = "torch-dequant", smooth=None):
+def int8_linear(q, scale, backend: str = "torch-dequant", smooth=None, rotate: int = 1):
     global _CLS
     _CLS = _CLS or _int8_linear_class()
-    return _CLS(q, scale, backend, smooth)
+    return _CLS(q, scale, backend, smooth, rotate)
 
 
 def smoothing(act_absmax, w, alpha: float):
@@ -143,10 +180,11 @@ def as_int8(module):
 class Int8Scheme(C.Scheme):
     storage = "I8"
 
-    def __init__(self, fmt: str = "int8", imatrix=None, alpha: float = 0.5):
+    def __init__(self, fmt: str = "int8", imatrix=None, alpha: float = 0.5, rotate: int = 0):
         self.format = fmt
         self.imatrix = imatrix  # SmoothQuant statistics (int8_w8a8), or None
         self.alpha = alpha
+        self.rotate = rotate  # largest Hadamard block (int8_w8a8), 0: none
 
     def describe(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"weights": "symmetric per-output-channel, codes [-127, 127], F32 scales"}
@@ -155,6 +193,8 @@ class Int8Scheme(C.Scheme):
         if self.imatrix is not None:
             opts["smoothing"] = {"method": "SmoothQuant", "alpha": self.alpha, "imatrix_sha256": self.imatrix.sha256,
                                  "imatrix_datasets": list(self.imatrix.datasets)}
+        if self.rotate:
+            opts["rotation"] = {"method": "block Walsh-Hadamard on the input dimension", "block": self.rotate}
         return opts
 
     def _smoothed(self, name) -> bool:
@@ -172,7 +212,7 @@ class Int8Scheme(C.Scheme):
 
     def quantize_named(self, name, w):
         if not self._smoothed(name):
-            return self.quantize(w)
+            return self.quantize(rotate_cols(w.float(), rotation_block(w.shape[1], self.rotate)))
         am = self.imatrix.absmax(name)
         if am.shape[0] != w.shape[1]:
             from ...errors import ZoptError
@@ -180,7 +220,7 @@ class Int8Scheme(C.Scheme):
             raise ZoptError(f"imatrix entry {name} has {am.shape[0]} channels, the weight has {w.shape[1]}",
                             self.imatrix.path)
         s = smoothing(am, w, self.alpha)
-        return [*self.quantize(w * s[None, :]), 1.0 / s]
+        return [*self.quantize(rotate_cols(w.float() * s[None, :], rotation_block(w.shape[1], self.rotate))), 1.0 / s]
 
     def module(self, parts, shape, backend):
         q = next(v for k, v in parts.items() if not k.endswith(("_scale", "_smooth")))
@@ -188,12 +228,20 @@ class Int8Scheme(C.Scheme):
         smooth = next((v for k, v in parts.items() if k.endswith("_smooth")), None)
         if self.format == "int8_w8a8" and backend == "torch-dequant":
             backend = "torch-dequant-w8a8"
-        return int8_linear(q, s, backend, smooth)
+        return int8_linear(q, s, backend, smooth, rotation_block(shape[1], self.rotate))
 
 
 def convert(src: TensorSource, out: Path, subtype: str | None, options: Int8Options, progress: bool, *,
             format: str = "int8") -> Path:
     im = None
+    r = options.rotate
+    if r:
+        from ...errors import ZoptError
+
+        if format != "int8_w8a8":
+            raise ZoptError("rotate= spreads activation outliers for int8_w8a8; int8 (weight-only) has no use for it")
+        if r < 2 or r & (r - 1) or r > 4096:
+            raise ZoptError(f"rotate={r} is not a power of two between 2 and 4096")
     if options.imatrix:
         from ...errors import ZoptError
         from .. import imatrix
@@ -203,8 +251,11 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: Int8Opti
         if not 0.0 <= options.smooth_alpha <= 1.0:
             raise ZoptError(f"smooth_alpha={options.smooth_alpha} is outside 0..1")
         im = imatrix.read(options.imatrix)
-    return C.convert_lowbit(src, out, Int8Scheme(format, im, options.smooth_alpha), subtype, options, progress)
+    return C.convert_lowbit(src, out, Int8Scheme(format, im, options.smooth_alpha, r), subtype, options, progress)
 
 
 def load(path: Path, device: str, backend: str, dtype: Any = None):
-    return C.load_lowbit(path, lambda m: Int8Scheme(m["format"]), device, backend, dtype)
+    def scheme(m):
+        return Int8Scheme(m["format"], rotate=int(m.get("scheme", {}).get("rotation", {}).get("block", 0)))
+
+    return C.load_lowbit(path, scheme, device, backend, dtype)
