@@ -18,6 +18,9 @@ from ..errors import ChecksumMismatch, CorruptFile
 from . import MANIFEST_NAME
 
 MANIFEST_VERSION = 1
+# What a reader must understand to rebuild an artifact correctly, beyond MANIFEST_VERSION 1; a
+# manifest's ``requires`` naming anything else (a newer zopt wrote it) is refused, never misread.
+KNOWN_REQUIREMENTS = frozenset({"int8-hadamard-rotation"})
 DIGEST_FIELD = "manifest_sha256"
 # fields outside the manifest's own digest: the digest itself, and the reproducing command that
 # is added once the artifact is in place
@@ -125,6 +128,11 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     # (manifests written before the digest existed carry none and get the structural checks only)
     if DIGEST_FIELD in m and m[DIGEST_FIELD] != manifest_digest(m):
         raise ChecksumMismatch(f"{DIGEST_FIELD} differs from the manifest's contents (corrupted or modified)", path)
+    unknown = sorted(set(m.get("requires", [])) - KNOWN_REQUIREMENTS)
+    if unknown:
+        from ..errors import UnsupportedFormat
+
+        raise UnsupportedFormat(f"{path}: made by a newer zopt (needs {', '.join(unknown)}); upgrade zopt to load it")
     return m
 
 

@@ -327,6 +327,9 @@ def manifest(m: Any, path) -> dict[str, Any]:
         need_type(m, key, dict, path, "manifest ", required=key == "options")
     for key in ("layout", "command", "zopt_version", "created", "family", "manifest_sha256"):
         need_type(m, key, str, path, "manifest ", required=False)
+    if "requires" in m:
+        need(isinstance(m["requires"], list) and all(isinstance(r, str) for r in m["requires"]),
+             "manifest 'requires' must be a list of names", path)
     if "file" in m:
         rel_path(m["file"], path, "manifest 'file'")
     model_config(need_type(m, "config", dict, path, "manifest "), path, "manifest config")

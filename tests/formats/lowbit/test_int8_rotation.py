@@ -24,7 +24,7 @@ def test_hadamard_is_orthonormal_and_blocks_divide_the_width():
     assert rotation_block(100, 64) == 4 and rotation_block(7, 64) == 1
 
 
-def _layer_error(x, w, rotate: int, backend: str) -> tuple[float, torch.Tensor]:
+def _layer_error(x, w, rotate: int, backend: str):
     name = "layers.0.feed_forward.w2.weight"
     scheme = Int8Scheme("int8_w8a8", rotate=rotate)
     stored = scheme.quantize_named(name, w)
@@ -56,6 +56,11 @@ def test_artifact_records_rotation_and_reloads(tmp_path, tiny_transformer_dir, t
     out = convert(tiny_transformer_dir, "int8_w8a8", tmp_path / "rot", options={"rotate": 64}, progress=False)
     manifest = json.loads((out / "zopt-manifest.json").read_text())
     assert manifest["scheme"]["rotation"]["block"] == 64
+    # it changes the stored weights: recorded where the conversion can be repeated from, and a
+    # reader that does not know the rotation refuses the file instead of misreading it
+    assert manifest["options"]["rotate"] == 64 and "rotate=64" in manifest["command"]
+    assert manifest["requires"] == ["int8-hadamard-rotation"]
+    assert {r["storage"] for r in manifest["tensors"].values() if "parts" in r} == {"I8_H64"}
     x, t, cap = tiny_reference_inputs
     ref = load_source(tiny_transformer_dir, dtype=torch.float32)
     with torch.inference_mode():
@@ -77,3 +82,16 @@ def test_bad_rotation_is_refused_before_writing(tmp_path, tiny_transformer_dir, 
     with pytest.raises(ZoptError, match=match):
         convert(tiny_transformer_dir, spec, tmp_path / "o", options={"rotate": rotate}, progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_manifest_needing_an_unknown_feature_is_refused(tmp_path, tiny_transformer_dir):
+    from zopt.formats.artifact import DIGEST_FIELD, manifest_digest
+
+    out = convert(tiny_transformer_dir, "int8_w8a8", tmp_path / "rot", options={"rotate": 64}, progress=False)
+    path = out / "zopt-manifest.json"
+    m = json.loads(path.read_text())
+    m["requires"] = ["int8-hadamard-rotation", "some-later-feature"]
+    m[DIGEST_FIELD] = manifest_digest(m)
+    path.write_text(json.dumps(m))
+    with pytest.raises(ZoptError, match="newer zopt.*some-later-feature"):
+        load(out, device="cpu")

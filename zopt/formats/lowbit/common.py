@@ -135,6 +135,7 @@ class Scheme(ABC):
 
     format: str = ""
     storage: str = ""  # what the manifest records for quantized tensors, e.g. "F8_E4M3"
+    requires: tuple[str, ...] = ()  # manifest ``requires``: what a reader must understand (artifact.py)
     dequant_backend: str = "torch-dequant"  # the module kernel that dequantizes (any device)
 
     def describe(self) -> dict[str, Any]:
@@ -246,7 +247,8 @@ def convert_lowbit(src: TensorSource, out: Path, scheme: Scheme, subtype: str | 
         write_manifest(tmp, format=scheme.format, subtype=subtype, options=options.recorded(),
                        source=source_provenance(src, options.hash_source), config=config,
                        tensors=records, extra={"layout": "diffusers", "scheme": scheme.describe(),
-                                               "summary": summarize(records)})
+                                               "summary": summarize(records),
+                                               **({"requires": list(scheme.requires)} if scheme.requires else {})})
     return out
 
 

@@ -42,7 +42,7 @@ class Int8Options(Options):
 
     imatrix: str | None = field(default=None, metadata={"record": False})
     smooth_alpha: float = field(default=0.5, metadata={"record": False})
-    rotate: int = field(default=0, metadata={"record": False})  # Hadamard block (int8_w8a8), 0: none
+    rotate: int = 0  # largest Hadamard block (int8_w8a8), 0: none; changes the stored weights
 
 
 def rotation_block(cols: int, block: int) -> int:
@@ -54,23 +54,30 @@ def rotation_block(cols: int, block: int) -> int:
     return b
 
 
-def hadamard(b: int):
-    """The orthonormal ``b x b`` Walsh-Hadamard matrix (Sylvester's construction), float32."""
+def hadamard_signs(b: int):
+    """The ``b x b`` Walsh-Hadamard sign matrix (Sylvester's construction; entries +-1, exact in
+    every dtype); divided by ``sqrt(b)`` it is orthonormal."""
     import torch
 
     h = torch.ones(1, 1)
     while h.shape[0] < b:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / h.shape[0] ** 0.5
+    return h
 
 
-def rotate_cols(x, b: int):
+def hadamard(b: int):
+    """The orthonormal ``b x b`` Walsh-Hadamard matrix, float32."""
+    return hadamard_signs(b) / b ** 0.5
+
+
+def rotate_cols(x, b: int, signs=None):
     """``x H`` for the block-diagonal Hadamard ``H`` of block ``b`` over ``x``'s last dimension
-    (``H`` is symmetric, so this also undoes itself)."""
+    (``H`` is symmetric, so this also undoes itself); ``signs``: ``hadamard_signs(b)``, if at hand."""
     if b <= 1:
         return x
-    h = hadamard(b).to(device=x.device, dtype=x.dtype)
-    return (x.reshape(*x.shape[:-1], x.shape[-1] // b, b) @ h).reshape(x.shape)
+    s = hadamard_signs(b) if signs is None else signs
+    s = s.to(device=x.device, dtype=x.dtype)
+    return ((x.reshape(*x.shape[:-1], x.shape[-1] // b, b) @ s) * b ** -0.5).reshape(x.shape)
 
 
 def quantize_int8(w):
@@ -103,7 +110,7 @@ def _int8_linear_class():
 
     def smoothed(m, x):
         x = x if m.weight_smooth is None else x * m.weight_smooth.to(x.dtype)
-        return rotate_cols(x, m.rotate)
+        return rotate_cols(x, m.rotate, m.rotation)
 
     def w8a8_sim_kernel(m, x):
         # same quantized operands as the integer kernels; float32 accumulation
@@ -123,6 +130,9 @@ def _int8_linear_class():
         def __init__(self, q, scale, backend: str, smooth=None, rotate: int = 1):
             super().__init__(q.shape[1], q.shape[0], backend)
             self.rotate = rotate  # Hadamard block of the stored weight's input space (1: none)
+            # the block itself, built once and moved with the module (not saved: the manifest's
+            # block size rebuilds it)
+            self.register_buffer("rotation", hadamard_signs(rotate) if rotate > 1 else None, persistent=False)
             self.register_buffer("weight", q.contiguous())
             self.register_buffer("weight_scale", scale.float().reshape(-1))
             self.register_buffer("weight_smooth", None if smooth is None else smooth.float().reshape(-1))
@@ -131,7 +141,7 @@ def _int8_linear_class():
                 self.backend = "torch-dequant-w8a8"
 
         def dequantize(self, dtype=None):
-            w = rotate_cols(self.weight.float() * self.weight_scale[:, None], self.rotate)
+            w = rotate_cols(self.weight.float() * self.weight_scale[:, None], self.rotate, self.rotation)
             if self.weight_smooth is not None:
                 w = w * self.weight_smooth[None, :]
             return w.to(dtype or torch.float32)
@@ -185,6 +195,9 @@ class Int8Scheme(C.Scheme):
         self.imatrix = imatrix  # SmoothQuant statistics (int8_w8a8), or None
         self.alpha = alpha
         self.rotate = rotate  # largest Hadamard block (int8_w8a8), 0: none
+        if rotate:
+            self.storage = f"I8_H{rotate}"
+            self.requires = ("int8-hadamard-rotation",)
 
     def describe(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"weights": "symmetric per-output-channel, codes [-127, 127], F32 scales"}
