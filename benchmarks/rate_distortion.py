@@ -98,6 +98,7 @@ def peer_types(types: list[str]) -> list[str]:
     its converter when no zopt type is asked for."""
     out = []
     for t in types or SDCPP_TYPES:
+        t = t.upper()
         base = t[:-2] if t.endswith(("_S", "_M", "_L")) else t
         if base in SDCPP_TYPES and base not in out:
             out.append(base)
@@ -155,7 +156,12 @@ def peer_points(source, types, refs, inputs, params: int, work: Path, adh: int) 
     for t in peer_types(types):
         out = work / f"sdcpp-{t}.gguf"
         t0 = time.perf_counter()
-        if not sdcpp_convert(src, out, t, work / "sdcpp.log"):
+        try:
+            ok = sdcpp_convert(src, out, t, work / "sdcpp.log")
+        except Exception as e:  # another package version (a type it lacks): keep the measured points
+            print(f"sd.cpp {t}: {type(e).__name__}: {e}")
+            continue
+        if not ok:
             print(f"sd.cpp {t}: the converter failed (see {work / 'sdcpp.log'})")
             continue
         conv_s = time.perf_counter() - t0
@@ -171,14 +177,18 @@ def peer_points(source, types, refs, inputs, params: int, work: Path, adh: int) 
     return rows
 
 
+SAME_SIZE = 0.01  # files within 1% of each other's bits count as one size (Q4_0 and Q4_K often are)
+
+
 def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The Pareto frontier of (bits, error): the points no smaller-or-equal file beats, by size."""
+    """The Pareto frontier of (bits, error), by size: the points no file of the same size (within
+    :data:`SAME_SIZE`) or smaller beats."""
     hull: list[tuple[float, float]] = []
     for b, e in sorted(set(points)):
+        while hull and b <= hull[-1][0] * (1 + SAME_SIZE) and e < hull[-1][1]:
+            hull.pop()  # as small, in effect, and better: the smaller file is not the best at this size
         if hull and e >= hull[-1][1]:
             continue  # a file at most this size is at least as good
-        if hull and b == hull[-1][0]:
-            hull.pop()
         hull.append((b, e))
     return hull
 
@@ -315,6 +325,7 @@ def main() -> None:
     ap.add_argument("--peer", action="store_true", help="add stable-diffusion.cpp's converter when installed")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--title", default=None, help="the plot's title (default: SOURCE: rate-distortion)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--predict", nargs="+", metavar="JSON", help="instead of measuring: compare gguf:auto's "
                     "predicted error with the measured error of the files listed in these --json outputs")
@@ -395,7 +406,7 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({**base, "rows": rows, "versus_peer": versus}, indent=1) + "\n")
     if args.plot:
-        plot(rows, Path(args.plot), f"{args.source}: rate-distortion")
+        plot(rows, Path(args.plot), args.title or f"{args.source}: rate-distortion")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ def test_frontier_drops_dominated_files_and_interpolates_in_log_error():
     assert math.isclose(frontier_error(hull, 4.5), math.sqrt(0.2 * 0.1))
     assert frontier_error(hull, 4.0) == 0.2
     assert frontier_error(hull, 7.0) == 0.05  # past the largest file: its error
+    # two files of (nearly) one size: the better one is the frontier there, not the smaller one
+    assert frontier([(3.5, 0.42), (4.5453, 0.2642), (4.5454, 0.2177)]) == [(3.5, 0.42), (4.5454, 0.2177)]
 
 
 def test_verdicts(capsys):
@@ -38,4 +40,5 @@ def test_verdicts(capsys):
 
 def test_peer_types_map_recipes_to_its_types():
     assert peer_types(["Q4_K_M", "Q4_K_S", "Q8_0", "Q3_K_L", "F16"]) == ["Q4_K", "Q8_0", "Q3_K"]
+    assert peer_types(["q4_k_m"]) == ["Q4_K"]
     assert len(peer_types([])) == 10
