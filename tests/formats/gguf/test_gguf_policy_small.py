@@ -20,7 +20,11 @@ def test_small_tensors_of_a_large_model_stay_float():
     # the same as the element rule alone, plus the family's sensitive weights (large ones) at Q8_0
     policy = R.policy_for()
     sensitive = {n for n in got if policy.decide(n, shapes[n]).sensitive}
-    assert sensitive and all(R._numel(shapes[n]) >= R.SMALL_NUMEL for n in sensitive)
+    least = min(R.SMALL_NUMEL, int(R.SMALL_SHARE * sum(R._numel(s) for s in shapes.values())))
+    assert sensitive and all(R._numel(shapes[n]) >= least for n in sensitive)
+    # and those the rule sends to Q8_0 that stay BF16 are the small ones
+    q8_rule = {n for n in shapes if len(shapes[n]) == 2 and (r := zimage.sensitive_reason(n)) and r.gguf}
+    assert q8_rule & got and all(R._numel(shapes[n]) < least for n in q8_rule - got)
     assert got - sensitive == {n for n, s in shapes.items() if policy.decide(n, s).quantize}
 
 

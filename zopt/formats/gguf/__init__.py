@@ -229,8 +229,8 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: GGUFOpti
     config = zimage.check_shapes(src)
     imatrix = read_imatrix(options)
     # gguf:auto: every Linear weight not kept by --keep is a candidate (the family's sensitive ones
-    # and small ones too: measurement, not a rule, decides whether their bits pay); norms, biases
-    # and pad tokens stay as every recipe stores them
+    # and small ones too: measurement decides whether their bits pay, within the family's floors,
+    # auto.candidates); norms, biases and pad tokens stay as every recipe stores them
     view, plans = plan_for(src, rec_name, options) if not auto else plan_for(src, "Q4_K", dataclasses.replace(
         options, quantize=(*options.quantize, AUTO_CANDIDATES), min_elements=0))
     hash_source = options.hash_source
