@@ -14,7 +14,7 @@ Usage::
 
     python benchmarks/rate_distortion.py SOURCE [--imatrix FILE] [--types Q4_K,Q3_K]
         [--auto 2.5,3.5,4.5] [--option min_elements=0] [--quantize .] [--adherence 24]
-        [--json out.json] [--plot out.png] [--work DIR]
+        [--json out.json] [--plot out.png] [--work DIR] [--peer] [--ref-dtype bfloat16]
 
 ``SOURCE``: a checkpoint (``zopt synth --size medium -o medium.safetensors``) or ``micro``.
 """
@@ -325,6 +325,9 @@ def main() -> None:
     ap.add_argument("--peer", action="store_true", help="add stable-diffusion.cpp's converter when installed")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--ref-dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="the reference model's dtype (bfloat16: the full-size model in 24 GiB; its outputs are "
+                         "compared in float32)")
     ap.add_argument("--title", default=None, help="the plot's title (default: SOURCE: rate-distortion)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--predict", nargs="+", metavar="JSON", help="instead of measuring: compare gguf:auto's "
@@ -351,9 +354,10 @@ def main() -> None:
     src = checkpoint.open(source)
     params = sum(math.prod(src.info(n).shape) for n in src.names())
     ref_path = Path(source) / "transformer" if (Path(source) / "transformer").is_dir() else Path(source)
-    ref_model = load_source(ref_path, dtype=torch.float32)
+    ref_model = load_source(ref_path, dtype=getattr(torch, args.ref_dtype))
     inputs = make_inputs(dict(ref_model.config))
-    refs = outputs(ref_model, inputs)
+    dt = getattr(torch, args.ref_dtype)
+    refs = outputs(ref_model, [([v.to(dt) for v in x], t, [v.to(dt) for v in c]) for x, t, c in inputs])
     base = {"ref_bytes": sum(src.info(n).nbytes for n in src.names()), "params": params,
             "config": {k: v for k, v in zimage.infer_config(src).items() if not k.startswith("_")}}
     if args.adherence:
