@@ -93,13 +93,18 @@ def measure(source, spec: str, options: dict, path: Path, refs, inputs, params: 
 SDCPP_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 
 
+def base_type(t: str) -> str:
+    """The GGML type a recipe is built on: Q4_K_M -> Q4_K (stable-diffusion.cpp has no recipes)."""
+    t = t.upper()
+    return t[:-2] if t.endswith(("_S", "_M", "_L")) else t
+
+
 def peer_types(types: list[str]) -> list[str]:
-    """stable-diffusion.cpp has one type per name and no recipes: Q4_K_M -> Q4_K; every type of
-    its converter when no zopt type is asked for."""
+    """stable-diffusion.cpp's types for zopt's ``types`` (one per base type); every type of its
+    converter when no zopt type is asked for."""
     out = []
     for t in types or SDCPP_TYPES:
-        t = t.upper()
-        base = t[:-2] if t.endswith(("_S", "_M", "_L")) else t
+        base = base_type(t)
         if base in SDCPP_TYPES and base not in out:
             out.append(base)
     return out
@@ -227,8 +232,7 @@ def compare_to_peer(rows: list[dict]) -> list[dict]:
         out.append({"label": r["label"], "bpw": r["bpw"], "rel_error": r["rel_error"], "peer_error": pe,
                     "ratio": ratio, "verdict": verdict})
         cell = f"{pe:.4f}" if pe is not None else f"({hull[0][1]:.4f} at {hull[0][0]:.3f})"
-        t = r["spec"].split(":")[1]
-        s = same.get(t[:-2] if t.endswith(("_S", "_M", "_L")) else t) if r["spec"] != "gguf:auto" else None
+        s = same.get(base_type(r["spec"].split(":")[1])) if r["spec"] != "gguf:auto" else None
         scell = f"{s['bpw']:.3f}, {s['rel_error']:.4f}" if s else "-"
         print(f"| {r['label']} | {r['bpw']:.3f} | {r['rel_error']:.4f} | {cell} | {ratio:.3f} | {verdict} | {scell} |")
     n_ok = sum(o["verdict"].startswith("at or below") for o in out)
@@ -354,9 +358,9 @@ def main() -> None:
     src = checkpoint.open(source)
     params = sum(math.prod(src.info(n).shape) for n in src.names())
     ref_path = Path(source) / "transformer" if (Path(source) / "transformer").is_dir() else Path(source)
-    ref_model = load_source(ref_path, dtype=getattr(torch, args.ref_dtype))
-    inputs = make_inputs(dict(ref_model.config))
     dt = getattr(torch, args.ref_dtype)
+    ref_model = load_source(ref_path, dtype=dt)
+    inputs = make_inputs(dict(ref_model.config))
     refs = outputs(ref_model, [([v.to(dt) for v in x], t, [v.to(dt) for v in c]) for x, t, c in inputs])
     base = {"ref_bytes": sum(src.info(n).nbytes for n in src.names()), "params": params,
             "config": {k: v for k, v in zimage.infer_config(src).items() if not k.startswith("_")}}

@@ -234,8 +234,8 @@ def footnotes(records: list[dict[str, Any]]) -> list[str]:
         n = f"{params / 1e6:.1f}M-parameter" if params else "small"
         notes.append(f"Test-sized model ({n}): bits/w and size are inflated by the tensors every format keeps at "
                      "high precision (norms, biases, embedders, adaLN modulation, final layer: BF16/F32, GGUF's "
-                     "adaLN Q8_0), a far larger share of this model than of the full 6.15B one; memory and latency are dominated by Python, text encoder "
-                     "and VAE. Compare formats with each other here, not with full-size figures.")
+                     "adaLN Q8_0), a far larger share of this model than of the full 6.15B one; memory and latency "
+                     "are dominated by Python, text encoder and VAE. Compare formats with each other here, not with full-size figures.")
     return notes
 
 

@@ -46,6 +46,8 @@ class Sensitivity:
 # MLP is a third of the weights it would take the bits from everything else (measured on the
 # micro model: 5.84 bits per weight before any other tensor could be quantized)
 FLOOR_SHARE = 0.01
+# candidate types from least to most precise (for a floor)
+PRECISION = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "BF16")
 
 
 def candidates(shape: tuple[int, ...], name: str | None = None, share: float = 0.0) -> tuple[str, ...]:
@@ -56,8 +58,7 @@ def candidates(shape: tuple[int, ...], name: str | None = None, share: float = 0
     types = K_CANDIDATES if cols % 256 == 0 else LEGACY_CANDIDATES if cols % 32 == 0 else ("BF16",)
     rule = zimage.sensitive_reason(name) if name is not None else None
     if rule is not None and rule.auto_least is not None and share <= FLOOR_SHARE:
-        order = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "BF16")
-        types = tuple(t for t in types if order.index(t) >= order.index(rule.auto_least))
+        types = tuple(t for t in types if PRECISION.index(t) >= PRECISION.index(rule.auto_least))
     return types
 
 
