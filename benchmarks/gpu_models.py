@@ -152,14 +152,39 @@ def build_lowbit(config: dict[str, Any], fmt: str, backend: str, seed: int, devi
     return model.eval()
 
 
-def gguf_types(config: dict[str, Any], subtype: str) -> dict[str, str]:
+class _SeededOriginal:
+    """The seeded model's tensors by their original-layout (GGUF file) names: ``get`` as a source view."""
+
+    def __init__(self, config: dict[str, Any], seed: int, device: str):
+        from zopt.families import zimage
+
+        self.shapes = zimage.expected_shapes(config)
+        self.seed, self.device = seed, device
+
+    def get(self, name: str) -> torch.Tensor:
+        from zopt.families import zimage
+
+        if name.endswith(".attention.qkv.weight"):
+            stem = zimage.to_diffusers_name(name)[: -len("qkv.weight")]
+            return torch.cat([self.get_diffusers(f"{stem}{part}.weight") for part in ("to_q", "to_k", "to_v")])
+        return self.get_diffusers(zimage.to_diffusers_name(name))
+
+    def get_diffusers(self, name: str) -> torch.Tensor:
+        return tensor(name, self.shapes[name], self.seed, self.device)
+
+
+def gguf_types(config: dict[str, Any], subtype: str, seed: int | None = None, device: str = "cpu") -> dict[str, str]:
     """Diffusers Linear weight name -> GGML type that GGUF recipe ``subtype`` gives it (q/k/v share
-    the fused ``qkv`` tensor's type, as in the file)."""
+    the fused ``qkv`` tensor's type, as in the file). A mixture recipe (Q4_K_M, ...) is re-tuned by
+    measurement as ``zopt convert`` does, on the seeded weights of ``seed``."""
     from zopt.families import zimage
-    from zopt.formats.gguf import recipes
+    from zopt.formats.gguf import GGUFOptions, measured, recipes, retune_plans
     from zopt.models import synthetic_layout
 
-    plans = {p.name: p.qtype for p in recipes.plan(dict(synthetic_layout(config)), subtype)}
+    rule = recipes.plan(dict(synthetic_layout(config)), subtype)
+    if seed is not None and measured(recipes.recipe(subtype).name, GGUFOptions()):
+        rule = retune_plans(_SeededOriginal(config, seed, device), rule, recipes.recipe(subtype).name)
+    plans = {p.name: p.qtype for p in rule}
     out = {}
     for name in zimage.expected_shapes(config):
         for part in ("to_q", "to_k", "to_v"):
@@ -204,7 +229,7 @@ def build_gguf(config: dict[str, Any], subtype: str, backend: str, seed: int, de
 
     if backend != "torch-dequant":
         raise ValueError(f"the GPU bench builds GGUF for torch-dequant only, not {backend}")
-    types = gguf_types(config, subtype)
+    types = gguf_types(config, subtype, seed, device)
     model = _empty(config)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     linears = _linear_names(model)
@@ -216,7 +241,7 @@ def build_gguf(config: dict[str, Any], subtype: str, backend: str, seed: int, de
             if mod_name not in linears or not name.endswith(".weight") or qtype in FLOAT_TYPES:
                 continue
             w = tensor(name, shape, seed, device)
-            raw = quantize_rows(w, qtype)
+            raw = quantize_rows(w, qtype, torch.ones(shape[-1], device=w.device))  # search=weighted, as convert
             raw = torch.as_tensor(raw).to(device).reshape(shape[0], -1)
             del w
             bias_name = mod_name + ".bias"

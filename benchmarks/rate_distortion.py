@@ -121,8 +121,9 @@ def peer_file(source) -> Path | None:
     return files[0] if len(files) == 1 else None
 
 
-def sdcpp_convert(src: Path, out: Path, t: str, log: Path) -> bool:
-    """stable-diffusion.cpp's converter (``sd -M convert``), its C output sent to ``log``."""
+def sdcpp_convert(src: Path, out: Path, t: str, log: Path, rules: str = "") -> bool:
+    """stable-diffusion.cpp's converter (``sd -M convert``; ``rules``: its ``--tensor-type-rules``,
+    ``regex=type,...``), its C output sent to ``log``."""
     from stable_diffusion_cpp import stable_diffusion_cpp as sd
 
     sys.stdout.flush()
@@ -134,7 +135,7 @@ def sdcpp_convert(src: Path, out: Path, t: str, log: Path) -> bool:
         try:
             # the C API: convert(input, vae, output, sd_type_t, tensor_type_rules, convert_name)
             ok = sd.convert(str(src).encode(), b"", str(out).encode(), int(getattr(sd.GGMLType, f"SD_TYPE_{t}")),
-                            b"", False)
+                            rules.encode(), False)
         finally:
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
@@ -143,9 +144,11 @@ def sdcpp_convert(src: Path, out: Path, t: str, log: Path) -> bool:
     return bool(ok) and out.exists()
 
 
-def peer_points(source, types, refs, inputs, params: int, work: Path, adh: int) -> list[dict]:
-    """stable-diffusion.cpp's converter (stable-diffusion-cpp-python) at each type, loaded by zopt
-    with the same backend and inputs as zopt's own files."""
+def peer_points(source, types, refs, inputs, params: int, work: Path, adh: int,
+                mixes: list[str] = (), plain: bool = True) -> list[dict]:
+    """stable-diffusion.cpp's converter (stable-diffusion-cpp-python) at each type, and at each of
+    ``mixes`` (``TYPE:regex=type,...``: a base type with its tensor type rules), loaded by zopt with
+    the same backend and inputs as zopt's own files."""
     try:
         import stable_diffusion_cpp  # noqa: F401
     except (ImportError, OSError) as e:
@@ -158,11 +161,13 @@ def peer_points(source, types, refs, inputs, params: int, work: Path, adh: int) 
         print(f"{source}: stable-diffusion.cpp's converter reads one safetensors file; none found: no peer points")
         return []
     rows = []
-    for t in peer_types(types):
-        out = work / f"sdcpp-{t}.gguf"
+    jobs = [(t, "") for t in peer_types(types) if plain] + [tuple(m.split(":", 1)) for m in mixes]
+    for i, (t, rules) in enumerate(jobs):
+        t = t.upper()
+        out = work / (f"sdcpp-{t}.gguf" if not rules else f"sdcpp-{t}-mix{i}.gguf")
         t0 = time.perf_counter()
         try:
-            ok = sdcpp_convert(src, out, t, work / "sdcpp.log")
+            ok = sdcpp_convert(src, out, t, work / "sdcpp.log", rules)
         except Exception as e:  # another package version (a type it lacks): keep the measured points
             print(f"sd.cpp {t}: {type(e).__name__}: {e}")
             continue
@@ -172,13 +177,33 @@ def peer_points(source, types, refs, inputs, params: int, work: Path, adh: int) 
         conv_s = time.perf_counter() - t0
         model = load(out, device="cpu", dtype=torch.float32, backend="torch-dequant")
         size = out.stat().st_size
-        row = {"label": f"sd.cpp {t}", "spec": f"sdcpp:{t}", "imatrix": False, "bytes": size,
+        label = f"sd.cpp {t}" + (f" + {rules}" if rules else "")
+        row = {"label": label, "spec": f"sdcpp:{t}" + ("+rules" if rules else ""), "imatrix": False, "bytes": size,
                "bpw": round(8 * size / params, 4), "rel_error": round(rel_err(outputs(model, inputs), refs), 6),
                "convert_s": round(conv_s, 1), "file": str(out)}
         if adh:
             row["adherence"] = adherence(str(source), model, adh)
         print(json.dumps(row), flush=True)
         rows.append(row)
+    return rows
+
+
+def reused_peer_points(path: Path, base: dict, ref_dtype: str) -> list[dict]:
+    """The peer rows of an earlier ``--json`` output; SystemExit unless it measured the same source
+    (parameters, bytes, config) against a reference of the same dtype on these inputs."""
+    try:
+        old = json.loads(path.read_text())
+        same = all(old.get(k) == json.loads(json.dumps(base[k])) for k in ("params", "ref_bytes", "config")) \
+            and old.get("ref_dtype", "float32") == ref_dtype
+        rows = [r for r in old["rows"] if r["spec"].startswith("sdcpp:")]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SystemExit(f"{path}: not a rate_distortion --json output ({e})") from None
+    if not same:
+        raise SystemExit(f"{path}: measured another source or reference dtype; its peer points do not compare")
+    if not rows:
+        raise SystemExit(f"{path}: has no peer points (run it with --peer)")
+    for r in rows:
+        print(json.dumps({**r, "reused_from": str(path)}), flush=True)
     return rows
 
 
@@ -327,6 +352,11 @@ def main() -> None:
     ap.add_argument("--quantize", action="append", default=[], help="--quantize pattern for every point")
     ap.add_argument("--adherence", type=int, default=0, help="held-out prompts to score (micro model)")
     ap.add_argument("--peer", action="store_true", help="add stable-diffusion.cpp's converter when installed")
+    ap.add_argument("--peer-mix", action="append", default=[], metavar="TYPE:RULES",
+                    help="with --peer or --peer-from, also a stable-diffusion.cpp file of base TYPE and its tensor type rules "
+                         "(regex=type,...; e.g. Q3_K:feed_forward.w[13]=q4_K): the peer's own mixes join its frontier")
+    ap.add_argument("--peer-from", default=None, metavar="JSON",
+                    help="reuse the peer points of an earlier --json run on the same source (its conversions are slow)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--ref-dtype", default="float32", choices=("float32", "bfloat16"),
@@ -362,7 +392,7 @@ def main() -> None:
     ref_model = load_source(ref_path, dtype=dt)
     inputs = make_inputs(dict(ref_model.config))
     refs = outputs(ref_model, [([v.to(dt) for v in x], t, [v.to(dt) for v in c]) for x, t, c in inputs])
-    base = {"ref_bytes": sum(src.info(n).nbytes for n in src.names()), "params": params,
+    base = {"ref_bytes": sum(src.info(n).nbytes for n in src.names()), "params": params, "ref_dtype": args.ref_dtype,
             "config": {k: v for k, v in zimage.infer_config(src).items() if not k.startswith("_")}}
     if args.adherence:
         base["ref_adherence"] = adherence(str(source), ref_model, args.adherence)
@@ -392,7 +422,11 @@ def main() -> None:
             except Exception as e:  # a budget below the float tensors' share cannot be met
                 print(f"auto {b}{tag}: {e}")
     if args.peer:
-        rows += peer_points(source, types, refs, inputs, params, work, args.adherence)
+        rows += peer_points(source, types, refs, inputs, params, work, args.adherence, args.peer_mix)
+    elif args.peer_from:
+        rows += reused_peer_points(Path(args.peer_from), base, args.ref_dtype)
+        if args.peer_mix:  # the earlier run's files, and these mixes measured now
+            rows += peer_points(source, types, refs, inputs, params, work, args.adherence, args.peer_mix, plain=False)
     print()
     print(f"source {args.source}: {params:,} parameters, BF16 {base['ref_bytes'] / 1e6:.1f} MB")
     adh = ("colour", "shape", "position", "size")

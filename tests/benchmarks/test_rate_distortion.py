@@ -42,3 +42,28 @@ def test_peer_types_map_recipes_to_its_types():
     assert peer_types(["Q4_K_M", "Q4_K_S", "Q8_0", "Q3_K_L", "F16"]) == ["Q4_K", "Q8_0", "Q3_K"]
     assert peer_types(["q4_k_m"]) == ["Q4_K"]
     assert len(peer_types([])) == 10
+
+
+def test_peer_points_reused_only_from_a_run_on_the_same_source(tmp_path):
+    import json
+
+    import pytest
+
+    from rate_distortion import reused_peer_points
+
+    base = {"params": 10, "ref_bytes": 20, "config": {"dim": 4, "axes_dims": (1, 2)}}
+    peer = {"label": "sd.cpp Q4_K", "spec": "sdcpp:Q4_K", "bpw": 4.5, "rel_error": 0.2}
+    mine = {"label": "Q4_K", "spec": "gguf:Q4_K", "bpw": 4.6, "rel_error": 0.19}
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({**base, "ref_dtype": "float32", "rows": [peer, mine]}))
+    assert reused_peer_points(old, base, "float32") == [peer]  # only the peer's rows, tuples read as lists
+    with pytest.raises(SystemExit, match="another source"):
+        reused_peer_points(old, {**base, "params": 11}, "float32")
+    with pytest.raises(SystemExit, match="another source or reference dtype"):
+        reused_peer_points(old, base, "bfloat16")
+    (tmp_path / "none.json").write_text(json.dumps({**base, "rows": [mine]}))
+    with pytest.raises(SystemExit, match="no peer points"):
+        reused_peer_points(tmp_path / "none.json", base, "float32")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(SystemExit, match="not a rate_distortion"):
+        reused_peer_points(tmp_path / "bad.json", base, "float32")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from zopt import checkpoint
+from zopt.formats.gguf import AUTO_TYPES_KEY
 from zopt.formats.gguf import recipes as gguf_recipes
 
 ALL_TYPES = list(gguf_recipes.RECIPES)
@@ -28,9 +31,14 @@ def test_gguf_py_decodes_every_tensor_to_zopt_values(tiny_gguf, tiny_transformer
     _, plans = plan_for(checkpoint.open(tiny_transformer_dir), subtype, {})
     want = {p.name: p for p in plans}
     assert [t.name for t in reader.tensors] == [p.name for p in plans]
+    # the uniform types store the rule's types; the mixture recipes the measured ones they record
+    mixture = gguf_recipes.recipe(subtype).mixture
+    recorded = reader.fields.get(AUTO_TYPES_KEY)
+    assert (recorded is not None) == mixture
+    types = json.loads(recorded.contents()) if mixture else {p.name: p.qtype for p in plans}
     for t in reader.tensors:
         p = want[t.name]
-        assert t.tensor_type.name == p.qtype, t.name
+        assert t.tensor_type.name == types[t.name], t.name
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
         assert shape == p.shape, t.name
         theirs = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)

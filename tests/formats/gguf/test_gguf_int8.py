@@ -53,7 +53,7 @@ def test_default_cpu_load_uses_int8_everywhere_it_can(tiny_gguf):
     m = load(tiny_gguf("Q4_K_M"))
     kinds = {type(mod) for mod in m.modules() if isinstance(mod, (GGUFLinear, GGUFInt8Linear))}
     assert kinds == {GGUFInt8Linear}
-    assert load(tiny_gguf("Q4_K_M"), backend="torch-dequant").get_submodule("layers.0.attention.to_q").kind != "int8"
+    assert load(tiny_gguf("Q4_K"), backend="torch-dequant").get_submodule("layers.0.attention.to_q").kind != "int8"
 
 
 def test_compiled_blocks_match_eager(tiny_gguf, tiny_reference_inputs, monkeypatch):

@@ -62,6 +62,15 @@ class GGUFOptions(Options):
     # gguf:auto only: the whole file's size as bits per parameter, or as bytes ("5GB", "800MB")
     target_bpw: float | None = None
     target_size: str | None = None
+    # the mixture recipes (Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M): "measured" re-spends the bytes
+    # their rules give by measured per-tensor sensitivity (as gguf:auto; never a larger file),
+    # "rule" writes llama.cpp-style rules as they are (qkv/w2 bumps in chosen blocks)
+    allocation: str = field(default="measured", metadata={"choices": ("measured", "rule")})
+    # "weighted": ggml's importance-weighted searches for every type that has them, with unit
+    # importance where no imatrix entry is given (what stable-diffusion.cpp's converter runs: 4-11%
+    # less weight error than the reference for Q2_K, Q3_K and the legacy types); "reference": ggml's
+    # reference quantizers (llama-quantize without an imatrix), byte for byte
+    search: str = field(default="weighted", metadata={"choices": ("weighted", "reference")})
 
 
 def quantize_rows(x, qtype: str, importance=None):
@@ -118,7 +127,8 @@ def _file_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def metadata_for(src: TensorSource, subtype: str, config: dict[str, Any], plans: list[TensorPlan],
-                 sha256: str | None, options: Options | None = None, imatrix=None) -> dict[str, Any]:
+                 sha256: str | None, options: Options | None = None, imatrix=None, types_map: bool = False
+                 ) -> dict[str, Any]:
     """The GGUF header's key/values; ``zopt.options`` (JSON) records options that differ from the
     defaults and shape the file (a default conversion writes none: its bytes do not depend on them)."""
     from ..._version import __version__
@@ -149,10 +159,30 @@ def metadata_for(src: TensorSource, subtype: str, config: dict[str, Any], plans:
         meta["zopt.imatrix.file"] = imatrix.path.name if imatrix.path else ""
         meta["zopt.imatrix.sha256"] = imatrix.sha256
         meta["zopt.imatrix.datasets"] = "; ".join(imatrix.datasets)
-    if auto:
+    if auto or types_map:
         # the chosen type of every tensor (every type name is 4 characters: the size is known up front)
         meta[AUTO_TYPES_KEY] = json.dumps({p.name: p.qtype for p in plans}, sort_keys=True)
     return meta
+
+
+def measured(rec_name: str, options: Options) -> bool:
+    """Whether recipe ``rec_name`` is re-tuned by measurement under ``options`` (a mixture recipe,
+    ``allocation=measured``)."""
+    return rec_name != AUTO and gguf_recipes.recipe(rec_name).mixture and \
+        getattr(options, "allocation", "measured") == "measured"
+
+
+def retune_plans(view, plans: list[TensorPlan], rec_name: str, imatrix=None, unit: bool = True
+                 ) -> list[TensorPlan]:
+    """Mixture recipe ``rec_name``'s rule ``plans`` re-tuned by measurement (:func:`.auto.retune`)
+    on the tensors of ``view`` (original layout, ``get(name)``), less the bytes of the recorded type
+    map; the converter and the GPU bench's in-memory models both build their types here."""
+    from .auto import retune
+
+    mapped = json.dumps({p.name: p.qtype for p in plans}, sort_keys=True)  # 4-character types: size known
+    reserve = len(AUTO_TYPES_KEY) + len(mapped) + 16 + 64
+    out, _ = retune(view, plans, gguf_recipes.recipe(rec_name).base, imatrix=imatrix, reserve=reserve, unit=unit)
+    return out
 
 
 def read_imatrix(options: Options):
@@ -165,19 +195,23 @@ def read_imatrix(options: Options):
     return imatrix.read(path)
 
 
-def importance_for(imatrix, plans: list[TensorPlan]) -> dict[str, Any]:
+def importance_for(imatrix, plans: list[TensorPlan], unit: bool = False) -> dict[str, Any]:
     """Per quantized tensor, its columns' importance (a float32 torch tensor) where the imatrix has
-    an entry; ZoptError when it has none for any quantized tensor or a length does not match."""
+    an entry, else (``unit``: ``search=weighted``) ones; ZoptError when the imatrix has no entry for
+    any quantized tensor or a length does not match."""
     import torch
 
     out = {}
     for p in plans:
-        if p.qtype in FLOAT_TYPES or imatrix is None:
+        if p.qtype in FLOAT_TYPES:
             continue
-        imp = imatrix.importance(p.name, p.shape[-1])
+        imp = imatrix.importance(p.name, p.shape[-1]) if imatrix is not None else None
         if imp is not None:
             out[p.name] = torch.from_numpy(imp)
-    if imatrix is not None and not out:
+        elif unit:
+            out[p.name] = torch.ones(p.shape[-1])
+    if imatrix is not None and not any(imatrix.importance(p.name, p.shape[-1]) is not None
+                                       for p in plans if p.qtype not in FLOAT_TYPES):
         raise ZoptError("the imatrix has no entry for any quantized tensor of this model", imatrix.path)
     return out
 
@@ -228,6 +262,7 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: GGUFOpti
     rec_name = AUTO if auto else gguf_recipes.recipe(subtype).name
     config = zimage.check_shapes(src)
     imatrix = read_imatrix(options)
+    unit = options.search == "weighted"
     # gguf:auto: every Linear weight not kept by --keep is a candidate (the family's sensitive ones
     # and small ones too: measurement decides whether their bits pay, within the family's floors,
     # auto.candidates); norms, biases and pad tokens stay as every recipe stores them
@@ -240,9 +275,13 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: GGUFOpti
         from .auto import plan_auto
 
         plans, _ = plan_auto(view, plans, target_bpw=options.target_bpw, target_size=options.target_size,
-                             imatrix=imatrix, metadata_bytes=sum(len(k) + len(str(v)) + 16 for k, v in meta.items()))
+                             imatrix=imatrix, metadata_bytes=sum(len(k) + len(str(v)) + 16 for k, v in meta.items()),
+                             unit=unit)
         meta = metadata_for(src, rec_name, config, plans, sha_mark, options, imatrix)
-    importance = importance_for(imatrix, plans)
+    elif measured(rec_name, options):
+        plans = retune_plans(view, plans, rec_name, imatrix, unit)
+        meta = metadata_for(src, rec_name, config, plans, sha_mark, options, imatrix, types_map=True)
+    importance = importance_for(imatrix, plans, unit)
     digest: dict[str, str] = {}
     hasher = None
     if hash_source:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from ...errors import ZoptError
 from ...families import zimage
-from .recipes import FLOAT_TYPES, TensorPlan, tensor_nbytes
+from .recipes import FLOAT_TYPES, PRECISION_ORDER, TensorPlan, tensor_nbytes
 
 K_CANDIDATES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "BF16")
 LEGACY_CANDIDATES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "BF16")
@@ -47,7 +47,7 @@ class Sensitivity:
 # micro model: 5.84 bits per weight before any other tensor could be quantized)
 FLOOR_SHARE = 0.01
 # candidate types from least to most precise (for a floor)
-PRECISION = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "BF16")
+PRECISION = PRECISION_ORDER
 
 
 def candidates(shape: tuple[int, ...], name: str | None = None, share: float = 0.0) -> tuple[str, ...]:
@@ -151,12 +151,12 @@ def choose(sens: list[Sensitivity], budget: int) -> dict[str, str]:
 
 
 def plan_auto(view, base: list[TensorPlan], *, target_bpw: float | None, target_size: str | None,
-              imatrix=None, metadata_bytes: int = 0) -> tuple[list[TensorPlan], dict[str, Sensitivity]]:
+              imatrix=None, metadata_bytes: int = 0, unit: bool = True) -> tuple[list[TensorPlan], dict[str, Sensitivity]]:
     """Plans with auto-chosen types for the tensors ``base`` quantizes (``base``: a recipe's plan,
     whose float tensors stay as they are), and the measured sensitivities. Reads each quantized
     tensor once (streaming). The budget is the whole file: ``target_bpw`` bits per parameter or
-    ``target_size``, less the header (``metadata_bytes`` for the key/values) and the float tensors."""
-    import torch
+    ``target_size``, less the header (``metadata_bytes`` for the key/values) and the float tensors.
+    ``unit``: measure with unit importance where the imatrix has no entry (``search=weighted``)."""
 
     if (target_bpw is None) == (target_size is None):
         raise ZoptError("gguf:auto needs exactly one of --target-bpw and --target-size")
@@ -175,21 +175,8 @@ def plan_auto(view, base: list[TensorPlan], *, target_bpw: float | None, target_
         raise ZoptError("gguf:auto has nothing to choose: the policy keeps every tensor of this model in float "
                         "(--quantize PATTERN forces Linears to be quantized)")
     budget = total - fixed - header
-    sens: dict[str, Sensitivity] = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the searches are thousands of small ops: one thread is fastest (docs/ggml-quants.md)
-    try:
-        for p in quantized:
-            with torch.inference_mode():
-                w = view.get(p.name).reshape(p.shape)
-                imp = imatrix.importance(p.name, p.shape[-1]) if imatrix is not None else None
-                # the importance matrix shapes the searches, but not the allocation: measured on the
-                # medium model, errors weighted by E[x^2] chose a worse mix (docs/quality-per-bit.md)
-                share = math.prod(p.shape) / params
-                sens[p.name] = measure(p.name, w, imp, candidates(p.shape, p.name, share), weigh=False)
-                del w
-    finally:
-        torch.set_num_threads(threads)
+    sens = _sensitivities(view, quantized, imatrix,
+                          lambda p: candidates(p.shape, p.name, math.prod(p.shape) / params), unit)
     try:
         types = choose(list(sens.values()), budget)
     except ZoptError:
@@ -205,4 +192,73 @@ def plan_auto(view, base: list[TensorPlan], *, target_bpw: float | None, target_
                                   f"({', '.join(f'{k} {v:.3g}' for k, v in s.errors.items())})"))
         else:
             out.append(p)
+    return out, sens
+
+
+def _sensitivities(view, plans: list[TensorPlan], imatrix, types_for, unit: bool = True
+                   ) -> dict[str, Sensitivity]:
+    """:func:`measure` for every plan, on candidate types ``types_for(plan)``, quantized as the file
+    will be: the imatrix's weighted searches, or with ``unit`` importance where it has no entry
+    (``search=weighted``), else ggml's reference quantizers; each tensor read once (streaming). The importance matrix shapes the searches, not the allocation: measured on the
+    medium model, errors weighted by ``E[x^2]`` chose a worse mix (docs/quality-per-bit.md)."""
+    import torch
+
+    sens: dict[str, Sensitivity] = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the searches are thousands of small ops: one thread is fastest (docs/ggml-quants.md)
+    try:
+        for p in plans:
+            with torch.inference_mode():
+                w = view.get(p.name).reshape(p.shape)
+                imp = imatrix.importance(p.name, p.shape[-1]) if imatrix is not None else None
+                if imp is None and unit:
+                    imp = torch.ones(p.shape[-1])
+                sens[p.name] = measure(p.name, w, imp, types_for(p), weigh=False)
+                del w
+    finally:
+        torch.set_num_threads(threads)
+    return sens
+
+
+def retune(view, rule: list[TensorPlan], base: str, *, imatrix=None, reserve: int = 0, unit: bool = True
+           ) -> tuple[list[TensorPlan], dict[str, Sensitivity]]:
+    """A mixture recipe (Q4_K_M, Q3_K_S, ...) re-tuned by the measurement ``gguf:auto`` makes.
+
+    ``rule``: the recipe's plan by its rules. The bytes it gives its quantized tensors (the Q8_0
+    adaLN included), less ``reserve`` (the recorded type map), are spent by :func:`choose` on the
+    same per-tensor sensitivity, every one of those tensors at least the recipe's ``base`` type (or
+    its row fallback) and at most BF16; float tensors stay as the rule stores them. The file is no
+    larger than the rule's. Where the prediction does not favour the choice, the rule's plan is
+    returned as it is."""
+    from .recipes import PRECISION_ORDER, row_type
+
+    movable = [p for p in rule if p.qtype not in FLOAT_TYPES]
+    if not movable:
+        return rule, {}
+
+    def types_for(p: TensorPlan) -> tuple[str, ...]:
+        floor = PRECISION_ORDER.index(row_type(base, p.shape[-1]))
+        own = candidates(p.shape)
+        return tuple(t for t in own if PRECISION_ORDER.index(t) >= floor or t == p.qtype)
+
+    sens = _sensitivities(view, movable, imatrix, types_for, unit)
+    budget = sum(p.nbytes for p in movable) - reserve
+    try:
+        types = choose(list(sens.values()), budget)
+    except ZoptError:
+        return rule, sens
+    by_rule = sum(sens[p.name].errors[p.qtype] for p in movable)
+    chosen = sum(sens[n].errors[t] for n, t in types.items())
+    if chosen >= by_rule:
+        return rule, sens
+    out = []
+    for p in rule:
+        t = types.get(p.name)
+        if t is None:
+            out.append(p)
+        elif t == p.qtype:
+            out.append(TensorPlan(p.name, p.shape, t, f"{p.reason}; kept by measurement"))
+        else:
+            out.append(TensorPlan(p.name, p.shape, t, f"measured: {t} buys more per byte than the rule's {p.qtype} "
+                                  f"(predicted error {sens[p.name].errors[p.qtype]:.4g} -> {sens[p.name].errors[t]:.4g})"))
     return out, sens

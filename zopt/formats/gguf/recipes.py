@@ -55,6 +55,9 @@ ROW_FALLBACK: dict[str, str] = {
     "Q8_0": "BF16", "Q5_1": "BF16", "Q5_0": "BF16", "Q4_1": "BF16", "Q4_0": "BF16",
 }
 
+# quantized types from least to most precise (floors of gguf:auto and of the measured recipes)
+PRECISION_ORDER = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "BF16")
+
 SMALL_NUMEL = 1 << 16  # below this a tensor is kept in float: quantizing it saves nothing
 # ... unless it is not small beside the model: in a test-sized transformer (the 1.1M-parameter
 # micro model, whose every block weight has fewer than 2^16 elements) a tensor over this share of all
@@ -93,6 +96,13 @@ class Recipe:
     base: str
     bumps: tuple[Bump, ...] = field(default=())
     summary: str = ""
+
+    @property
+    def mixture(self) -> bool:
+        """llama.cpp's mixture names (Q2_K and the _S/_M/_L recipes): their bytes are re-spent by
+        measurement (``allocation=measured``, :func:`zopt.formats.gguf.auto.retune`); the uniform
+        types (Q4_K, Q6_K, Q8_0, Q4_0, ...) keep one type, as their names say."""
+        return self.name == "Q2_K" or self.name.endswith(("_S", "_M", "_L"))
 
 
 QKV, W2, OUT = r"\.attention\.qkv\.weight$", r"\.feed_forward\.w2\.weight$", r"\.attention\.out\.weight$"
@@ -223,11 +233,17 @@ def storage_type(name: str, shape: tuple[int, ...], dec: Decision, rec: Recipe, 
             if re.search(b.pattern, name) and _block_choice(b.where, name, n_layers):
                 qtype, reason = b.to, f"{rec.name} bump ({b.where}): {b.why}"
                 break
-    while len(shape) >= 1 and shape[-1] % TYPE_LAYOUT[qtype][0] != 0:
-        nxt = ROW_FALLBACK[qtype]
-        reason = f"row length {shape[-1]} not a multiple of {TYPE_LAYOUT[qtype][0]}: {qtype} -> {nxt}"
-        qtype = nxt
-    return qtype, reason
+    fitted = row_type(qtype, shape[-1]) if len(shape) >= 1 else qtype
+    if fitted != qtype:
+        reason = f"row length {shape[-1]} not a multiple of {TYPE_LAYOUT[qtype][0]}: {qtype} -> {fitted}"
+    return fitted, reason
+
+
+def row_type(qtype: str, cols: int) -> str:
+    """``qtype``, or its :data:`ROW_FALLBACK` chain's first type whose block divides a row of ``cols``."""
+    while cols % TYPE_LAYOUT[qtype][0] != 0:
+        qtype = ROW_FALLBACK[qtype]
+    return qtype
 
 
 def plan(shapes: dict[str, tuple[int, ...]], subtype: str | None, keep: Iterable[str] = (),

@@ -1,0 +1,76 @@
+"""Mixture recipes re-tuned by measurement (``allocation=measured``, the default) and the unit-
+importance search (``search=weighted``, the default), each against its rule/reference twin."""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import pytest
+import torch
+
+from zopt import checkpoint
+from zopt.families import zimage
+from zopt.formats import convert
+from zopt.formats.gguf import AUTO_TYPES_KEY, auto, plan_for
+from zopt.formats.gguf import quants as gq
+from zopt.formats.gguf.recipes import FLOAT_TYPES, PRECISION_ORDER, recipe, row_type
+
+
+def _types(path) -> dict[str, str]:
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+
+
+@pytest.fixture(scope="module")
+def rule_file(tmp_path_factory, tiny_transformer_dir):
+    out = tmp_path_factory.mktemp("rule") / "Q4_K_M-rule.gguf"
+    return convert(tiny_transformer_dir, "gguf:Q4_K_M", out, options={"allocation": "rule"}, progress=False)
+
+
+def test_rule_allocation_writes_the_recipe_plan_and_records_the_choice(rule_file, tiny_transformer_dir):
+    _, plans = plan_for(checkpoint.open(tiny_transformer_dir), "Q4_K_M", {})
+    assert _types(rule_file) == {p.name: p.qtype for p in plans}
+    meta = checkpoint.open(rule_file).metadata
+    assert AUTO_TYPES_KEY not in meta and json.loads(meta["zopt.options"]) == {"allocation": "rule"}
+
+
+def test_measured_recipe_is_no_larger_keeps_the_base_floor_and_predicts_less_error(
+        rule_file, tiny_gguf, tiny_transformer_dir):
+    measured = tiny_gguf("Q4_K_M")
+    assert measured.stat().st_size <= rule_file.stat().st_size
+    rule, got = _types(rule_file), _types(measured)
+    assert json.loads(checkpoint.open(measured).metadata[AUTO_TYPES_KEY]) == got
+    assert got != rule  # the measurement moved bytes on this model
+    view = zimage.as_original(checkpoint.open(tiny_transformer_dir))
+    base = recipe("Q4_K_M").base
+    pred = {"rule": 0.0, "measured": 0.0}
+    for name, t in rule.items():
+        if t in FLOAT_TYPES:
+            assert got[name] == t, name  # the float tensors stay as the rule stores them
+            continue
+        w = view.get(name).float()
+        floor = row_type(base, w.shape[-1])
+        assert PRECISION_ORDER.index(got[name]) >= PRECISION_ORDER.index(floor), name
+        err = auto.measure(name, w, torch.ones(w.shape[-1]), (t, got[name]), weigh=False).errors
+        pred["rule"] += err[t]
+        pred["measured"] += err[got[name]]
+    assert pred["measured"] < pred["rule"], pred
+
+
+@pytest.mark.parametrize("search", ["weighted", "reference"])
+def test_search_option_picks_ggml_weighted_or_reference_quantizer(tmp_path, tiny_transformer_dir, search):
+    out = convert(tiny_transformer_dir, "gguf:Q4_K", tmp_path / f"{search}.gguf", options={"search": search},
+                  progress=False)
+    view = zimage.as_original(checkpoint.open(tiny_transformer_dir))
+    tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    checked = 0
+    for name, t in tensors.items():
+        qtype = t.tensor_type.name
+        if qtype not in ("Q4_K", "Q5_0"):  # Q4_K, and its fallback for rows that are no multiple of 256
+            continue
+        w = view.get(name)
+        want = gq.quantize(w, qtype, torch.ones(w.shape[-1]) if search == "weighted" else None)
+        assert t.data.tobytes() == want.numpy().tobytes(), name
+        other = gq.quantize(w, qtype, None if search == "weighted" else torch.ones(w.shape[-1]))
+        checked += other.numpy().tobytes() != want.numpy().tobytes()  # the two searches really differ
+    assert checked >= 4
