@@ -45,9 +45,56 @@ def make_inputs(config: dict, latent: int = 16, cap_tokens: int = 32, seed: int 
     return [(x, torch.tensor([t]), cap) for t in (0.3, 0.7)]
 
 
-def outputs(model, inputs) -> list[torch.Tensor]:
+def pipeline_inputs(source: str, model, n: int, steps: int = 8, size: int = 64) -> list:
+    """The transformer's inputs while ``model`` generates ``n`` shapes captions (seeds apart from the
+    adherence prompts') through the source's pipeline: ``steps`` calls per image, the latents,
+    timesteps and caption features the model sees in use (a trained model's outputs on random
+    caption features say little about its outputs in use)."""
+    import copy
+
+    from zopt.families.zimage.micro.adherence import held_out_prompts
+    from zopt.runtime.pipeline import GenerateRequest, build_pipeline, run
+
+    calls = []
+
+    def grab(_mod, args, kwargs):
+        kw = {k: v for k, v in kwargs.items() if k != "return_dict"}
+        calls.append(copy.deepcopy((args, kw)))
+
+    pipe = build_pipeline(source, device="cpu", dtype=torch.float32, transformer=model)
+    handle = model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            run(pipe, GenerateRequest(prompts=held_out_prompts(n, seed=2_000_000), seeds=[0], steps=steps,
+                                      height=size, width=size), tmp)
+    finally:
+        handle.remove()
+    return calls
+
+
+def _cast(v, dtype):
+    if isinstance(v, torch.Tensor):
+        return v.to(dtype) if v.is_floating_point() else v
+    if isinstance(v, (list, tuple)):
+        return type(v)(_cast(x, dtype) for x in v)
+    if isinstance(v, dict):
+        return {k: _cast(x, dtype) for k, x in v.items()}
+    return v
+
+
+def outputs(model, inputs, dtype=None) -> list[torch.Tensor]:
+    """The model's outputs (float32) on ``inputs``: (x, t, cap) triples, or (args, kwargs) pairs
+    from :func:`pipeline_inputs`; ``dtype`` casts the floating inputs (a BF16 reference)."""
+    outs = []
     with torch.inference_mode():
-        return [model(x, t, cap, return_dict=False)[0][0].float() for x, t, cap in inputs]
+        for item in inputs:
+            args, kw = (item, {}) if len(item) == 3 else item
+            if dtype is not None:
+                args, kw = _cast(args, dtype), _cast(kw, dtype)
+            out = model(*args, **kw, return_dict=False)[0]
+            outs.append(torch.cat([o.float().flatten() for o in out]) if isinstance(out, (list, tuple))
+                        else out.float())
+    return outs
 
 
 def rel_err(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
@@ -190,16 +237,16 @@ def peer_points(source, types, refs, inputs, params: int, work: Path, adh: int,
 
 def reused_peer_points(path: Path, base: dict, ref_dtype: str) -> list[dict]:
     """The peer rows of an earlier ``--json`` output; SystemExit unless it measured the same source
-    (parameters, bytes, config) against a reference of the same dtype on these inputs."""
+    (parameters, bytes, config) against a reference of the same dtype on the same kind of inputs."""
     try:
         old = json.loads(path.read_text())
         same = all(old.get(k) == json.loads(json.dumps(base[k])) for k in ("params", "ref_bytes", "config")) \
-            and old.get("ref_dtype", "float32") == ref_dtype
+            and old.get("ref_dtype", "float32") == ref_dtype and old.get("inputs", "random") == base.get("inputs", "random")
         rows = [r for r in old["rows"] if r["spec"].startswith("sdcpp:")]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise SystemExit(f"{path}: not a rate_distortion --json output ({e})") from None
     if not same:
-        raise SystemExit(f"{path}: measured another source or reference dtype; its peer points do not compare")
+        raise SystemExit(f"{path}: measured another source, reference dtype or inputs; its peer points do not compare")
     if not rows:
         raise SystemExit(f"{path}: has no peer points (run it with --peer)")
     for r in rows:
@@ -207,6 +254,7 @@ def reused_peer_points(path: Path, base: dict, ref_dtype: str) -> list[dict]:
     return rows
 
 
+BLOCK32_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 SAME_SIZE = 0.01  # files within 1% of each other's bits count as one size (Q4_0 and Q4_K often are)
 
 
@@ -241,11 +289,15 @@ def compare_to_peer(rows: list[dict]) -> list[dict]:
         return []
     same = {r["spec"].split(":")[1]: r for r in rows if r["spec"].startswith("sdcpp")}
     hull = frontier(peer)
+    # the 32-block types (a legacy type cannot reach a K type's error at its size, the peer's own
+    # included): their own frontier, printed beside the verdict, which stays against every file
+    hull32 = frontier([(r["bpw"], r["rel_error"]) for r in rows
+                       if r["spec"].startswith("sdcpp") and r["spec"].split(":")[1] in BLOCK32_TYPES])
     out = []
     print()
     print("| zopt point | bits/param | rel. output error | peer frontier at that size | ratio | verdict "
-          "| peer's same type: bits, error |")
-    print("|---|---:|---:|---:|---:|---|---|")
+          "| peer's same type: bits, error | peer's 32-block files' frontier: error, ratio |")
+    print("|---|---:|---:|---:|---:|---|---|---|")
     for r in sorted((r for r in rows if not r["spec"].startswith("sdcpp")), key=lambda r: r["bpw"]):
         pe = frontier_error(hull, r["bpw"])
         if pe is None:  # smaller than every peer file: compare with the smallest one
@@ -254,12 +306,19 @@ def compare_to_peer(rows: list[dict]) -> list[dict]:
         else:
             ratio = r["rel_error"] / pe
             verdict = "at or below" if ratio <= 1.0 else "above"
-        out.append({"label": r["label"], "bpw": r["bpw"], "rel_error": r["rel_error"], "peer_error": pe,
-                    "ratio": ratio, "verdict": verdict})
+        row = {"label": r["label"], "bpw": r["bpw"], "rel_error": r["rel_error"], "peer_error": pe,
+               "ratio": ratio, "verdict": verdict}
         cell = f"{pe:.4f}" if pe is not None else f"({hull[0][1]:.4f} at {hull[0][0]:.3f})"
         s = same.get(base_type(r["spec"].split(":")[1])) if r["spec"] != "gguf:auto" else None
         scell = f"{s['bpw']:.3f}, {s['rel_error']:.4f}" if s else "-"
-        print(f"| {r['label']} | {r['bpw']:.3f} | {r['rel_error']:.4f} | {cell} | {ratio:.3f} | {verdict} | {scell} |")
+        bcell = "-"
+        if r["spec"] != "gguf:auto" and base_type(r["spec"].split(":")[1]) in BLOCK32_TYPES and hull32:
+            pe32 = frontier_error(hull32, r["bpw"]) or hull32[0][1]
+            row["peer_block32_error"] = pe32
+            bcell = f"{pe32:.4f}, {r['rel_error'] / pe32:.3f}"
+        out.append(row)
+        print(f"| {r['label']} | {r['bpw']:.3f} | {r['rel_error']:.4f} | {cell} | {ratio:.3f} | {verdict} | {scell} "
+              f"| {bcell} |")
     n_ok = sum(o["verdict"].startswith("at or below") for o in out)
     print(f"{n_ok} of {len(out)} zopt points at or below stable-diffusion.cpp's frontier "
           "(error at most the peer's, log-linear between its files, at the same bits per parameter)")
@@ -362,6 +421,10 @@ def main() -> None:
     ap.add_argument("--ref-dtype", default="float32", choices=("float32", "bfloat16"),
                     help="the reference model's dtype (bfloat16: the full-size model in 24 GiB; its outputs are "
                          "compared in float32)")
+    ap.add_argument("--inputs", default="random", metavar="random|pipeline[:N]",
+                    help="the transformer inputs the error is measured on: seeded random latents and caption features "
+                         "at two timesteps (default), or those of generating N (4) held-out captions through the "
+                         "source's pipeline, 8 steps each (a trained model with a pipeline: micro)")
     ap.add_argument("--title", default=None, help="the plot's title (default: SOURCE: rate-distortion)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--predict", nargs="+", metavar="JSON", help="instead of measuring: compare gguf:auto's "
@@ -390,10 +453,16 @@ def main() -> None:
     ref_path = Path(source) / "transformer" if (Path(source) / "transformer").is_dir() else Path(source)
     dt = getattr(torch, args.ref_dtype)
     ref_model = load_source(ref_path, dtype=dt)
-    inputs = make_inputs(dict(ref_model.config))
-    refs = outputs(ref_model, [([v.to(dt) for v in x], t, [v.to(dt) for v in c]) for x, t, c in inputs])
+    if args.inputs == "random":
+        inputs, inputs_name = make_inputs(dict(ref_model.config)), "random"
+    else:
+        n = int(args.inputs.partition(":")[2] or 4)
+        inputs = pipeline_inputs(str(source), ref_model.float(), n)
+        ref_model = ref_model.to(dt)
+        inputs_name = f"pipeline: {n} prompts, 8 steps, 64 px"
+    refs = outputs(ref_model, inputs, dt)
     base = {"ref_bytes": sum(src.info(n).nbytes for n in src.names()), "params": params, "ref_dtype": args.ref_dtype,
-            "config": {k: v for k, v in zimage.infer_config(src).items() if not k.startswith("_")}}
+            "inputs": inputs_name, "config": {k: v for k, v in zimage.infer_config(src).items() if not k.startswith("_")}}
     if args.adherence:
         base["ref_adherence"] = adherence(str(source), ref_model, args.adherence)
     print(json.dumps(base), flush=True)

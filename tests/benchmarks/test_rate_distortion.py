@@ -48,7 +48,6 @@ def test_peer_points_reused_only_from_a_run_on_the_same_source(tmp_path):
     import json
 
     import pytest
-
     from rate_distortion import reused_peer_points
 
     base = {"params": 10, "ref_bytes": 20, "config": {"dim": 4, "axes_dims": (1, 2)}}
@@ -59,11 +58,24 @@ def test_peer_points_reused_only_from_a_run_on_the_same_source(tmp_path):
     assert reused_peer_points(old, base, "float32") == [peer]  # only the peer's rows, tuples read as lists
     with pytest.raises(SystemExit, match="another source"):
         reused_peer_points(old, {**base, "params": 11}, "float32")
-    with pytest.raises(SystemExit, match="another source or reference dtype"):
+    with pytest.raises(SystemExit, match="reference dtype or inputs"):
         reused_peer_points(old, base, "bfloat16")
+    with pytest.raises(SystemExit, match="reference dtype or inputs"):  # measured on other inputs
+        reused_peer_points(old, {**base, "inputs": "pipeline: 4 prompts, 8 steps, 64 px"}, "float32")
     (tmp_path / "none.json").write_text(json.dumps({**base, "rows": [mine]}))
     with pytest.raises(SystemExit, match="no peer points"):
         reused_peer_points(tmp_path / "none.json", base, "float32")
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(SystemExit, match="not a rate_distortion"):
         reused_peer_points(tmp_path / "bad.json", base, "float32")
+
+
+def test_legacy_points_also_compared_with_the_peers_32_block_files(capsys):
+    rows = [{"label": f"sd.cpp {t}", "spec": f"sdcpp:{t}", "bpw": b, "rel_error": e}
+            for t, b, e in (("Q4_K", 4.5, 0.2), ("Q4_0", 4.5, 0.26), ("Q5_0", 5.5, 0.14), ("Q5_K", 5.5, 0.11))]
+    rows += [{"label": "Q4_0", "spec": "gguf:Q4_0", "bpw": 5.0, "rel_error": 0.18},
+             {"label": "Q4_K_M", "spec": "gguf:Q4_K_M", "bpw": 5.0, "rel_error": 0.14}]
+    out = {o["label"]: o for o in compare_to_peer(rows)}
+    assert out["Q4_0"]["verdict"] == "above"  # against every file: the K types set the line
+    assert math.isclose(out["Q4_0"]["peer_block32_error"], math.sqrt(0.26 * 0.14))
+    assert "peer_block32_error" not in out["Q4_K_M"]

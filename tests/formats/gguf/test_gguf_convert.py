@@ -31,11 +31,11 @@ def test_gguf_py_decodes_every_tensor_to_zopt_values(tiny_gguf, tiny_transformer
     _, plans = plan_for(checkpoint.open(tiny_transformer_dir), subtype, {})
     want = {p.name: p for p in plans}
     assert [t.name for t in reader.tensors] == [p.name for p in plans]
-    # the uniform types store the rule's types; the mixture recipes the measured ones they record
-    mixture = gguf_recipes.recipe(subtype).mixture
+    # the uniform types store the rule's types; the others the measured ones they record (or, where
+    # the measurement found nothing better, the rule's, with no map)
     recorded = reader.fields.get(AUTO_TYPES_KEY)
-    assert (recorded is not None) == mixture
-    types = json.loads(recorded.contents()) if mixture else {p.name: p.qtype for p in plans}
+    assert recorded is None or gguf_recipes.recipe(subtype).measured
+    types = json.loads(recorded.contents()) if recorded is not None else {p.name: p.qtype for p in plans}
     for t in reader.tensors:
         p = want[t.name]
         assert t.tensor_type.name == types[t.name], t.name

@@ -62,9 +62,10 @@ class GGUFOptions(Options):
     # gguf:auto only: the whole file's size as bits per parameter, or as bytes ("5GB", "800MB")
     target_bpw: float | None = None
     target_size: str | None = None
-    # the mixture recipes (Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M): "measured" re-spends the bytes
-    # their rules give by measured per-tensor sensitivity (as gguf:auto; never a larger file),
-    # "rule" writes llama.cpp-style rules as they are (qkv/w2 bumps in chosen blocks)
+    # llama.cpp's mixture recipes (Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M) and the 32-block types
+    # (Q4_0, Q4_1, Q5_0, Q5_1): "measured" re-spends the bytes their rules give by measured per-tensor
+    # sensitivity (as gguf:auto; never a larger file), "rule" writes the rules as they are (qkv/w2
+    # bumps in chosen blocks, adaLN Q8_0); the uniform K types, Q8_0 and floats have one rule only
     allocation: str = field(default="measured", metadata={"choices": ("measured", "rule")})
     # "weighted": ggml's importance-weighted searches for every type that has them, with unit
     # importance where no imatrix entry is given (what stable-diffusion.cpp's converter runs: 4-11%
@@ -166,15 +167,15 @@ def metadata_for(src: TensorSource, subtype: str, config: dict[str, Any], plans:
 
 
 def measured(rec_name: str, options: Options) -> bool:
-    """Whether recipe ``rec_name`` is re-tuned by measurement under ``options`` (a mixture recipe,
-    ``allocation=measured``)."""
-    return rec_name != AUTO and gguf_recipes.recipe(rec_name).mixture and \
+    """Whether recipe ``rec_name`` is re-tuned by measurement under ``options`` (``Recipe.measured``
+    and ``allocation=measured``)."""
+    return rec_name != AUTO and gguf_recipes.recipe(rec_name).measured and \
         getattr(options, "allocation", "measured") == "measured"
 
 
 def retune_plans(view, plans: list[TensorPlan], rec_name: str, imatrix=None, unit: bool = True
                  ) -> list[TensorPlan]:
-    """Mixture recipe ``rec_name``'s rule ``plans`` re-tuned by measurement (:func:`.auto.retune`)
+    """Recipe ``rec_name``'s rule ``plans`` re-tuned by measurement (:func:`.auto.retune`)
     on the tensors of ``view`` (original layout, ``get(name)``), less the bytes of the recorded type
     map; the converter and the GPU bench's in-memory models both build their types here."""
     from .auto import retune
@@ -279,8 +280,10 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: GGUFOpti
                              unit=unit)
         meta = metadata_for(src, rec_name, config, plans, sha_mark, options, imatrix)
     elif measured(rec_name, options):
-        plans = retune_plans(view, plans, rec_name, imatrix, unit)
-        meta = metadata_for(src, rec_name, config, plans, sha_mark, options, imatrix, types_map=True)
+        retuned = retune_plans(view, plans, rec_name, imatrix, unit)
+        if [p.qtype for p in retuned] != [p.qtype for p in plans]:  # else the rule's file, no map to enlarge it
+            plans = retuned
+            meta = metadata_for(src, rec_name, config, plans, sha_mark, options, imatrix, types_map=True)
     importance = importance_for(imatrix, plans, unit)
     digest: dict[str, str] = {}
     hasher = None

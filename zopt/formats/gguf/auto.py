@@ -222,14 +222,15 @@ def _sensitivities(view, plans: list[TensorPlan], imatrix, types_for, unit: bool
 
 def retune(view, rule: list[TensorPlan], base: str, *, imatrix=None, reserve: int = 0, unit: bool = True
            ) -> tuple[list[TensorPlan], dict[str, Sensitivity]]:
-    """A mixture recipe (Q4_K_M, Q3_K_S, ...) re-tuned by the measurement ``gguf:auto`` makes.
+    """A named recipe (Q4_K_M, Q3_K_S, Q4_0, ...: ``Recipe.measured``) re-tuned by the measurement
+    ``gguf:auto`` makes.
 
     ``rule``: the recipe's plan by its rules. The bytes it gives its quantized tensors (the Q8_0
     adaLN included), less ``reserve`` (the recorded type map), are spent by :func:`choose` on the
     same per-tensor sensitivity, every one of those tensors at least the recipe's ``base`` type (or
-    its row fallback) and at most BF16; float tensors stay as the rule stores them. The file is no
-    larger than the rule's. Where the prediction does not favour the choice, the rule's plan is
-    returned as it is."""
+    its row fallback; a 32-block recipe among the 32-block types) and at most BF16; float tensors
+    stay as the rule stores them. The file is no larger than the rule's. Where the prediction does
+    not favour the choice, the rule's plan is returned as it is."""
     from .recipes import PRECISION_ORDER, row_type
 
     movable = [p for p in rule if p.qtype not in FLOAT_TYPES]
@@ -238,8 +239,9 @@ def retune(view, rule: list[TensorPlan], base: str, *, imatrix=None, reserve: in
 
     def types_for(p: TensorPlan) -> tuple[str, ...]:
         floor = PRECISION_ORDER.index(row_type(base, p.shape[-1]))
-        own = candidates(p.shape)
-        return tuple(t for t in own if PRECISION_ORDER.index(t) >= floor or t == p.qtype)
+        # a 32-block recipe stays in its family (K types are not what its name promises)
+        own = LEGACY_CANDIDATES if base in LEGACY_CANDIDATES and p.shape[-1] % 32 == 0 else candidates(p.shape)
+        return tuple(t for t in dict.fromkeys((*own, p.qtype)) if PRECISION_ORDER.index(t) >= floor or t == p.qtype)
 
     sens = _sensitivities(view, movable, imatrix, types_for, unit)
     budget = sum(p.nbytes for p in movable) - reserve

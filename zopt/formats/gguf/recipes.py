@@ -98,11 +98,12 @@ class Recipe:
     summary: str = ""
 
     @property
-    def mixture(self) -> bool:
-        """llama.cpp's mixture names (Q2_K and the _S/_M/_L recipes): their bytes are re-spent by
-        measurement (``allocation=measured``, :func:`zopt.formats.gguf.auto.retune`); the uniform
-        types (Q4_K, Q6_K, Q8_0, Q4_0, ...) keep one type, as their names say."""
-        return self.name == "Q2_K" or self.name.endswith(("_S", "_M", "_L"))
+    def measured(self) -> bool:
+        """Whether ``allocation=measured`` (the default) re-spends this recipe's bytes by measured
+        sensitivity (:func:`zopt.formats.gguf.auto.retune`): llama.cpp's mixture names (Q2_K and the
+        _S/_M/_L recipes) and the 32-block types; the uniform K types (Q3_K, Q4_K, Q5_K, Q6_K), Q8_0
+        and the float types keep one type, as their names say."""
+        return self.name == "Q2_K" or self.name.endswith(("_S", "_M", "_L")) or self.base in ("Q4_0", "Q4_1", "Q5_0", "Q5_1")
 
 
 QKV, W2, OUT = r"\.attention\.qkv\.weight$", r"\.feed_forward\.w2\.weight$", r"\.attention\.out\.weight$"
