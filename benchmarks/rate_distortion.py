@@ -170,25 +170,21 @@ def peer_file(source) -> Path | None:
 
 def sdcpp_convert(src: Path, out: Path, t: str, log: Path, rules: str = "") -> bool:
     """stable-diffusion.cpp's converter (``sd -M convert``; ``rules``: its ``--tensor-type-rules``,
-    ``regex=type,...``), its C output sent to ``log``."""
-    from stable_diffusion_cpp import stable_diffusion_cpp as sd
+    ``regex=type,...``) in a child process, its output sent to ``log``: a failed assertion in the
+    C code (its converter sizes its buffers by the base type, so a rule that raises a tensor's type
+    aborts it) ends that process, not the benchmark."""
+    import subprocess
 
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    with open(log, "ab") as f:
-        os.dup2(f.fileno(), 1)
-        os.dup2(f.fileno(), 2)
-        try:
+    code = ("import sys; from stable_diffusion_cpp import stable_diffusion_cpp as sd; "
+            "a = sys.argv[1:]; "
             # the C API: convert(input, vae, output, sd_type_t, tensor_type_rules, convert_name)
-            ok = sd.convert(str(src).encode(), b"", str(out).encode(), int(getattr(sd.GGMLType, f"SD_TYPE_{t}")),
-                            rules.encode(), False)
-        finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
-    return bool(ok) and out.exists()
+            "sys.exit(0 if sd.convert(a[0].encode(), b'', a[1].encode(), int(getattr(sd.GGMLType, 'SD_TYPE_' + a[2])), "
+            "a[3].encode(), False) else 1)")
+    with open(log, "ab") as f:
+        done = subprocess.run([sys.executable, "-c", code, str(src), str(out), t, rules], stdout=f, stderr=f)
+    if done.returncode != 0:
+        out.unlink(missing_ok=True)
+    return done.returncode == 0 and out.exists()
 
 
 def peer_points(source, types, refs, inputs, params: int, work: Path, adh: int,
@@ -414,8 +410,9 @@ def main() -> None:
     ap.add_argument("--peer-mix", action="append", default=[], metavar="TYPE:RULES",
                     help="with --peer or --peer-from, also a stable-diffusion.cpp file of base TYPE and its tensor type rules "
                          "(regex=type,...; e.g. Q3_K:feed_forward.w[13]=q4_K): the peer's own mixes join its frontier")
-    ap.add_argument("--peer-from", default=None, metavar="JSON",
-                    help="reuse the peer points of an earlier --json run on the same source (its conversions are slow)")
+    ap.add_argument("--peer-from", action="append", default=[], metavar="JSON",
+                    help="reuse the peer points of an earlier --json run on the same source and inputs (its "
+                         "conversions are slow); repeatable")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--ref-dtype", default="float32", choices=("float32", "bfloat16"),
@@ -493,7 +490,9 @@ def main() -> None:
     if args.peer:
         rows += peer_points(source, types, refs, inputs, params, work, args.adherence, args.peer_mix)
     elif args.peer_from:
-        rows += reused_peer_points(Path(args.peer_from), base, args.ref_dtype)
+        for j in args.peer_from:  # one row per peer file (a later run may carry an earlier one's rows)
+            seen = {r["spec"] for r in rows}
+            rows += [r for r in reused_peer_points(Path(j), base, args.ref_dtype) if r["spec"] not in seen]
         if args.peer_mix:  # the earlier run's files, and these mixes measured now
             rows += peer_points(source, types, refs, inputs, params, work, args.adherence, args.peer_mix, plain=False)
     print()

@@ -125,8 +125,8 @@ def run(args) -> int:
     result = convert(args.source, specs[0], out, options=typed, progress=not args.no_progress,
                      allow_pickle=args.allow_pickle, force=args.force, loras=args.lora)
     print(f"wrote {result} ({_size(result)})")
-    if infos[0].name == "gguf" and specs[0].partition(":")[2].strip().lower() == "auto":
-        _print_auto_types(result)
+    if infos[0].name == "gguf":
+        _print_auto_types(result, every=specs[0].partition(":")[2].strip().lower() == "auto")
     return 0
 
 
@@ -162,8 +162,9 @@ def _convert_many(args, specs: list[str], options: dict, note) -> int:
     return 0
 
 
-def _print_auto_types(path: Path) -> None:
-    """The per-tensor types gguf:auto chose, as recorded in the file."""
+def _print_auto_types(path: Path, every: bool) -> None:
+    """The per-tensor types measurement chose, as recorded in the file: gguf:auto's (``every``: one
+    line per tensor) or a re-tuned recipe's (the count per type); nothing for a rule's file."""
     import json
     from collections import Counter
 
@@ -171,8 +172,14 @@ def _print_auto_types(path: Path) -> None:
     from ..formats.gguf import AUTO_TYPES_KEY
 
     meta = checkpoint.open(path).metadata
+    if AUTO_TYPES_KEY not in meta:
+        return
     types = json.loads(meta[AUTO_TYPES_KEY])
-    counts = Counter(types.values())
-    print(f"{meta.get('zopt.bits_per_weight')} bits/weight; " + ", ".join(f"{t}: {n}" for t, n in sorted(counts.items())))
+    counts = ", ".join(f"{t}: {n}" for t, n in sorted(Counter(types.values()).items()))
+    if not every:
+        print(f"types chosen by measured sensitivity within the recipe's bytes ({counts}); "
+              f"per tensor: the header's {AUTO_TYPES_KEY}")
+        return
+    print(f"{meta.get('zopt.bits_per_weight')} bits/weight; {counts}")
     for name, t in types.items():
         print(f"  {t:5} {name}")

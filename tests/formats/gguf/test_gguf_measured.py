@@ -74,3 +74,21 @@ def test_search_option_picks_ggml_weighted_or_reference_quantizer(tmp_path, tiny
         other = gq.quantize(w, qtype, None if search == "weighted" else torch.ones(w.shape[-1]))
         checked += other.numpy().tobytes() != want.numpy().tobytes()  # the two searches really differ
     assert checked >= 4
+
+
+def test_cli_says_what_measurement_chose_and_refuses_a_bad_allocation(tmp_path, tiny_transformer_dir, capsys):
+    from zopt.cli import main
+
+    out = tmp_path / "m.gguf"
+    assert main(["convert", str(tiny_transformer_dir), "--to", "gguf:Q4_K_M", "-o", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    types = list(json.loads(checkpoint.open(out).metadata[AUTO_TYPES_KEY]).values())
+    assert "types chosen by measured sensitivity" in text
+    assert all(f"{t}: {types.count(t)}" in text for t in set(types))
+    uniform = tmp_path / "u.gguf"
+    assert main(["convert", str(tiny_transformer_dir), "--to", "gguf:Q4_K", "-o", str(uniform), "--no-progress"]) == 0
+    assert "measured" not in capsys.readouterr().out
+    bad = tmp_path / "b.gguf"
+    assert main(["convert", str(tiny_transformer_dir), "--to", "gguf:Q4_K_M", "--option", "allocation=best",
+                 "-o", str(bad), "--no-progress"]) == 2
+    assert not bad.exists() and "allocation" in capsys.readouterr().err

@@ -199,8 +199,9 @@ def _sensitivities(view, plans: list[TensorPlan], imatrix, types_for, unit: bool
                    ) -> dict[str, Sensitivity]:
     """:func:`measure` for every plan, on candidate types ``types_for(plan)``, quantized as the file
     will be: the imatrix's weighted searches, or with ``unit`` importance where it has no entry
-    (``search=weighted``), else ggml's reference quantizers; each tensor read once (streaming). The importance matrix shapes the searches, not the allocation: measured on the
-    medium model, errors weighted by ``E[x^2]`` chose a worse mix (docs/quality-per-bit.md)."""
+    (``search=weighted``), else ggml's reference quantizers; each tensor read once (streaming).
+    The importance matrix shapes the searches, not the allocation: measured on the medium model,
+    errors weighted by ``E[x^2]`` chose a worse mix (docs/quality-per-bit.md)."""
     import torch
 
     sens: dict[str, Sensitivity] = {}
