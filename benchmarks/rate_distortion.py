@@ -22,6 +22,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -205,9 +206,10 @@ def peer_points(source, types, refs, inputs, params: int, work: Path, adh: int,
         return []
     rows = []
     jobs = [(t, "") for t in peer_types(types) if plain] + [tuple(m.split(":", 1)) for m in mixes]
-    for i, (t, rules) in enumerate(jobs):
+    for t, rules in jobs:
         t = t.upper()
-        out = work / (f"sdcpp-{t}.gguf" if not rules else f"sdcpp-{t}-mix{i}.gguf")
+        tag = hashlib.sha256(rules.encode()).hexdigest()[:8]  # one file per rule set, whichever run made it
+        out = work / (f"sdcpp-{t}.gguf" if not rules else f"sdcpp-{t}-{tag}.gguf")
         t0 = time.perf_counter()
         try:
             ok = sdcpp_convert(src, out, t, work / "sdcpp.log", rules)
@@ -427,6 +429,16 @@ def main() -> None:
     ap.add_argument("--predict", nargs="+", metavar="JSON", help="instead of measuring: compare gguf:auto's "
                     "predicted error with the measured error of the files listed in these --json outputs")
     args = ap.parse_args()
+    import re
+
+    if not re.fullmatch(r"random|pipeline(:[1-9][0-9]*)?", args.inputs):
+        ap.error(f"--inputs {args.inputs!r}: random, pipeline or pipeline:N")
+    if any(":" not in m for m in args.peer_mix):
+        ap.error("--peer-mix takes TYPE:RULES, e.g. Q4_K:feed_forward\\.w[13]=q3_K")
+    if args.peer_mix and not (args.peer or args.peer_from):
+        ap.error("--peer-mix needs --peer or --peer-from")
+    if args.peer and args.peer_from:
+        ap.error("--peer converts the peer's files again; --peer-from reuses them: one of the two")
     if args.predict:
         from zopt.families import resolve_source
 
@@ -491,8 +503,8 @@ def main() -> None:
         rows += peer_points(source, types, refs, inputs, params, work, args.adherence, args.peer_mix)
     elif args.peer_from:
         for j in args.peer_from:  # one row per peer file (a later run may carry an earlier one's rows)
-            seen = {r["spec"] for r in rows}
-            rows += [r for r in reused_peer_points(Path(j), base, args.ref_dtype) if r["spec"] not in seen]
+            seen = {r["label"] for r in rows}
+            rows += [r for r in reused_peer_points(Path(j), base, args.ref_dtype) if r["label"] not in seen]
         if args.peer_mix:  # the earlier run's files, and these mixes measured now
             rows += peer_points(source, types, refs, inputs, params, work, args.adherence, args.peer_mix, plain=False)
     print()

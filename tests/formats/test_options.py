@@ -54,7 +54,7 @@ def test_cli_strings_and_python_values_give_the_same_options():
     assert g.workers == 2 and g.compile == "auto" and entry("gguf").parse_options({"compile": True}).compile is True
     # run knobs (and the imatrix path: its sha256 goes in the header) are not recorded
     assert g.recorded() == {"keep": [], "quantize": [], "min_elements": 1 << 16, "target_bpw": None,
-                            "target_size": None}
+                            "target_size": None, "allocation": "measured", "search": "weighted"}
 
 
 def test_manifest_records_the_dataclass_and_load_reads_it_back(tmp_path, tiny_transformer_dir):

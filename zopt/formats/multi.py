@@ -136,6 +136,13 @@ class _ConsumerView(TensorSource):
         return self._shared.get(name, self._who)
 
     @property
+    def direct(self) -> TensorSource:
+        """The source itself, for reads outside the converters' shared pass (the measurement of
+        ``gguf:auto`` and the measured recipes reads every tensor ahead of it): neither cached
+        nor counted, and it does not move this converter ahead of the others."""
+        return self._shared.src
+
+    @property
     def files(self) -> list[Path]:
         return self._shared.src.files
 

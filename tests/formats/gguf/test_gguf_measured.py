@@ -92,3 +92,34 @@ def test_cli_says_what_measurement_chose_and_refuses_a_bad_allocation(tmp_path, 
     assert main(["convert", str(tiny_transformer_dir), "--to", "gguf:Q4_K_M", "--option", "allocation=best",
                  "-o", str(bad), "--no-progress"]) == 2
     assert not bad.exists() and "allocation" in capsys.readouterr().err
+
+
+def test_options_recorded_only_where_they_shape_the_file(tmp_path, tiny_transformer_dir):
+    opts = {"allocation": "rule", "search": "reference"}
+    got = {}
+    for t in ("Q8_0", "Q4_K", "Q4_K_M", "BF16"):
+        out = convert(tiny_transformer_dir, f"gguf:{t}", tmp_path / f"{t}.gguf", options=opts, progress=False)
+        got[t] = json.loads(checkpoint.open(out).metadata.get("zopt.options", "{}"))
+    assert got == {"Q8_0": {}, "BF16": {}, "Q4_K": {"search": "reference"}, "Q4_K_M": opts}
+
+
+@pytest.mark.parametrize("subtype", [r for r in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M",
+                                                 "Q5_K_S", "Q5_K_M", "Q4_0", "Q4_1", "Q5_0", "Q5_1")])
+def test_every_measured_recipe_is_no_larger_than_its_rule(tmp_path, tiny_transformer_dir, tiny_gguf, subtype):
+    assert recipe(subtype).measured
+    rule = convert(tiny_transformer_dir, f"gguf:{subtype}", tmp_path / "r.gguf", options={"allocation": "rule"},
+                   progress=False)
+    got = _types(tiny_gguf(subtype))
+    assert tiny_gguf(subtype).stat().st_size <= rule.stat().st_size
+    if recipe(subtype).base in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):  # a 32-block recipe stays among them
+        assert not any(t.endswith("_K") for t in got.values()), got
+
+
+def test_multi_target_pass_reads_the_source_once_with_measured_recipes(tmp_path, tiny_transformer_dir):
+    from zopt.formats.multi import convert_many
+
+    targets = [("gguf:Q8_0", tmp_path / "a.gguf"), ("gguf:Q4_K_M", tmp_path / "b.gguf")]
+    _, shared = convert_many(tiny_transformer_dir, targets, progress=False, budget=300_000)
+    assert shared.rereads == 0
+    assert _types(tmp_path / "b.gguf") == _types(convert(tiny_transformer_dir, "gguf:Q4_K_M", tmp_path / "c.gguf",
+                                                         progress=False))

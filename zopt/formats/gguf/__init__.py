@@ -48,7 +48,8 @@ COMPILE_MIN_WEIGHTS = 100_000_000
 
 @dataclass(frozen=True)
 class GGUFOptions(Options):
-    """How a GGUF conversion runs; neither knob changes the bytes written."""
+    """How a GGUF conversion runs and what it writes (``workers`` and ``compile`` do not change the
+    bytes; the rest do, and are recorded where they apply)."""
 
     # quantizing threads (default: torch's thread count, at most the CPU count)
     workers: int | None = field(default=None, metadata={"record": False})
@@ -70,7 +71,8 @@ class GGUFOptions(Options):
     # "weighted": ggml's importance-weighted searches for every type that has them, with unit
     # importance where no imatrix entry is given (what stable-diffusion.cpp's converter runs: 4-11%
     # less weight error than the reference for Q2_K, Q3_K and the legacy types); "reference": ggml's
-    # reference quantizers (llama-quantize without an imatrix), byte for byte
+    # reference quantizers (llama-quantize without an imatrix; bytes equal ggml's in 70-100% of blocks,
+    # near-ties in the K searches resolve differently, tests/formats/gguf/test_ggml_quants.py)
     search: str = field(default="weighted", metadata={"choices": ("weighted", "reference")})
 
 
@@ -138,6 +140,10 @@ def metadata_for(src: TensorSource, subtype: str, config: dict[str, Any], plans:
     rec_name = AUTO if auto else gguf_recipes.recipe(subtype).name
     det = zimage.detect(src)
     changed = options.changed() if options is not None else {}
+    if not measured(rec_name, GGUFOptions()):  # allocation: only the measured recipes have two
+        changed.pop("allocation", None)
+    if rec_name != AUTO and gguf_recipes.recipe(rec_name).base in (*FLOAT_TYPES, "Q8_0"):
+        changed.pop("search", None)  # Q8_0 and the float types have no search
     meta = {
         "general.architecture": ARCHITECTURE,
         "general.type": "model",
@@ -171,6 +177,14 @@ def measured(rec_name: str, options: Options) -> bool:
     and ``allocation=measured``)."""
     return rec_name != AUTO and gguf_recipes.recipe(rec_name).measured and \
         getattr(options, "allocation", "measured") == "measured"
+
+
+def _measuring_view(src: TensorSource, view):
+    """The original-layout view the measurement reads: around the source itself where ``src`` is
+    one converter's share of a multi-target pass (so the pass's cache and pacing see only the
+    writing reads), else ``view``."""
+    direct = getattr(src, "direct", None)
+    return zimage.as_original(direct) if direct is not None else view
 
 
 def retune_plans(view, plans: list[TensorPlan], rec_name: str, imatrix=None, unit: bool = True
@@ -275,12 +289,12 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: GGUFOpti
     if auto:
         from .auto import plan_auto
 
-        plans, _ = plan_auto(view, plans, target_bpw=options.target_bpw, target_size=options.target_size,
+        plans, _ = plan_auto(_measuring_view(src, view), plans, target_bpw=options.target_bpw, target_size=options.target_size,
                              imatrix=imatrix, metadata_bytes=sum(len(k) + len(str(v)) + 16 for k, v in meta.items()),
                              unit=unit)
         meta = metadata_for(src, rec_name, config, plans, sha_mark, options, imatrix)
     elif measured(rec_name, options):
-        retuned = retune_plans(view, plans, rec_name, imatrix, unit)
+        retuned = retune_plans(_measuring_view(src, view), plans, rec_name, imatrix, unit)
         if [p.qtype for p in retuned] != [p.qtype for p in plans]:  # else the rule's file, no map to enlarge it
             plans = retuned
             meta = metadata_for(src, rec_name, config, plans, sha_mark, options, imatrix, types_map=True)
