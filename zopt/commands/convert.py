@@ -176,8 +176,10 @@ def _print_auto_types(path: Path, every: bool) -> None:
         return
     types = json.loads(meta[AUTO_TYPES_KEY])
     counts = ", ".join(f"{t}: {n}" for t, n in sorted(Counter(types.values()).items()))
-    if not every:
-        print(f"types chosen by measured sensitivity within the recipe's bytes ({counts}); "
+    if not every:  # the quantized tensors: what measurement chose among
+        moved = ", ".join(f"{t}: {n}" for t, n in sorted(Counter(types.values()).items())
+                          if t not in ("F32", "F16", "BF16"))
+        print(f"quantized types chosen by measured sensitivity within the recipe's bytes ({moved}); "
               f"per tensor: the header's {AUTO_TYPES_KEY}")
         return
     print(f"{meta.get('zopt.bits_per_weight')} bits/weight; {counts}")

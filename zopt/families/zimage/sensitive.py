@@ -21,7 +21,9 @@ DIRECT = "Q8_0"
 # tensors above stay BF16 (0.03%). Measured on the medium synthetic model (docs/quality-per-bit.md):
 # Q4_K 5.158 -> 4.765 bits per weight at output error 0.1908 -> 0.1907, Q8_0 8.931 -> 8.538 at
 # 0.0146 -> 0.0166; storing them at the recipe's own type instead (as stable-diffusion.cpp does)
-# raised Q4_K's error to 0.217-0.270.
+# raised Q4_K's error to 0.217-0.270. That is the rule (allocation=rule); the GGUF recipes re-tuned
+# by measurement start from those bytes and may store these tensors at another quantized type
+# (docs/quality-per-bit.md, "Named recipes re-tuned by measurement").
 GGUF_HIGH = "Q8_0"
 
 SENSITIVE: tuple[SensitiveRule, ...] = (

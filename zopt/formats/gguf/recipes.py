@@ -294,4 +294,6 @@ def full_size_shapes() -> dict[str, tuple[int, ...]]:
 def list_types() -> list[tuple[str, float, str]]:
     """(subtype, effective bits per weight on the full-size model, summary) for every recipe."""
     shapes = full_size_shapes()
-    return [(name, bits_per_weight(plan(shapes, name)), r.summary) for name, r in RECIPES.items()]
+    note = "; by default re-tuned by measurement within these bytes (--option allocation=rule: as written)"
+    return [(name, bits_per_weight(plan(shapes, name)), r.summary + (note if r.measured else ""))
+            for name, r in RECIPES.items()]
