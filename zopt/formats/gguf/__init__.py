@@ -187,8 +187,8 @@ def _measuring_view(src: TensorSource, view):
     return zimage.as_original(direct) if direct is not None else view
 
 
-def retune_plans(view, plans: list[TensorPlan], rec_name: str, imatrix=None, unit: bool = True
-                 ) -> list[TensorPlan]:
+def retune_plans(view, plans: list[TensorPlan], rec_name: str, imatrix=None, unit: bool = True,
+                 progress: bool = False) -> list[TensorPlan]:
     """Recipe ``rec_name``'s rule ``plans`` re-tuned by measurement (:func:`.auto.retune`)
     on the tensors of ``view`` (original layout, ``get(name)``), less the bytes of the recorded type
     map; the converter and the GPU bench's in-memory models both build their types here."""
@@ -196,7 +196,8 @@ def retune_plans(view, plans: list[TensorPlan], rec_name: str, imatrix=None, uni
 
     mapped = json.dumps({p.name: p.qtype for p in plans}, sort_keys=True)  # 4-character types: size known
     reserve = len(AUTO_TYPES_KEY) + len(mapped) + 16 + 64
-    out, _ = retune(view, plans, gguf_recipes.recipe(rec_name).base, imatrix=imatrix, reserve=reserve, unit=unit)
+    out, _ = retune(view, plans, gguf_recipes.recipe(rec_name).base, imatrix=imatrix, reserve=reserve, unit=unit,
+                    progress=progress)
     return out
 
 
@@ -291,10 +292,10 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: GGUFOpti
 
         plans, _ = plan_auto(_measuring_view(src, view), plans, target_bpw=options.target_bpw, target_size=options.target_size,
                              imatrix=imatrix, metadata_bytes=sum(len(k) + len(str(v)) + 16 for k, v in meta.items()),
-                             unit=unit)
+                             unit=unit, progress=progress)
         meta = metadata_for(src, rec_name, config, plans, sha_mark, options, imatrix)
     elif measured(rec_name, options):
-        retuned = retune_plans(_measuring_view(src, view), plans, rec_name, imatrix, unit)
+        retuned = retune_plans(_measuring_view(src, view), plans, rec_name, imatrix, unit, progress)
         if [p.qtype for p in retuned] != [p.qtype for p in plans]:  # else the rule's file, no map to enlarge it
             plans = retuned
             meta = metadata_for(src, rec_name, config, plans, sha_mark, options, imatrix, types_map=True)

@@ -151,7 +151,7 @@ def choose(sens: list[Sensitivity], budget: int) -> dict[str, str]:
 
 
 def plan_auto(view, base: list[TensorPlan], *, target_bpw: float | None, target_size: str | None,
-              imatrix=None, metadata_bytes: int = 0, unit: bool = True) -> tuple[list[TensorPlan], dict[str, Sensitivity]]:
+              imatrix=None, metadata_bytes: int = 0, unit: bool = True, progress: bool = False) -> tuple[list[TensorPlan], dict[str, Sensitivity]]:
     """Plans with auto-chosen types for the tensors ``base`` quantizes (``base``: a recipe's plan,
     whose float tensors stay as they are), and the measured sensitivities. Reads each quantized
     tensor once (streaming). The budget is the whole file: ``target_bpw`` bits per parameter or
@@ -176,7 +176,7 @@ def plan_auto(view, base: list[TensorPlan], *, target_bpw: float | None, target_
                         "(--quantize PATTERN forces Linears to be quantized)")
     budget = total - fixed - header
     sens = _sensitivities(view, quantized, imatrix,
-                          lambda p: candidates(p.shape, p.name, math.prod(p.shape) / params), unit)
+                          lambda p: candidates(p.shape, p.name, math.prod(p.shape) / params), unit, progress)
     try:
         types = choose(list(sens.values()), budget)
     except ZoptError:
@@ -195,8 +195,8 @@ def plan_auto(view, base: list[TensorPlan], *, target_bpw: float | None, target_
     return out, sens
 
 
-def _sensitivities(view, plans: list[TensorPlan], imatrix, types_for, unit: bool = True
-                   ) -> dict[str, Sensitivity]:
+def _sensitivities(view, plans: list[TensorPlan], imatrix, types_for, unit: bool = True,
+                   progress: bool = False) -> dict[str, Sensitivity]:
     """:func:`measure` for every plan, on candidate types ``types_for(plan)``, quantized as the file
     will be: the imatrix's weighted searches, or with ``unit`` importance where it has no entry
     (``search=weighted``), else ggml's reference quantizers; each tensor read once (streaming).
@@ -204,25 +204,29 @@ def _sensitivities(view, plans: list[TensorPlan], imatrix, types_for, unit: bool
     errors weighted by ``E[x^2]`` chose a worse mix (docs/quality-per-bit.md)."""
     import torch
 
+    from ...progress import progress_bar
+
     sens: dict[str, Sensitivity] = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the searches are thousands of small ops: one thread is fastest (docs/ggml-quants.md)
     try:
-        for p in plans:
-            with torch.inference_mode():
-                w = view.get(p.name).reshape(p.shape)
-                imp = imatrix.importance(p.name, p.shape[-1]) if imatrix is not None else None
-                if imp is None and unit:
-                    imp = torch.ones(p.shape[-1])
-                sens[p.name] = measure(p.name, w, imp, types_for(p), weigh=False)
-                del w
+        with progress_bar(len(plans), "measuring sensitivity", unit="tensors", enabled=progress) as bar:
+            for p in plans:
+                with torch.inference_mode():
+                    w = view.get(p.name).reshape(p.shape)
+                    imp = imatrix.importance(p.name, p.shape[-1]) if imatrix is not None else None
+                    if imp is None and unit:
+                        imp = torch.ones(p.shape[-1])
+                    sens[p.name] = measure(p.name, w, imp, types_for(p), weigh=False)
+                    del w
+                bar.advance(1)
     finally:
         torch.set_num_threads(threads)
     return sens
 
 
-def retune(view, rule: list[TensorPlan], base: str, *, imatrix=None, reserve: int = 0, unit: bool = True
-           ) -> tuple[list[TensorPlan], dict[str, Sensitivity]]:
+def retune(view, rule: list[TensorPlan], base: str, *, imatrix=None, reserve: int = 0, unit: bool = True,
+           progress: bool = False) -> tuple[list[TensorPlan], dict[str, Sensitivity]]:
     """A named recipe (Q4_K_M, Q3_K_S, Q4_0, ...: ``Recipe.measured``) re-tuned by the measurement
     ``gguf:auto`` makes.
 
@@ -244,7 +248,7 @@ def retune(view, rule: list[TensorPlan], base: str, *, imatrix=None, reserve: in
         own = LEGACY_CANDIDATES if base in LEGACY_CANDIDATES and p.shape[-1] % 32 == 0 else candidates(p.shape)
         return tuple(t for t in dict.fromkeys((*own, p.qtype)) if PRECISION_ORDER.index(t) >= floor or t == p.qtype)
 
-    sens = _sensitivities(view, movable, imatrix, types_for, unit)
+    sens = _sensitivities(view, movable, imatrix, types_for, unit, progress)
     budget = sum(p.nbytes for p in movable) - reserve
     try:
         types = choose(list(sens.values()), budget)
