@@ -176,7 +176,8 @@ class _SeededOriginal:
 def gguf_types(config: dict[str, Any], subtype: str, seed: int | None = None, device: str = "cpu") -> dict[str, str]:
     """Diffusers Linear weight name -> GGML type that GGUF recipe ``subtype`` gives it (q/k/v share
     the fused ``qkv`` tensor's type, as in the file). A measured recipe (Q4_K_M, Q4_0, ...) is re-tuned by
-    measurement as ``zopt convert`` does, on the seeded weights of ``seed``."""
+    measurement as ``zopt convert`` does, on the seeded weights of ``seed`` drawn on ``device`` (on a
+    GPU other values than on the CPU, and near-ties may resolve differently)."""
     from zopt.families import zimage
     from zopt.formats.gguf import GGUFOptions, measured, recipes, retune_plans
     from zopt.models import synthetic_layout
