@@ -124,3 +124,34 @@ def test_multi_target_pass_reads_the_source_once_with_measured_recipes(tmp_path,
     assert shared.rereads == 0
     assert _types(tmp_path / "b.gguf") == _types(convert(tiny_transformer_dir, "gguf:Q4_K_M", tmp_path / "c.gguf",
                                                          progress=False))
+
+
+def test_measured_recipe_with_an_imatrix_uses_it_and_stays_within_the_rule(tmp_path, tiny_transformer_dir):
+    import numpy as np
+
+    from zopt.formats.imatrix import Imatrix, Stat, read, write
+
+    view = zimage.as_original(checkpoint.open(tiny_transformer_dir))
+    rng = np.random.default_rng(1)
+    entries = {n: Stat(np.exp(1.5 * rng.standard_normal(view.info(n).shape[1])) * 100, 100.0,
+                       np.ones(view.info(n).shape[1], np.float32))
+               for n in view.names() if len(view.info(n).shape) == 2 and n.endswith(".weight")}
+    path = write(Imatrix(entries, ["seeded"], 1, 1), tmp_path / "t.imatrix")
+    opts = {"imatrix": str(path)}
+    rule = convert(tiny_transformer_dir, "gguf:Q4_K_M", tmp_path / "r.gguf", options={**opts, "allocation": "rule"},
+                   progress=False)
+    got = convert(tiny_transformer_dir, "gguf:Q4_K_M", tmp_path / "m.gguf", options=opts, progress=False)
+    assert got.stat().st_size <= rule.stat().st_size
+    types = _types(got)
+    assert json.loads(checkpoint.open(got).metadata[AUTO_TYPES_KEY]) == types and types != _types(rule)
+    imat = read(path)
+    checked = 0
+    for t in gguf.GGUFReader(got).tensors:  # every quantized tensor with an entry: the imatrix's weighted search
+        qtype = t.tensor_type.name
+        if qtype in FLOAT_TYPES or qtype == "Q8_0" or qtype == "F32":
+            continue
+        w = view.get(t.name)
+        imp = torch.from_numpy(imat.importance(t.name, w.shape[-1]))
+        assert t.data.tobytes() == gq.quantize(w, qtype, imp).numpy().tobytes(), t.name
+        checked += 1
+    assert checked >= 4
