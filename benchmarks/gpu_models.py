@@ -179,12 +179,13 @@ def gguf_types(config: dict[str, Any], subtype: str, seed: int | None = None, de
     measurement as ``zopt convert`` does, on the seeded weights of ``seed`` drawn on ``device`` (on a
     GPU other values than on the CPU, and near-ties may resolve differently)."""
     from zopt.families import zimage
-    from zopt.formats.gguf import GGUFOptions, measured, recipes, retune_plans
+    from zopt.formats.gguf import recipes, retune_plans
     from zopt.models import synthetic_layout
 
+    rec = recipes.recipe(subtype)
     rule = recipes.plan(dict(synthetic_layout(config)), subtype)
-    if seed is not None and measured(recipes.recipe(subtype).name, GGUFOptions()):
-        rule = retune_plans(_SeededOriginal(config, seed, device), rule, recipes.recipe(subtype).name)
+    if seed is not None and rec.measured:  # as a default conversion: allocation=measured
+        rule = retune_plans(_SeededOriginal(config, seed, device), rule, rec.name)
     plans = {p.name: p.qtype for p in rule}
     out = {}
     for name in zimage.expected_shapes(config):

@@ -122,16 +122,25 @@ def adherence(source: str, model, n: int) -> dict | None:
 
 
 def measure(source, spec: str, options: dict, path: Path, refs, inputs, params: int, adh: int, label: str) -> dict:
-    from zopt.formats import convert, load
+    from zopt.formats import convert
 
     t0 = time.perf_counter()
     convert(source, spec, path, options={"hash_source": False, **options}, progress=False, force=True)
-    conv_s = time.perf_counter() - t0
+    return file_row(source, path, label, spec, time.perf_counter() - t0, refs, inputs, params, adh,
+                    bool(options.get("imatrix")))
+
+
+def file_row(source, path: Path, label: str, spec: str, conv_s: float, refs, inputs, params: int, adh: int,
+             imatrix: bool = False) -> dict:
+    """One GGUF file's point, printed as a JSON line: loaded with zopt's exact ``torch-dequant``
+    backend in float32, its size and output error on ``inputs`` (and adherence with ``adh``)."""
+    from zopt.formats import load
+
     model = load(path, device="cpu", dtype=torch.float32, backend="torch-dequant")
-    err = rel_err(outputs(model, inputs), refs)
     size = path.stat().st_size
-    row = {"label": label, "spec": spec, "file": str(path), "imatrix": bool(options.get("imatrix")), "bytes": size,
-           "bpw": round(8 * size / params, 4), "rel_error": round(err, 6), "convert_s": round(conv_s, 1)}
+    row = {"label": label, "spec": spec, "file": str(path), "imatrix": imatrix, "bytes": size,
+           "bpw": round(8 * size / params, 4), "rel_error": round(rel_err(outputs(model, inputs), refs), 6),
+           "convert_s": round(conv_s, 1)}
     if adh:
         row["adherence"] = adherence(str(source), model, adh)
     print(json.dumps(row), flush=True)
@@ -198,7 +207,6 @@ def peer_points(source, types, refs, inputs, params: int, work: Path, adh: int,
     except (ImportError, OSError) as e:
         print(f"stable-diffusion-cpp-python is not usable here ({e}): no peer points")
         return []
-    from zopt.formats import load
 
     src = peer_file(source)
     if src is None:
@@ -219,17 +227,9 @@ def peer_points(source, types, refs, inputs, params: int, work: Path, adh: int,
         if not ok:
             print(f"sd.cpp {t}: the converter failed (see {work / 'sdcpp.log'})")
             continue
-        conv_s = time.perf_counter() - t0
-        model = load(out, device="cpu", dtype=torch.float32, backend="torch-dequant")
-        size = out.stat().st_size
-        label = f"sd.cpp {t}" + (f" + {rules}" if rules else "")
-        row = {"label": label, "spec": f"sdcpp:{t}" + ("+rules" if rules else ""), "imatrix": False, "bytes": size,
-               "bpw": round(8 * size / params, 4), "rel_error": round(rel_err(outputs(model, inputs), refs), 6),
-               "convert_s": round(conv_s, 1), "file": str(out)}
-        if adh:
-            row["adherence"] = adherence(str(source), model, adh)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        rows.append(file_row(source, out, f"sd.cpp {t}" + (f" + {rules}" if rules else ""),
+                             f"sdcpp:{t}" + ("+rules" if rules else ""), time.perf_counter() - t0, refs, inputs,
+                             params, adh))
     return rows
 
 

@@ -175,13 +175,12 @@ def _print_auto_types(path: Path, every: bool) -> None:
     if AUTO_TYPES_KEY not in meta:
         return
     types = json.loads(meta[AUTO_TYPES_KEY])
-    counts = ", ".join(f"{t}: {n}" for t, n in sorted(Counter(types.values()).items()))
+    counts = sorted(Counter(types.values()).items())
     if not every:  # the quantized tensors: what measurement chose among
-        moved = ", ".join(f"{t}: {n}" for t, n in sorted(Counter(types.values()).items())
-                          if t not in ("F32", "F16", "BF16"))
+        moved = ", ".join(f"{t}: {n}" for t, n in counts if t not in ("F32", "F16", "BF16"))
         print(f"quantized types chosen by measured sensitivity within the recipe's bytes ({moved}); "
               f"per tensor: the header's {AUTO_TYPES_KEY}")
         return
-    print(f"{meta.get('zopt.bits_per_weight')} bits/weight; {counts}")
+    print(f"{meta.get('zopt.bits_per_weight')} bits/weight; " + ", ".join(f"{t}: {n}" for t, n in counts))
     for name, t in types.items():
         print(f"  {t:5} {name}")

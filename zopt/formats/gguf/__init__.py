@@ -140,9 +140,10 @@ def metadata_for(src: TensorSource, subtype: str, config: dict[str, Any], plans:
     rec_name = AUTO if auto else gguf_recipes.recipe(subtype).name
     det = zimage.detect(src)
     changed = options.changed() if options is not None else {}
-    if not measured(rec_name, GGUFOptions()):  # allocation: only the measured recipes have two
+    rec = None if auto else gguf_recipes.recipe(rec_name)
+    if rec is None or not rec.measured:  # allocation: only the re-tuned recipes have two
         changed.pop("allocation", None)
-    if rec_name != AUTO and gguf_recipes.recipe(rec_name).base in (*FLOAT_TYPES, "Q8_0"):
+    if rec is not None and rec.base in (*FLOAT_TYPES, "Q8_0"):
         changed.pop("search", None)  # Q8_0 and the float types have no search
     meta = {
         "general.architecture": ARCHITECTURE,
@@ -167,9 +168,14 @@ def metadata_for(src: TensorSource, subtype: str, config: dict[str, Any], plans:
         meta["zopt.imatrix.sha256"] = imatrix.sha256
         meta["zopt.imatrix.datasets"] = "; ".join(imatrix.datasets)
     if auto or types_map:
-        # the chosen type of every tensor (every type name is 4 characters: the size is known up front)
-        meta[AUTO_TYPES_KEY] = json.dumps({p.name: p.qtype for p in plans}, sort_keys=True)
+        # the chosen type of every tensor
+        meta[AUTO_TYPES_KEY] = _types_json(plans)
     return meta
+
+
+def _types_json(plans: list[TensorPlan]) -> str:
+    """The recorded type map (every type name is 4 characters: its size does not depend on the types)."""
+    return json.dumps({p.name: p.qtype for p in plans}, sort_keys=True)
 
 
 def measured(rec_name: str, options: Options) -> bool:
@@ -194,8 +200,7 @@ def retune_plans(view, plans: list[TensorPlan], rec_name: str, imatrix=None, uni
     map; the converter and the GPU bench's in-memory models both build their types here."""
     from .auto import retune
 
-    mapped = json.dumps({p.name: p.qtype for p in plans}, sort_keys=True)  # 4-character types: size known
-    reserve = len(AUTO_TYPES_KEY) + len(mapped) + 16 + 64
+    reserve = len(AUTO_TYPES_KEY) + len(_types_json(plans)) + 16 + 64  # the map's key/value and padding
     out, _ = retune(view, plans, gguf_recipes.recipe(rec_name).base, imatrix=imatrix, reserve=reserve, unit=unit,
                     progress=progress)
     return out
@@ -218,16 +223,17 @@ def importance_for(imatrix, plans: list[TensorPlan], unit: bool = False) -> dict
     import torch
 
     out = {}
+    entries = 0
     for p in plans:
         if p.qtype in FLOAT_TYPES:
             continue
         imp = imatrix.importance(p.name, p.shape[-1]) if imatrix is not None else None
         if imp is not None:
             out[p.name] = torch.from_numpy(imp)
+            entries += 1
         elif unit:
             out[p.name] = torch.ones(p.shape[-1])
-    if imatrix is not None and not any(imatrix.importance(p.name, p.shape[-1]) is not None
-                                       for p in plans if p.qtype not in FLOAT_TYPES):
+    if imatrix is not None and not entries:
         raise ZoptError("the imatrix has no entry for any quantized tensor of this model", imatrix.path)
     return out
 
@@ -290,8 +296,8 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: GGUFOpti
     if auto:
         from .auto import plan_auto
 
-        plans, _ = plan_auto(_measuring_view(src, view), plans, target_bpw=options.target_bpw, target_size=options.target_size,
-                             imatrix=imatrix, metadata_bytes=sum(len(k) + len(str(v)) + 16 for k, v in meta.items()),
+        plans, _ = plan_auto(_measuring_view(src, view), plans, target_bpw=options.target_bpw,
+                             target_size=options.target_size, imatrix=imatrix, metadata_bytes=sum(len(k) + len(str(v)) + 16 for k, v in meta.items()),
                              unit=unit, progress=progress)
         meta = metadata_for(src, rec_name, config, plans, sha_mark, options, imatrix)
     elif measured(rec_name, options):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from ...errors import ZoptError
 from ...families import zimage
-from .recipes import FLOAT_TYPES, PRECISION_ORDER, TensorPlan, tensor_nbytes
+from .recipes import FLOAT_TYPES, PRECISION_ORDER, TensorPlan, row_type, tensor_nbytes
 
 K_CANDIDATES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "BF16")
 LEGACY_CANDIDATES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "BF16")
@@ -46,8 +46,6 @@ class Sensitivity:
 # MLP is a third of the weights it would take the bits from everything else (measured on the
 # micro model: 5.84 bits per weight before any other tensor could be quantized)
 FLOOR_SHARE = 0.01
-# candidate types from least to most precise (for a floor)
-PRECISION = PRECISION_ORDER
 
 
 def candidates(shape: tuple[int, ...], name: str | None = None, share: float = 0.0) -> tuple[str, ...]:
@@ -58,7 +56,7 @@ def candidates(shape: tuple[int, ...], name: str | None = None, share: float = 0
     types = K_CANDIDATES if cols % 256 == 0 else LEGACY_CANDIDATES if cols % 32 == 0 else ("BF16",)
     rule = zimage.sensitive_reason(name) if name is not None else None
     if rule is not None and rule.auto_least is not None and share <= FLOOR_SHARE:
-        types = tuple(t for t in types if PRECISION.index(t) >= PRECISION.index(rule.auto_least))
+        types = tuple(t for t in types if PRECISION_ORDER.index(t) >= PRECISION_ORDER.index(rule.auto_least))
     return types
 
 
@@ -151,13 +149,13 @@ def choose(sens: list[Sensitivity], budget: int) -> dict[str, str]:
 
 
 def plan_auto(view, base: list[TensorPlan], *, target_bpw: float | None, target_size: str | None,
-              imatrix=None, metadata_bytes: int = 0, unit: bool = True, progress: bool = False) -> tuple[list[TensorPlan], dict[str, Sensitivity]]:
+              imatrix=None, metadata_bytes: int = 0, unit: bool = True, progress: bool = False
+              ) -> tuple[list[TensorPlan], dict[str, Sensitivity]]:
     """Plans with auto-chosen types for the tensors ``base`` quantizes (``base``: a recipe's plan,
     whose float tensors stay as they are), and the measured sensitivities. Reads each quantized
     tensor once (streaming). The budget is the whole file: ``target_bpw`` bits per parameter or
     ``target_size``, less the header (``metadata_bytes`` for the key/values) and the float tensors.
     ``unit``: measure with unit importance where the imatrix has no entry (``search=weighted``)."""
-
     if (target_bpw is None) == (target_size is None):
         raise ZoptError("gguf:auto needs exactly one of --target-bpw and --target-size")
     params = sum(math.prod(p.shape) for p in base)
@@ -236,8 +234,6 @@ def retune(view, rule: list[TensorPlan], base: str, *, imatrix=None, reserve: in
     its row fallback; a 32-block recipe among the 32-block types) and at most BF16; float tensors
     stay as the rule stores them. The file is no larger than the rule's. Where the prediction does
     not favour the choice, the rule's plan is returned as it is."""
-    from .recipes import PRECISION_ORDER, row_type
-
     movable = [p for p in rule if p.qtype not in FLOAT_TYPES]
     if not movable:
         return rule, {}
