@@ -208,7 +208,7 @@ def _gpu_sized_chunks(device: str):
     if not device.startswith("cuda"):
         yield
         return
-    saved = {t: t.__dict__.get("chunk_weights") for t in quants._TYPES.values()}
+    saved = {t: t.__dict__.get("chunk_weights") for t in quants.TYPES.values()}
     try:
         for t in saved:
             t.chunk_weights = max(t.chunk_weights, 1 << 24)

@@ -77,5 +77,30 @@ def test_int_mm_cuda_matches_simulation(root, tiny_transformer_dir, tiny_referen
     cuda_in = ([v.cuda() for v in x], t.cuda(), [c.cuda() for c in cap])
     fast = zopt.load(out, device="cuda", dtype=torch.float32)
     assert fast.zopt_backend == "int-mm-cuda"
-    sim = zopt.load(out, dtype=torch.float32, backend="torch-dequant")
-    assert rel_err(output(fast, cuda_in).cpu(), output(sim, tiny_reference_inputs)) < 1e-3
+    y = output(fast, cuda_in).cpu()
+    # the float simulation on the same device: the same INT8 operands, float32 accumulation. (Across
+    # devices the per-token activation codes round differently wherever the layers before differ in
+    # the last bit, which adds up to about 1% over the model: not a property of the kernel.)
+    sim = zopt.load(out, device="cuda", dtype=torch.float32, backend="torch-dequant")
+    assert rel_err(y, output(sim, cuda_in).cpu()) < 1e-4
+    ref = reference_output(tiny_transformer_dir, tiny_reference_inputs)
+    assert rel_err(y, ref) < 0.05 and cosine(y, ref) > 0.999  # the CPU artifact test's bounds
+
+
+@pytest.mark.parametrize("rotate", [1, 64])
+def test_int8_linear_takes_accelerate_offload_hooks(rotate):
+    """Sequential CPU offload (accelerate's hooks, as diffusers' enable_sequential_cpu_offload sets
+    them) moves every non-persistent buffer by name: the module has none that is None, and runs
+    the same after the hooks are attached."""
+    import torch
+    from accelerate import cpu_offload
+
+    from zopt.formats.lowbit.int8 import int8_linear, quantize_int8
+
+    g = torch.Generator().manual_seed(0)
+    q, s = quantize_int8(torch.randn(64, 128, generator=g))
+    m = int8_linear(q, s, "torch-dequant-w8a8", rotate=rotate)
+    x = torch.randn(3, 128, generator=g)
+    before = m(x)
+    cpu_offload(m, execution_device=torch.device("cpu"), offload_buffers=True)
+    assert torch.equal(m(x), before)

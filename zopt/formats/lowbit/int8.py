@@ -132,7 +132,12 @@ def _int8_linear_class():
             self.rotate = rotate  # Hadamard block of the stored weight's input space (1: none)
             # the block itself, built once and moved with the module (not saved: the manifest's
             # block size rebuilds it)
-            self.register_buffer("rotation", hadamard_signs(rotate) if rotate > 1 else None, persistent=False)
+            # (no buffer at all without rotation: accelerate's offload hooks move every non-persistent
+            # buffer by name and fail on one that is None)
+            if rotate > 1:
+                self.register_buffer("rotation", hadamard_signs(rotate), persistent=False)
+            else:
+                self.rotation = None
             self.register_buffer("weight", q.contiguous())
             self.register_buffer("weight_scale", scale.float().reshape(-1))
             self.register_buffer("weight_smooth", None if smooth is None else smooth.float().reshape(-1))
