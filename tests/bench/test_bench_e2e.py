@@ -131,9 +131,12 @@ def test_paired_sweep_against_a_baseline_checkout(tmp_path, capsys):
     base.mkdir()
     (base / "zopt").symlink_to(Path(zopt.__file__).resolve().parent)  # the same code: nothing regressed
     out = tmp_path / "bench"
+    # (a wide latency limit: this checks the paired mechanism; 16 steps of a 64x64 image beside
+    # another test process once measured the same code 35% apart. The gate's noise handling has
+    # its own benchmark, benchmarks/gate_noise.py)
     code = main(["bench", "--formats", "fp16", "--steps", "4", "--resolution", "64x64", "--repeats", "1",
                  "--warmup", "0", "--threads", "1", "-o", str(out), "--no-progress", "--no-report",
-                 "--against", str(base), "--max-regression", "cpu_latency=25%,psnr=0.5dB"])
+                 "--against", str(base), "--max-regression", "cpu_latency=100%,psnr=0.5dB"])
     stdout = capsys.readouterr().out
     assert code == 0, stdout
     assert "no regression (2 runs compared)" in stdout

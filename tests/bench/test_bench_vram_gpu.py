@@ -69,8 +69,10 @@ def test_bench_peak_memory_matches_torch(work):
     independent = _independent_peak(step)
     assert got["kind"] == "cuda"
     assert abs(got["cuda_max_allocated"] - independent) <= 0.1 * independent
-    # peak_bytes is the growth above what was allocated on entry: at least the scratch buffer
-    assert SCRATCH <= got["peak_bytes"] <= got["cuda_max_allocated"]
+    # peak_bytes is the growth above entry: at least the scratch buffer (also when torch's cache
+    # already held the room for it, so that NVML saw no growth), and no more than torch reserved
+    # plus what NVML also counts outside torch (kernel modules loaded on first use, cuBLAS workspaces)
+    assert SCRATCH <= got["peak_bytes"] <= got["cuda_max_reserved"] + 512 * 1024**2
 
 
 def test_gpu_bench_report_vram_matches_torch(tmp_path):

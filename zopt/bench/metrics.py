@@ -39,7 +39,9 @@ class PeakMemory:
     CUDA: ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` since entry.
     Device memory outside torch's allocator (onnxruntime, TensorRT, workspaces): the per-process
     counter of :mod:`zopt.bench.devmem` (NVML on NVIDIA, the Metal driver on MPS) is sampled by the
-    same thread; ``counter`` in the result names what ``peak_bytes`` was read from.
+    same thread; ``counter`` in the result names what ``peak_bytes`` was read from. With NVML,
+    ``peak_bytes`` is the larger of NVML's growth and torch's allocated growth (memory torch's
+    cache already held shows no growth in NVML).
     """
 
     def __init__(self, device: str = "cpu", interval: float = 0.005):
@@ -112,8 +114,15 @@ class PeakMemory:
     def as_dict(self) -> dict[str, Any]:
         rss_peak = max(0, self.peak - self.rss_baseline)
         if self.device_counter is not None:
+            grown = max(0, self.device_peak - self.device_baseline)
+            if self.cuda_allocated is not None:
+                # NVML sees the process's device memory, torch's cache included: a step whose
+                # tensors fit blocks the cache already held grows it by nothing, while torch's
+                # peak above the entry's allocation still counts them. Both are lower bounds of
+                # what the block needed; the larger is reported.
+                grown = max(grown, self.cuda_allocated - self.baseline)
             return {"kind": self.device.split(":")[0], "counter": self.device_counter,
-                    "peak_bytes": max(0, self.device_peak - self.device_baseline),
+                    "peak_bytes": grown,
                     "baseline_bytes": self.device_baseline, "cuda_max_allocated": self.cuda_allocated,
                     "cuda_max_reserved": self.cuda_reserved, "host_rss_peak_bytes": rss_peak}
         if self.cuda_allocated is not None:
