@@ -135,19 +135,29 @@ def test_stages_peak_is_the_largest_stage_not_the_sum():
     assert r.device_bytes == max(r.stages.values()) < sum(r.stages.values()) - 7 * GIB
 
 
-def test_step_time_model():
-    p = planner.plan(PROFILES["rtx4090-24gb"], approximate=True)
+def test_step_time_model(monkeypatch):
+    from zopt.runtime import costs
+
+    hw = PROFILES["rtx4090-24gb"]
+    key = ("fp8", "scaled-mm", "none", "device", False)
+    p = planner.plan(hw, approximate=True)
     opts = {(o.spec, o.backend, o.offload, o.text_encoder, o.vae_tiling): o for o in p.options}
     none = opts[("bf16", "torch", "none", "device", False)]
     streamed = opts[("bf16", "torch", "sequential", "free", False)]
-    fast = opts[("fp8", "scaled-mm", "none", "device", False)]
     assert streamed.step_s > none.step_s * 1.2  # 11.5 GiB over PCIe each step
-    assert fast.step_s < 0.8 * none.step_s  # FP8 tensor cores
-    assert p.recommended.backend == "scaled-mm"  # only when approximate kernels are allowed
-    assert planner.plan(PROFILES["rtx4090-24gb"]).recommended.backend == "torch"
+    # FP8 tensor cores more than halve the matmul time on their own; quantizing the activations per
+    # call then adds its memory traffic on top (costs.ACT_QUANT_BYTES per activation element)
+    monkeypatch.setattr(costs, "ACT_QUANT_BYTES", 0.0)
+    untaxed = {(o.spec, o.backend, o.offload, o.text_encoder, o.vae_tiling): o
+               for o in planner.plan(hw, approximate=True).options}[key]
+    monkeypatch.undo()
+    assert untaxed.step_s < 0.8 * none.step_s
+    assert opts[key].step_s > untaxed.step_s
+    # approximate kernels are recommended only when allowed
+    assert planner.plan(hw).recommended.backend not in costs.APPROXIMATE
     # guidance runs the transformer on two sequences
-    g = planner.plan(PROFILES["rtx4090-24gb"], guidance=4.0).recommended
-    assert g.step_s == pytest.approx(2 * planner.plan(PROFILES["rtx4090-24gb"]).recommended.step_s, rel=0.05)
+    g = planner.plan(hw, guidance=4.0).recommended
+    assert g.step_s == pytest.approx(2 * planner.plan(hw).recommended.step_s, rel=0.05)
 
 
 def test_prefer_quality_takes_the_best_format_that_fits():

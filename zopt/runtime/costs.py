@@ -22,7 +22,21 @@ from ..platform.hardware import Hardware
 
 TFLOP = 1e12
 GB = 1e9  # bandwidths in decimal GB/s, as makers state them
-GPU_EFFICIENCY = 0.5  # share of peak a DiT forward reaches (matmuls, attention, norms, launches)
+# Fitted to a GPU run (``benchmarks/gpu_vs_plan.py`` over ``benchmarks/gpu_check.sh``'s full-size
+# benchmark: NVIDIA H200, 2026-11-27, 1024x1024, 128 text tokens; docs/gpu.md) and applied to every GPU:
+GPU_EFFICIENCY = 0.42  # share of peak a DiT forward reaches (matmuls, attention, norms, launches)
+# Dequantizing per layer on a GPU, as effective passes over one weight's bytes (packed + a float32
+# copy, see :func:`dequant_seconds`): the measured step time above bf16's, over one such pass at
+# the card's bandwidth. Keyed by (format, or ``gguf:K`` for the K-quants, and backend); others
+# keep their candidate's own estimate.
+GPU_DEQUANT_PASSES = {
+    ("fp8", "fp8-storage"): 4.6, ("int8", "torch-dequant"): 4.4, ("gguf:Q8_0", "torch-dequant"): 3.6,
+    ("gguf:K", "torch-dequant"): 20.7, ("int4", "torch-dequant"): 10.8, ("nf4", "torch-dequant"): 17.2,
+    ("nf4", "bitsandbytes"): 1.7,
+}
+# Bytes moved per activation element in and out of a quantizable layer by the kernels that quantize
+# activations per call (scale search, cast, rescale of the output) on a GPU
+ACT_QUANT_BYTES = 50.0
 CPU_EFFICIENCY = 0.35
 PAGEABLE = 0.5  # copies from pageable (unpinned) RAM run at about half the pinned link rate
 VAE_FLOPS_PER_PIXEL = 5.0e6  # decoder of the 16-channel VAE, per output pixel (estimate)
@@ -44,6 +58,7 @@ class Speed:
 # Keyed by a substring of Hardware.device_name (first match wins); maker datasheet figures.
 SPEEDS: tuple[tuple[str, Speed], ...] = (
     ("H100", Speed(989, 1979, 1979, 3350, 50, source="H100 SXM datasheet")),
+    ("H200", Speed(989, 1979, 1979, 4800, 50, source="H200 SXM datasheet")),
     ("A30", Speed(165, 0, 330, 933, 25, source="A30 datasheet")),
     ("MI300X", Speed(1307, 2615, 2615, 5300, 50, source="MI300X datasheet")),
     ("7900 XTX", Speed(123, 0, 123, 960, 25, source="RDNA3 WMMA, dense")),
@@ -90,10 +105,11 @@ class Work:
     matmul_share: float  # share of step_flops in the quantizable Linear layers
     text_flops: float
     vae_flops: float
+    act_elements: float = 0.0  # activation elements in and out of the quantizable layers per step
 
 
 def work_for(config: dict[str, Any], params: int, quant_params: int, tokens: int, text_tokens: int,
-             pixels: int, batch: int, cfg: bool | float, text_params: int) -> Work:
+             pixels: int, batch: int, cfg: bool | float, text_params: int, io_per_token: int = 0) -> Work:
     """FLOPs of one step (2 x params x tokens for the matmuls, 4 x L^2 x dim per layer for attention),
     of encoding ``text_tokens`` (padded length) and of decoding ``pixels``. ``cfg``: the share of
     steps that run guided (True = all): each runs the negative prompt too, and guidance encodes
@@ -104,7 +120,8 @@ def work_for(config: dict[str, Any], params: int, quant_params: int, tokens: int
     lin = 2.0 * params * tokens
     att = 4.0 * tokens**2 * int(config["dim"]) * layers
     return Work(mult * (lin + att), (2.0 * quant_params * tokens) / (lin + att),
-                batch * 2.0 * text_params * text_tokens * (2 if share > 0 else 1), batch * VAE_FLOPS_PER_PIXEL * pixels)
+                batch * 2.0 * text_params * text_tokens * (2 if share > 0 else 1), batch * VAE_FLOPS_PER_PIXEL * pixels,
+                mult * tokens * io_per_token)
 
 
 # How compute runs per backend: "half" (dense bf16/fp16 matmuls), "fp8" / "int8" (low-precision
@@ -119,7 +136,22 @@ def compute_seconds(w: Work, s: Speed, hw: Hardware, backend: str | None, elem_b
     base = (s.fp32 or s.half / 2) if elem_bytes == 4 else s.half
     rate = {"fp8": s.fp8, "int8": s.int8}.get(KERNEL_CLASS.get(backend or "", ""), 0.0) or base
     lin = w.step_flops * w.matmul_share
-    return (lin / (rate * eff) + (w.step_flops - lin) / (base * eff)) / TFLOP
+    seconds = (lin / (rate * eff) + (w.step_flops - lin) / (base * eff)) / TFLOP
+    if hw.device != "cpu" and backend in APPROXIMATE:
+        seconds += w.act_elements * ACT_QUANT_BYTES / (s.memory * GB)
+    return seconds
+
+
+def dequant_passes(spec: str, backend: str | None, default: float, hw: Hardware) -> float:
+    """Effective dequantization passes of ``spec`` run by ``backend`` (see :data:`GPU_DEQUANT_PASSES`)."""
+    if hw.device == "cpu":
+        return default
+    fmt = spec.split(":")[0]
+    kquant = fmt == "gguf" and "_K" in spec
+    for key in ((spec, backend), ("gguf:K", backend) if kquant else None, (fmt, backend)):
+        if key in GPU_DEQUANT_PASSES:
+            return GPU_DEQUANT_PASSES[key]
+    return default
 
 
 def dequant_seconds(quant_params: int, bits: float, unpack: float, s: Speed) -> float:

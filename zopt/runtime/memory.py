@@ -88,6 +88,16 @@ def _param_split(config_key: tuple) -> tuple[int, int, int, int, int]:
     return quant, other, max(blocks.values()), nonblock, largest
 
 
+@lru_cache(maxsize=16)
+def quant_io(config_key: tuple) -> int:
+    """Sum of (inputs + outputs) over the quantizable Linear layers of a config: the activation
+    elements per token that a kernel quantizing its inputs reads and whose outputs it rescales."""
+    from ..families import zimage
+
+    return sum(shape[0] + shape[1] for name, shape in zimage.expected_shapes(dict(config_key)).items()
+               if len(shape) == 2 and zimage.sensitive_reason(name) is None)
+
+
 def _key(config: dict[str, Any]) -> tuple:
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in config.items()))
 

@@ -25,6 +25,7 @@ from .memory import (  # noqa: F401  (the memory model, also read from here)
     _param_split,
     activation_bytes,
     footprint,
+    quant_io,
     shape_for,
     weight_bytes,
 )
@@ -217,7 +218,7 @@ def plan(hw: Hardware, width: int = 1024, height: int = 1024, batch: int = 1,
     budget = hw.free_memory - reserve(hw)
     quant, other, *_ = _param_split(_key(config))
     work = costs.work_for(config, quant + other, quant, shape.tokens, shape.text_tokens, width * height, batch,
-                          guided / steps, TEXT_ENCODER_PARAMS)
+                          guided / steps, TEXT_ENCODER_PARAMS, quant_io(_key(config)))
     act_tr = activation_bytes(config, dataclasses.replace(shape, batch=shape.batch * (2 if guided else 1)), elem,
                               att.name)
     act_te = batch * shape.text_tokens * ((stages.TE_LAYERS + 1) * stages.TE_HIDDEN + 3 * stages.TE_FFN) * elem

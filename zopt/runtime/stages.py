@@ -140,7 +140,8 @@ def timing(opt: Option, hw: Hardware, work: costs.Work, cand, fp, quant_params: 
     s = costs.speed_of(hw)
     compute = costs.compute_seconds(work, s, hw, opt.backend, elem)
     if cand.dequant and not costs.KERNEL_CLASS.get(opt.backend or ""):
-        compute += costs.dequant_seconds(quant_params, cand.bits, cand.unpack, s)
+        compute += costs.dequant_seconds(quant_params, cand.bits,
+                                         costs.dequant_passes(opt.spec, opt.backend, cand.unpack, hw), s)
     streamed = costs.link_seconds(fp.transformer, s)
     step = {"group-stream": max(compute, streamed), "group": compute + streamed,
             "sequential": compute + 1.5 * streamed}.get(opt.offload, compute)
