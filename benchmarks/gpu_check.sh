@@ -4,7 +4,7 @@
 #     bash benchmarks/gpu_wheels.sh     # first, where PyPI is reachable: fills .whl/ (48 MiB)
 #     bash benchmarks/gpu_check.sh      # on the GPU machine, from the repository root, .whl/ beside it
 #
-# Parts, each under its own time limit so the whole ends within 8 minutes on an H100:
+# Parts, each under its own time limit so the whole ends within 9 minutes on an H100 or H200:
 #   1. install the wheels of .whl/ into a private folder (pip --no-index --no-deps --target); zopt
 #      itself runs from this checkout (PYTHONPATH);
 #   2. print the GPU, driver, torch, CUDA and package versions;
@@ -24,9 +24,9 @@ OUTDIR=${OUT:-$REPO/bench-out/gpu-check}
 mkdir -p "$OUTDIR"
 PY=${PYTHON:-python3}
 # seconds per part (override with the environment variables to rebalance)
-PYTEST_S=${GPU_CHECK_PYTEST_S:-140}
-MEDIUM_S=${GPU_CHECK_MEDIUM_S:-90}
-FULL_S=${GPU_CHECK_FULL_S:-160}
+PYTEST_S=${GPU_CHECK_PYTEST_S:-180}
+MEDIUM_S=${GPU_CHECK_MEDIUM_S:-100}
+FULL_S=${GPU_CHECK_FULL_S:-190}
 DRY_S=${GPU_CHECK_DRY_S:-300}
 PARTS=",${GPU_CHECK_PARTS:-tests,medium,full},"
 want() { [[ "$PARTS" == *",$1,"* ]]; }
