@@ -9,12 +9,13 @@ length, weights resident), the planner is run for that GPU (its name picks the s
 backend (offload none) is printed beside the measured median, with their ratio. Cases the planner
 does not weigh (fp16, int8_w8a8) are listed without a prediction.
 
-``--fit`` also prints the constants of ``zopt.runtime.costs`` that the report implies: the GPU
+``--fit`` also prints the constants of ``zopt.runtime.costs`` that the report implies: the CUDA
 efficiency that makes bf16 exact, each dequantizing format's effective passes
 (``GPU_DEQUANT_PASSES``: its time above bf16 over one pass at the card's bandwidth) and the bytes
 per activation element of the activation-quantizing kernels (``ACT_QUANT_BYTES``). Fitted on one
 report, the constants reproduce it by construction: the check is another report (another size or
-another card) printed without ``--fit``.
+another card) printed without ``--fit``. (The fit rebuilds the planner's work figures as
+``planner.plan`` does; keep the two in step.)
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ def fit(report: dict, measured: dict[tuple[str, str], float]) -> list[str]:
     bf16 = measured.get(("bf16", "torch"))
     if bf16 is None:
         return ["no bf16 case: nothing to fit against"]
-    eff = costs.GPU_EFFICIENCY * costs.compute_seconds(work, s, hw, "torch", 2) / bf16
-    lines.append(f"GPU_EFFICIENCY = {eff:.3f}   (now {costs.GPU_EFFICIENCY})")
+    eff = costs.CUDA_EFFICIENCY * costs.compute_seconds(work, s, hw, "torch", 2) / bf16
+    lines.append(f"CUDA_EFFICIENCY = {eff:.3f}   (now {costs.CUDA_EFFICIENCY})")
     cands = {c.spec: c for c in planner.CANDIDATES}
     for (spec, backend), t in sorted(measured.items()):
         c = cands.get(spec)
@@ -88,16 +89,16 @@ def fit(report: dict, measured: dict[tuple[str, str], float]) -> list[str]:
         unit = costs.dequant_seconds(quant, c.bits, 1.0, s)
         now = costs.dequant_passes(spec, backend, c.unpack, hw)
         lines.append(f"passes {spec} {backend} = {(t - bf16) / unit:.1f}   (now {now})")
-    saved = costs.GPU_EFFICIENCY, costs.ACT_QUANT_BYTES
+    saved = costs.CUDA_EFFICIENCY, costs.ACT_QUANT_BYTES
     try:
-        costs.GPU_EFFICIENCY, costs.ACT_QUANT_BYTES = eff, 0.0
+        costs.CUDA_EFFICIENCY, costs.ACT_QUANT_BYTES = eff, 0.0
         for (spec, backend), t in sorted(measured.items()):
             if backend in costs.APPROXIMATE and spec in cands and work.act_elements:
                 bare = costs.compute_seconds(work, s, hw, backend, 2)
                 lines.append(f"ACT_QUANT_BYTES ({spec} {backend}) = {(t - bare) * s.memory * costs.GB / work.act_elements:.1f}"
                              f"   (now {saved[1]})")
     finally:
-        costs.GPU_EFFICIENCY, costs.ACT_QUANT_BYTES = saved
+        costs.CUDA_EFFICIENCY, costs.ACT_QUANT_BYTES = saved
     return lines
 
 

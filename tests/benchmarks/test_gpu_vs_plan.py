@@ -34,4 +34,4 @@ def test_full_size_run_is_reproduced():
 def test_cli_prints_each_case(capsys):
     assert gpu_vs_plan.main([str(RUN), "--fit"]) == 0
     out = capsys.readouterr().out
-    assert "gguf:Q4_K_M" in out and "not planned" in out and "fit: GPU_EFFICIENCY" in out
+    assert "gguf:Q4_K_M" in out and "not planned" in out and "fit: CUDA_EFFICIENCY" in out

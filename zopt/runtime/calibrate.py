@@ -110,19 +110,36 @@ def read_prompts(path: str | os.PathLike | None) -> list[str]:
     return prompts
 
 
+def _record_calls(model, calls: list):
+    """A forward pre-hook that appends each transformer call's (latents, timestep, caption features),
+    copied to the CPU, to ``calls``; returns its handle."""
+
+    def hook(_mod, args, kwargs):
+        xs = args[0] if args else kwargs["x"]
+        t = args[1] if len(args) > 1 else kwargs["t"]
+        caps = args[2] if len(args) > 2 else kwargs["cap_feats"]
+        calls.append(([x.detach().float().cpu() for x in xs], t.detach().float().cpu(),
+                      [c.detach().float().cpu() for c in caps]))
+
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def calibrate(source: str | os.PathLike, prompts: list[str] | None = None, *, steps: int = 8, resolution: int = 256,
-              seed: int = 0, device: str = "auto", inputs: str = "auto", base: str | None = None) -> Imatrix:
+              seed: int = 0, device: str = "auto", inputs: str = "auto", base: str | None = None,
+              calls: list | None = None) -> Imatrix:
     """Collect an importance matrix of ``source``'s transformer over ``prompts`` (one image each,
     ``steps`` denoising steps at ``resolution`` px). ``inputs``: ``pipeline`` (the full pipeline),
     ``random`` (seeded random latents and caption features, no text encoder), ``auto`` (pipeline when
-    a text encoder and VAE go with the model, else random)."""
+    a text encoder and VAE go with the model, else random). ``calls``: a list that receives every
+    transformer call (latents, timestep, caption features) on the CPU, for
+    :func:`zopt.formats.gguf.outputs.save_calls`."""
     if steps < 1 or resolution < 16:
         raise ZoptError(f"calibration needs steps >= 1 and resolution >= 16 (got {steps}, {resolution})")
     if inputs not in ("auto", "pipeline", "random"):
         raise ZoptError(f"--inputs {inputs!r}: choose auto, pipeline or random")
     prompts = list(prompts or DEFAULT_PROMPTS)
     if inputs == "random":
-        return _calibrate_random(source, len(prompts), steps, resolution, seed, device)
+        return _calibrate_random(source, len(prompts), steps, resolution, seed, device, calls)
     from .pipeline import GenerateRequest, prepare, run
 
     try:
@@ -130,19 +147,23 @@ def calibrate(source: str | os.PathLike, prompts: list[str] | None = None, *, st
     except ZoptError as e:
         if inputs == "pipeline" or "text encoder" not in str(e):
             raise
-        return _calibrate_random(source, len(prompts), steps, resolution, seed, device)
+        return _calibrate_random(source, len(prompts), steps, resolution, seed, device, calls)
     col = Collector(pipe.transformer)
+    handle = _record_calls(pipe.transformer, calls) if calls is not None else None
     try:
         req = GenerateRequest(prompts=prompts, seeds=[seed], steps=steps, height=resolution, width=resolution)
         with tempfile.TemporaryDirectory(prefix="zopt-calibrate-") as tmp:
             run(pipe, req, tmp)
     finally:
         col.close()
+        if handle is not None:
+            handle.remove()
     return col.result([f"pipeline: {len(prompts)} prompts, {steps} steps, {resolution}px, seed {seed}"],
                       len(prompts) * steps, 1)
 
 
-def _calibrate_random(source, n: int, steps: int, resolution: int, seed: int, device: str) -> Imatrix:
+def _calibrate_random(source, n: int, steps: int, resolution: int, seed: int, device: str,
+                      calls: list | None = None) -> Imatrix:
     """Transformer-only calibration on seeded N(0, 1) latents and caption features, timesteps
     spread evenly over (0, 1]."""
     import torch
@@ -154,6 +175,7 @@ def _calibrate_random(source, n: int, steps: int, resolution: int, seed: int, de
     model = load_transformer(resolve_source(source), dev, dtype=torch.float32)
     cfg = dict(model.config)
     col = Collector(model)
+    handle = _record_calls(model, calls) if calls is not None else None
     g = torch.Generator().manual_seed(seed)
     side = max(2, resolution // 8)  # latent side of an 8x-downsampling VAE
     try:
@@ -166,4 +188,6 @@ def _calibrate_random(source, n: int, steps: int, resolution: int, seed: int, de
                     model(x, t, cap, return_dict=False)
     finally:
         col.close()
+        if handle is not None:
+            handle.remove()
     return col.result([f"random: {n} inputs, {steps} timesteps, {side}x{side} latents, seed {seed}"], n * steps, 1)

@@ -22,21 +22,35 @@ from ..platform.hardware import Hardware
 
 TFLOP = 1e12
 GB = 1e9  # bandwidths in decimal GB/s, as makers state them
-# Fitted to a GPU run (``benchmarks/gpu_vs_plan.py`` over ``benchmarks/gpu_check.sh``'s full-size
-# benchmark: NVIDIA H200, 2026-11-27, 1024x1024, 128 text tokens; docs/gpu.md) and applied to every GPU:
-GPU_EFFICIENCY = 0.42  # share of peak a DiT forward reaches (matmuls, attention, norms, launches)
-# Dequantizing per layer on a GPU, as effective passes over one weight's bytes (packed + a float32
-# copy, see :func:`dequant_seconds`): the measured step time above bf16's, over one such pass at
-# the card's bandwidth. Keyed by (format, or ``gguf:K`` for the K-quants, and backend); others
-# keep their candidate's own estimate.
+# Fitted to one GPU run (``benchmarks/gpu_vs_plan.py --fit`` over ``benchmarks/gpu_check.sh``'s
+# full-size benchmark: NVIDIA H200, 2026-11-27, 1024x1024, 128 text tokens; docs/gpu.md), one
+# constant per measured case, so that run is reproduced by construction; applied to NVIDIA (CUDA)
+# devices only, through each card's datasheet rates and bandwidth. Other devices keep the estimates
+# below them (ROCm, MPS: not measured).
+CUDA_EFFICIENCY = 0.42  # share of peak a DiT forward reached (matmuls, attention, norms, launches)
+GPU_EFFICIENCY = 0.5  # the estimate for other GPUs
+# Dequantizing per layer on a CUDA GPU, as effective passes over one weight's bytes (packed + a
+# float32 copy, see :func:`dequant_seconds`): the measured step time above bf16's, over one such
+# pass at the card's bandwidth. Keyed by (format, or ``gguf:K`` for the K-quants, and backend):
+# ``gguf:K`` was measured on Q4_K_M alone and stands for every K recipe; others keep their
+# candidate's own estimate.
 GPU_DEQUANT_PASSES = {
     ("fp8", "fp8-storage"): 4.6, ("int8", "torch-dequant"): 4.4, ("gguf:Q8_0", "torch-dequant"): 3.6,
     ("gguf:K", "torch-dequant"): 20.7, ("int4", "torch-dequant"): 10.8, ("nf4", "torch-dequant"): 17.2,
     ("nf4", "bitsandbytes"): 1.7,
 }
-# Bytes moved per activation element in and out of a quantizable layer by the kernels that quantize
-# activations per call (scale search, cast, rescale of the output) on a GPU
+# The extra time of the kernels that quantize activations per call (scale search, cast, rescale of
+# the output) on a CUDA GPU, expressed as bytes moved per activation element in and out of each
+# quantizable layer (fitted on FP8 scaled-mm at full size; INT8 int-mm-cuda measured about 40, and
+# the medium model's run about 117, so per-call costs other than memory traffic are in it too)
 ACT_QUANT_BYTES = 50.0
+
+
+def efficiency(hw: Hardware) -> float:
+    """Share of the peak rates a forward reaches on ``hw``."""
+    if hw.device == "cpu":
+        return CPU_EFFICIENCY
+    return CUDA_EFFICIENCY if hw.device == "cuda" else GPU_EFFICIENCY
 CPU_EFFICIENCY = 0.35
 PAGEABLE = 0.5  # copies from pageable (unpinned) RAM run at about half the pinned link rate
 VAE_FLOPS_PER_PIXEL = 5.0e6  # decoder of the 16-channel VAE, per output pixel (estimate)
@@ -132,19 +146,19 @@ APPROXIMATE = frozenset(KERNEL_CLASS)  # activation-quantizing kernels: opt-in, 
 
 def compute_seconds(w: Work, s: Speed, hw: Hardware, backend: str | None, elem_bytes: int) -> float:
     """Seconds of matmul + attention compute for one step with ``backend``."""
-    eff = CPU_EFFICIENCY if hw.device == "cpu" else GPU_EFFICIENCY
+    eff = efficiency(hw)
     base = (s.fp32 or s.half / 2) if elem_bytes == 4 else s.half
     rate = {"fp8": s.fp8, "int8": s.int8}.get(KERNEL_CLASS.get(backend or "", ""), 0.0) or base
     lin = w.step_flops * w.matmul_share
     seconds = (lin / (rate * eff) + (w.step_flops - lin) / (base * eff)) / TFLOP
-    if hw.device != "cpu" and backend in APPROXIMATE:
+    if hw.device == "cuda" and backend in APPROXIMATE:
         seconds += w.act_elements * ACT_QUANT_BYTES / (s.memory * GB)
     return seconds
 
 
 def dequant_passes(spec: str, backend: str | None, default: float, hw: Hardware) -> float:
     """Effective dequantization passes of ``spec`` run by ``backend`` (see :data:`GPU_DEQUANT_PASSES`)."""
-    if hw.device == "cpu":
+    if hw.device != "cuda":
         return default
     fmt = spec.split(":")[0]
     kquant = fmt == "gguf" and "_K" in spec
@@ -172,7 +186,7 @@ def link_seconds(nbytes: float, s: Speed, pageable: bool = False) -> float:
 def text_seconds(flops: float, hw: Hardware, s: Speed, on: str) -> float:
     """Encoding time: on the device (``on="device"``) or on the host CPU in fp32."""
     if on == "device":
-        eff = CPU_EFFICIENCY if hw.device == "cpu" else GPU_EFFICIENCY
+        eff = efficiency(hw)
         return flops / ((s.fp32 or s.half) * TFLOP * eff) if hw.device == "cpu" else flops / (s.half * TFLOP * eff)
     return flops / (cpu_rate(hw) * CPU_EFFICIENCY)
 

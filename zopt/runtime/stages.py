@@ -147,8 +147,7 @@ def timing(opt: Option, hw: Hardware, work: costs.Work, cand, fp, quant_params: 
             "sequential": compute + 1.5 * streamed}.get(opt.offload, compute)
     te_dev = text_encoder_bytes(opt.text_encoder, elem)
     text = costs.text_seconds(work.text_flops, hw, s, "cpu" if opt.text_encoder == "cpu" else "device")
-    vae = work.vae_flops / ((s.fp32 or s.half) * costs.TFLOP * (costs.CPU_EFFICIENCY if hw.device == "cpu"
-                                                                 else costs.GPU_EFFICIENCY))
+    vae = work.vae_flops / ((s.fp32 or s.half) * costs.TFLOP * costs.efficiency(hw))
     vae *= 1.25 if opt.vae_tiling else 1.0  # overlapping tiles
     moved = 0.0
     if opt.offload == "model":  # every component in and back out once per image, from pageable RAM
