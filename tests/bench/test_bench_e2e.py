@@ -136,7 +136,7 @@ def test_paired_sweep_against_a_baseline_checkout(tmp_path, capsys):
     # its own benchmark, benchmarks/gate_noise.py)
     code = main(["bench", "--formats", "fp16", "--steps", "4", "--resolution", "64x64", "--repeats", "1",
                  "--warmup", "0", "--threads", "1", "-o", str(out), "--no-progress", "--no-report",
-                 "--against", str(base), "--max-regression", "cpu_latency=100%,psnr=0.5dB"])
+                 "--against", str(base), "--max-regression", "cpu_latency=60%,psnr=0.5dB"])
     stdout = capsys.readouterr().out
     assert code == 0, stdout
     assert "no regression (2 runs compared)" in stdout

@@ -20,12 +20,13 @@ LONG = ("a small red cube on a wooden table beside a blue glass sphere, soft mor
         "long shadows, photographed from above")
 # Bounds on the relative error of a prompt's latents. In bf16 the same prompt differs by about 0.025
 # between the batch and alone under any kernel, torch's own included (the kernels tile and round
-# differently for other sequence lengths; measured on an H200), while a kernel that ignores the mask
-# is off by more than 1 (test_ignoring_the_mask_is_far_outside_the_bound), so 0.08 separates the two.
-BOUND = 0.08
+# differently for other sequence lengths; 0.0248-0.0261 on an H200), while a kernel that ignores the
+# mask is off by more than 1 (test_ignoring_the_mask_is_far_outside_the_bound).
+BOUND = 0.05
 # approximate kernels (SageAttention quantizes Q and K to INT8) get a looser bound against native
+# (not measured on a GPU yet: SageAttention was not installed there)
 APPROXIMATE = {"sage", "sage_varlen", "sage_hub"}
-APPROXIMATE_BOUND = 0.15
+APPROXIMATE_BOUND = 0.1
 
 
 @pytest.fixture(scope="module")
@@ -89,11 +90,11 @@ def test_guided_masked_batch_under_each_installed_backend(name, pipe):
     finally:
         A.apply(pipe.transformer, "native")
     assert batched.isfinite().all()
-    bound = APPROXIMATE_BOUND if name in APPROXIMATE else BOUND
     for i in range(2):
         # a kernel that ignored the mask would let the short prompt attend to padding rows
-        assert rel_err(batched[i], alone[i]) < bound, f"{name}: prompt {i} differs in the batch from alone"
-        assert rel_err(batched[i], reference[i]) < bound, f"{name}: prompt {i} differs from torch's masked attention"
+        assert rel_err(batched[i], alone[i]) < BOUND, f"{name}: prompt {i} differs in the batch from alone"
+        assert rel_err(batched[i], reference[i]) < (APPROXIMATE_BOUND if name in APPROXIMATE else BOUND), \
+            f"{name}: prompt {i} differs from torch's masked attention"
 
 
 def test_ignoring_the_mask_is_far_outside_the_bound(pipe, monkeypatch):

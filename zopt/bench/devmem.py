@@ -42,10 +42,9 @@ def counter(device: str) -> tuple[str, Callable[[], int]] | None:
     if device.startswith("cuda") and torch.cuda.is_available() and not getattr(torch.version, "hip", None):
         index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
         read = _nvml(index)
-        # NVML's per-process list is empty where the driver cannot map the device's processes to
-        # this one (a virtual machine's or container's own process ids, vGPU): a counter that reads
-        # 0 while this process holds a CUDA context would report every peak as 0, so it is not used
-        # and the caller falls back to torch's allocator counters
+        # a counter that reads 0 while this process holds a CUDA context does not see this process
+        # (NVML lists processes by the driver's process ids, which need not be this one's): it would
+        # report every peak as 0, so it is not used and the caller falls back to torch's counters
         if read is not None:
             torch.cuda.init()
             torch.cuda.mem_get_info(index)  # creates the context NVML would list, if it is not there yet

@@ -78,9 +78,9 @@ class PeakMemory:
         if self.device.startswith("cuda"):
             import torch
 
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.baseline = int(torch.cuda.memory_allocated())
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = int(torch.cuda.memory_allocated(self.device))
         from .devmem import counter
 
         found = counter(self.device) if self.device != "cpu" else None
@@ -107,22 +107,22 @@ class PeakMemory:
         if self.device.startswith("cuda"):
             import torch
 
-            torch.cuda.synchronize()
-            self.cuda_allocated = int(torch.cuda.max_memory_allocated())
-            self.cuda_reserved = int(torch.cuda.max_memory_reserved())
+            torch.cuda.synchronize(self.device)
+            self.cuda_allocated = int(torch.cuda.max_memory_allocated(self.device))
+            self.cuda_reserved = int(torch.cuda.max_memory_reserved(self.device))
 
     def as_dict(self) -> dict[str, Any]:
         rss_peak = max(0, self.peak - self.rss_baseline)
         if self.device_counter is not None:
-            grown = max(0, self.device_peak - self.device_baseline)
-            if self.cuda_allocated is not None:
-                # NVML sees the process's device memory, torch's cache included: a step whose
-                # tensors fit blocks the cache already held grows it by nothing, while torch's
-                # peak above the entry's allocation still counts them. Both are lower bounds of
-                # what the block needed; the larger is reported.
-                grown = max(grown, self.cuda_allocated - self.baseline)
+            counted = max(0, self.device_peak - self.device_baseline)
+            allocated = max(0, self.cuda_allocated - self.baseline) if self.cuda_allocated is not None else None
+            # NVML sees the process's device memory, torch's cache included: a step whose tensors
+            # fit blocks the cache already held grows it by nothing, while torch's peak above the
+            # entry's allocation still counts them. Both are lower bounds of what the block needed;
+            # the larger is reported, each is kept.
             return {"kind": self.device.split(":")[0], "counter": self.device_counter,
-                    "peak_bytes": grown,
+                    "peak_bytes": max(counted, allocated or 0), "counter_peak_bytes": counted,
+                    "allocator_peak_bytes": allocated,
                     "baseline_bytes": self.device_baseline, "cuda_max_allocated": self.cuda_allocated,
                     "cuda_max_reserved": self.cuda_reserved, "host_rss_peak_bytes": rss_peak}
         if self.cuda_allocated is not None:
