@@ -2,7 +2,8 @@
 
 On one source and one set of inputs, converts the source to every requested ``gguf:TYPE`` (uniform
 types and recipes), to ``gguf:auto`` at each ``--auto`` budget (bits per parameter, whole file),
-each with and without ``--imatrix``; loads each file with zopt's exact ``torch-dequant`` backend in
+each with and without ``--imatrix`` (and, with ``--calls``, the measured ones with their
+sensitivity measured on the model's output); loads each file with zopt's exact ``torch-dequant`` backend in
 float32 and measures the relative output error ``||out - ref|| / ||ref||`` of the transformer
 against the source in float32, summed over fixed inputs at two timesteps. With ``--adherence N``
 (the micro model) it also generates N held-out shapes prompts through the pipeline and scores
@@ -12,7 +13,7 @@ prompt adherence. stable-diffusion.cpp's converter joins as a peer when
 
 Usage::
 
-    python benchmarks/rate_distortion.py SOURCE [--imatrix FILE] [--types Q4_K,Q3_K]
+    python benchmarks/rate_distortion.py SOURCE [--imatrix FILE] [--calls FILE] [--types Q4_K,Q3_K]
         [--auto 2.5,3.5,4.5] [--option min_elements=0] [--quantize .] [--adherence 24]
         [--json out.json] [--plot out.png] [--work DIR] [--peer] [--ref-dtype bfloat16]
 
@@ -404,7 +405,11 @@ def main() -> None:
     ap.add_argument("--imatrix", default=None, help="also convert every point with this importance matrix")
     ap.add_argument("--types", default=",".join(DEFAULT_TYPES), help="comma-separated gguf types/recipes ('' for none)")
     ap.add_argument("--auto", default=",".join(map(str, DEFAULT_AUTO)), help="gguf:auto budgets in bits per weight")
-    ap.add_argument("--no-plain", action="store_true", help="only the imatrix points")
+    ap.add_argument("--calls", default=None, metavar="FILE",
+                    help="also convert gguf:auto and the re-tuned recipes with --option calls=FILE (sensitivity "
+                         "measured on the model's output over these transformer calls; zopt calibrate --save-calls), "
+                         "labelled +calls")
+    ap.add_argument("--no-plain", action="store_true", help="only the imatrix / calls points")
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="gguf option for every point")
     ap.add_argument("--quantize", action="append", default=[], help="--quantize pattern for every point")
     ap.add_argument("--adherence", type=int, default=0, help="held-out prompts to score (micro model)")
@@ -484,12 +489,17 @@ def main() -> None:
         opts[k] = v
     if args.quantize:
         opts["quantize"] = args.quantize
-    variants = ([] if args.no_plain else [("", {})]) + ([("+imat", {"imatrix": args.imatrix})] if args.imatrix else [])
+    variants = (([] if args.no_plain else [("", {})]) + ([("+imat", {"imatrix": args.imatrix})] if args.imatrix else [])
+                + ([("+calls", {"calls": args.calls})] if args.calls else []))
     rows = []
     types = [t for t in args.types.split(",") if t]
     budgets = [float(b) for b in args.auto.split(",") if b]
+    from zopt.formats.gguf.recipes import recipe
+
     for tag, extra in variants:
         for t in types:
+            if "calls" in extra and not recipe(t).measured:
+                continue  # one rule: nothing to measure
             rows.append(measure(source, f"gguf:{t}", {**opts, **extra}, work / f"{t}{tag}.gguf", refs, inputs,
                                 params, args.adherence, f"{t}{tag}"))
         for b in budgets:

@@ -18,6 +18,11 @@ def add_arguments(p) -> None:
                    help="pipeline: prompts through the text encoder; random: seeded random latents and caption "
                         "features (a bare transformer); auto: pipeline when a text encoder and VAE go with the model")
     p.add_argument("--base", default=None, help="pipeline folder supplying text encoder and VAE")
+    p.add_argument("--save-calls", default=None, metavar="FILE",
+                   help="also write the transformer calls it ran (latents, timesteps, caption features; safetensors) "
+                        "for 'zopt convert --to gguf:... --option calls=FILE', which then measures each tensor's "
+                        "sensitivity on the model's output (one run per call, tensor and candidate type: keep it "
+                        "to a few prompts)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
 
 
@@ -31,9 +36,27 @@ def run(args) -> int:
         raise ZoptError("exists; pass --force to replace it", out)
     if out.is_dir():
         raise ZoptError("is a folder; name the imatrix file", out)
+    calls_out = Path(args.save_calls) if args.save_calls else None
+    if calls_out is not None:
+        if calls_out.exists() and not args.force:
+            raise ZoptError("exists; pass --force to replace it", calls_out)
+        if calls_out.is_dir() or calls_out.resolve() == out.resolve():
+            raise ZoptError("name a calls file apart from the imatrix", calls_out)
     prompts = read_prompts(args.prompts)
+    calls: list | None = [] if calls_out is not None else None
     im = calibrate(args.source, prompts, steps=args.steps, resolution=args.resolution, seed=args.seed,
-                   device=args.device, inputs=args.inputs, base=args.base)
-    write(im, out)
+                   device=args.device, inputs=args.inputs, base=args.base, calls=calls)
+    if calls_out is not None:
+        from ..formats.gguf.outputs import save_calls
+
+        save_calls(calls, calls_out, im.datasets[0])
+    try:
+        write(im, out)
+    except BaseException:
+        if calls_out is not None:
+            calls_out.unlink(missing_ok=True)  # both files or neither
+        raise
     print(f"wrote {out}: {len(im.entries)} matrices, {im.datasets[0]}")
+    if calls_out is not None:
+        print(f"wrote {calls_out}: {len(calls)} transformer calls")
     return 0

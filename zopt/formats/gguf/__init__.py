@@ -74,6 +74,10 @@ class GGUFOptions(Options):
     # reference quantizers (llama-quantize without an imatrix; bytes equal ggml's in 70-100% of blocks,
     # near-ties in the K searches resolve differently, tests/formats/gguf/test_ggml_quants.py)
     search: str = field(default="weighted", metadata={"choices": ("weighted", "reference")})
+    # gguf:auto and the re-tuned recipes: a file of transformer calls (zopt calibrate --save-calls) on
+    # which each tensor's sensitivity is measured as the model's output error instead of its own
+    # weight error (zopt/formats/gguf/outputs.py; the file's sha256 is recorded in the header)
+    calls: str | None = field(default=None, metadata={"record": False})
 
 
 def quantize_rows(x, qtype: str, importance=None):
@@ -130,8 +134,8 @@ def _file_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def metadata_for(src: TensorSource, subtype: str, config: dict[str, Any], plans: list[TensorPlan],
-                 sha256: str | None, options: Options | None = None, imatrix=None, types_map: bool = False
-                 ) -> dict[str, Any]:
+                 sha256: str | None, options: Options | None = None, imatrix=None, types_map: bool = False,
+                 probe=None) -> dict[str, Any]:
     """The GGUF header's key/values; ``zopt.options`` (JSON) records options that differ from the
     defaults and shape the file (a default conversion writes none: its bytes do not depend on them)."""
     from ..._version import __version__
@@ -167,6 +171,8 @@ def metadata_for(src: TensorSource, subtype: str, config: dict[str, Any], plans:
         meta["zopt.imatrix.file"] = imatrix.path.name if imatrix.path else ""
         meta["zopt.imatrix.sha256"] = imatrix.sha256
         meta["zopt.imatrix.datasets"] = "; ".join(imatrix.datasets)
+    if probe is not None:  # sensitivity measured on the model's output over these calls
+        meta.update(probe.header())
     if auto or types_map:
         # the chosen type of every tensor
         meta[AUTO_TYPES_KEY] = _types_json(plans)
@@ -194,15 +200,17 @@ def _measuring_view(src: TensorSource, view):
 
 
 def retune_plans(view, plans: list[TensorPlan], rec_name: str, imatrix=None, unit: bool = True,
-                 progress: bool = False) -> list[TensorPlan]:
+                 progress: bool = False, probe=None) -> list[TensorPlan]:
     """Recipe ``rec_name``'s rule ``plans`` re-tuned by measurement (:func:`.auto.retune`)
     on the tensors of ``view`` (original layout, ``get(name)``), less the bytes of the recorded type
     map; the converter and the GPU bench's in-memory models both build their types here."""
     from .auto import retune
 
     reserve = len(AUTO_TYPES_KEY) + len(_types_json(plans)) + 16 + 64  # the map's key/value and padding
+    if probe is not None:  # and the calls' keys: the file stays within the rule's size
+        reserve += sum(len(k) + len(v.encode()) + 16 for k, v in probe.header().items())
     out, _ = retune(view, plans, gguf_recipes.recipe(rec_name).base, imatrix=imatrix, reserve=reserve, unit=unit,
-                    progress=progress)
+                    progress=progress, probe=probe)
     return out
 
 
@@ -285,6 +293,16 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: GGUFOpti
     config = zimage.check_shapes(src)
     imatrix = read_imatrix(options)
     unit = options.search == "weighted"
+    probe = None
+    if options.calls:
+        if not (auto or measured(rec_name, options)):
+            raise ZoptError(f"--option calls= measures each tensor's sensitivity on the model's output, for gguf:auto "
+                            f"and the re-tuned recipes (allocation=measured: "
+                            f"{', '.join(r.name for r in gguf_recipes.RECIPES.values() if r.measured)}); "
+                            f"{rec_name} {'is written by its rules' if gguf_recipes.recipe(rec_name).measured else 'has one rule'}")
+        from .outputs import OutputProbe
+
+        probe = OutputProbe.from_source(src, options.calls)
     # gguf:auto: every Linear weight not kept by --keep is a candidate (the family's sensitive ones
     # and small ones too: measurement decides whether their bits pay, within the family's floors,
     # auto.candidates); norms, biases and pad tokens stay as every recipe stores them
@@ -292,19 +310,19 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: GGUFOpti
         options, quantize=(*options.quantize, AUTO_CANDIDATES), min_elements=0))
     hash_source = options.hash_source
     sha_mark = "0" * 64 if hash_source else None
-    meta = metadata_for(src, rec_name, config, plans, sha_mark, options, imatrix)
+    meta = metadata_for(src, rec_name, config, plans, sha_mark, options, imatrix, probe=probe)
     if auto:
         from .auto import plan_auto
 
         plans, _ = plan_auto(_measuring_view(src, view), plans, target_bpw=options.target_bpw,
                              target_size=options.target_size, imatrix=imatrix, metadata_bytes=sum(len(k) + len(str(v)) + 16 for k, v in meta.items()),
-                             unit=unit, progress=progress)
-        meta = metadata_for(src, rec_name, config, plans, sha_mark, options, imatrix)
+                             unit=unit, progress=progress, probe=probe)
+        meta = metadata_for(src, rec_name, config, plans, sha_mark, options, imatrix, probe=probe)
     elif measured(rec_name, options):
-        retuned = retune_plans(_measuring_view(src, view), plans, rec_name, imatrix, unit, progress)
+        retuned = retune_plans(_measuring_view(src, view), plans, rec_name, imatrix, unit, progress, probe)
         if [p.qtype for p in retuned] != [p.qtype for p in plans]:  # else the rule's file, no map to enlarge it
             plans = retuned
-            meta = metadata_for(src, rec_name, config, plans, sha_mark, options, imatrix, types_map=True)
+            meta = metadata_for(src, rec_name, config, plans, sha_mark, options, imatrix, types_map=True, probe=probe)
     importance = importance_for(imatrix, plans, unit)
     digest: dict[str, str] = {}
     hasher = None

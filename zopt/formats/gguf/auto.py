@@ -149,13 +149,14 @@ def choose(sens: list[Sensitivity], budget: int) -> dict[str, str]:
 
 
 def plan_auto(view, base: list[TensorPlan], *, target_bpw: float | None, target_size: str | None,
-              imatrix=None, metadata_bytes: int = 0, unit: bool = True, progress: bool = False
-              ) -> tuple[list[TensorPlan], dict[str, Sensitivity]]:
+              imatrix=None, metadata_bytes: int = 0, unit: bool = True, progress: bool = False,
+              probe=None) -> tuple[list[TensorPlan], dict[str, Sensitivity]]:
     """Plans with auto-chosen types for the tensors ``base`` quantizes (``base``: a recipe's plan,
     whose float tensors stay as they are), and the measured sensitivities. Reads each quantized
     tensor once (streaming). The budget is the whole file: ``target_bpw`` bits per parameter or
     ``target_size``, less the header (``metadata_bytes`` for the key/values) and the float tensors.
-    ``unit``: measure with unit importance where the imatrix has no entry (``search=weighted``)."""
+    ``unit``: measure with unit importance where the imatrix has no entry (``search=weighted``).
+    ``probe``: an :class:`.outputs.OutputProbe` to measure on the model's output instead."""
     if (target_bpw is None) == (target_size is None):
         raise ZoptError("gguf:auto needs exactly one of --target-bpw and --target-size")
     params = sum(math.prod(p.shape) for p in base)
@@ -174,7 +175,7 @@ def plan_auto(view, base: list[TensorPlan], *, target_bpw: float | None, target_
                         "(--quantize PATTERN forces Linears to be quantized)")
     budget = total - fixed - header
     sens = _sensitivities(view, quantized, imatrix,
-                          lambda p: candidates(p.shape, p.name, math.prod(p.shape) / params), unit, progress)
+                          lambda p: candidates(p.shape, p.name, math.prod(p.shape) / params), unit, progress, probe)
     try:
         types = choose(list(sens.values()), budget)
     except ZoptError:
@@ -194,15 +195,19 @@ def plan_auto(view, base: list[TensorPlan], *, target_bpw: float | None, target_
 
 
 def _sensitivities(view, plans: list[TensorPlan], imatrix, types_for, unit: bool = True,
-                   progress: bool = False) -> dict[str, Sensitivity]:
+                   progress: bool = False, probe=None) -> dict[str, Sensitivity]:
     """:func:`measure` for every plan, on candidate types ``types_for(plan)``, quantized as the file
     will be: the imatrix's weighted searches, or with ``unit`` importance where it has no entry
     (``search=weighted``), else ggml's reference quantizers; each tensor read once (streaming).
     The importance matrix shapes the searches, not the allocation: measured on the medium model,
-    errors weighted by ``E[x^2]`` chose a worse mix (docs/quality-per-bit.md)."""
+    errors weighted by ``E[x^2]`` chose a worse mix (docs/quality-per-bit.md). With ``probe`` (an
+    :class:`.outputs.OutputProbe`) each error is the model's output error instead."""
     import torch
 
     from ...progress import progress_bar
+
+    if probe is not None:
+        return probe.sensitivities(plans, imatrix, types_for, unit, progress)
 
     sens: dict[str, Sensitivity] = {}
     threads = torch.get_num_threads()
@@ -224,7 +229,7 @@ def _sensitivities(view, plans: list[TensorPlan], imatrix, types_for, unit: bool
 
 
 def retune(view, rule: list[TensorPlan], base: str, *, imatrix=None, reserve: int = 0, unit: bool = True,
-           progress: bool = False) -> tuple[list[TensorPlan], dict[str, Sensitivity]]:
+           progress: bool = False, probe=None) -> tuple[list[TensorPlan], dict[str, Sensitivity]]:
     """A named recipe (Q4_K_M, Q3_K_S, Q4_0, ...: ``Recipe.measured``) re-tuned by the measurement
     ``gguf:auto`` makes.
 
@@ -244,7 +249,7 @@ def retune(view, rule: list[TensorPlan], base: str, *, imatrix=None, reserve: in
         own = LEGACY_CANDIDATES if base in LEGACY_CANDIDATES and p.shape[-1] % 32 == 0 else candidates(p.shape)
         return tuple(t for t in dict.fromkeys((*own, p.qtype)) if PRECISION_ORDER.index(t) >= floor or t == p.qtype)
 
-    sens = _sensitivities(view, movable, imatrix, types_for, unit, progress)
+    sens = _sensitivities(view, movable, imatrix, types_for, unit, progress, probe)
     budget = sum(p.nbytes for p in movable) - reserve
     try:
         types = choose(list(sens.values()), budget)

@@ -1,0 +1,143 @@
+"""Sensitivity measured on the model's output (``--option calls=FILE``): the calls file written by
+``zopt calibrate --save-calls``, its checks, and the property it is for: on the trained micro model,
+a re-tuned recipe measured on calibration calls has less output error on other prompts' calls than
+the default measurement, at no larger size."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from zopt import checkpoint
+from zopt.cli import main
+from zopt.errors import ZoptError
+from zopt.formats import convert
+from zopt.formats.gguf.outputs import CALLS_FORMAT, read_calls, save_calls
+from zopt.runtime.calibrate import calibrate
+
+# calibration and evaluation captions drawn from the micro model's caption grammar with two seeds
+# (as benchmarks/rate_distortion.py --inputs pipeline draws its evaluation captions)
+CALIBRATION_SEED, HELD_OUT_SEED = 3_000_000, 2_000_000
+
+
+@pytest.fixture(scope="module")
+def micro_dir():
+    """The trained micro model's pipeline folder (``tiny``)."""
+    from zopt.families import resolve_source
+
+    return resolve_source("tiny")
+
+
+@pytest.fixture(scope="module")
+def micro_transformer_dir(micro_dir):
+    return micro_dir / "transformer"
+
+
+@pytest.fixture(scope="module")
+def calls_file(tmp_path_factory, micro_dir):
+    from zopt.families.zimage.micro.adherence import held_out_prompts
+
+    calls: list = []
+    calibrate(micro_dir, held_out_prompts(2, seed=CALIBRATION_SEED), steps=8, resolution=64, device="cpu", calls=calls)
+    return save_calls(calls, tmp_path_factory.mktemp("calls") / "micro.calls", "two captions, 8 steps, 64 px")
+
+
+def test_calls_round_trip(calls_file, micro_transformer_dir):
+    config = dict(checkpoint.open(micro_transformer_dir).config)
+    c = read_calls(calls_file, config)
+    assert len(c.items) == 2 * 8 and c.description == "two captions, 8 steps, 64 px" and len(c.sha256) == 64
+    xs, t, caps = c.items[0]
+    assert xs[0].shape[0] == config["in_channels"] and caps[0].shape[1] == config["cap_feat_dim"]
+    assert t.numel() == len(xs) and 0 <= float(t[0]) <= 1
+
+
+def test_bad_calls_files_are_refused_naming_the_file(tmp_path, calls_file, micro_transformer_dir):
+    from safetensors.torch import save_file
+
+    config = dict(checkpoint.open(micro_transformer_dir).config)
+    with pytest.raises(ZoptError, match="no such calls file"):
+        read_calls(tmp_path / "missing.calls", config)
+    junk = tmp_path / "junk.calls"
+    junk.write_bytes(b"not safetensors")
+    with pytest.raises(ZoptError, match="cannot read calls file") as e:
+        read_calls(junk, config)
+    assert str(e.value.path) == str(junk)
+    other = tmp_path / "other.safetensors"
+    save_file({"a": torch.zeros(2)}, str(other), metadata={"format": "something else"})
+    with pytest.raises(ZoptError, match="not a transformer calls file"):
+        read_calls(other, config)
+    wrong = tmp_path / "wrong.calls"
+    save_calls([([torch.zeros(3, 1, 8, 8)], torch.tensor([0.5]), [torch.zeros(4, config["cap_feat_dim"])])], wrong, "")
+    with pytest.raises(ZoptError, match="do not fit this model"):
+        read_calls(wrong, config)
+    cut = tmp_path / "cut.calls"
+    save_file({"call.0.t": torch.zeros(1)}, str(cut), metadata={"format": CALLS_FORMAT, "calls": "1"})
+    with pytest.raises(ZoptError, match="incomplete"):
+        read_calls(cut, config)
+
+
+def test_cli_refuses_calls_where_nothing_is_measured_and_bad_files(tmp_path, calls_file, micro_transformer_dir, capsys):
+    out = tmp_path / "x.gguf"
+    for spec, opts in (("gguf:Q6_K", []), ("gguf:Q4_K_M", ["--option", "allocation=rule"])):
+        assert main(["convert", str(micro_transformer_dir), "--to", spec, "--option", f"calls={calls_file}",
+                     *opts, "-o", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "calls=" in err[0] and not out.exists()
+    junk = tmp_path / "junk.calls"
+    junk.write_bytes(b"\x00" * 64)
+    assert main(["convert", str(micro_transformer_dir), "--to", "gguf:Q4_K_M", "--option", f"calls={junk}",
+                 "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "junk.calls" in err[0] and not out.exists()
+
+
+def _output_error(path, items, refs) -> float:
+    import zopt
+
+    model = zopt.load(path, dtype=torch.float32, backend="torch-dequant")
+    num = den = 0.0
+    with torch.inference_mode():
+        for (xs, t, caps), r in zip(items, refs, strict=True):
+            y = torch.cat([o.float().flatten() for o in model(xs, t, caps, return_dict=False)[0]])
+            num += float((y - r).square().sum())
+            den += float(r.square().sum())
+    return math.sqrt(num / den)
+
+
+def test_output_measurement_beats_the_weight_proxy_on_held_out_prompts(tmp_path, calls_file, micro_dir,
+                                                                       micro_transformer_dir):
+    from zopt.families.zimage.micro.adherence import held_out_prompts
+    from zopt.formats.plain import load_source
+
+    held: list = []
+    calibrate(micro_dir, held_out_prompts(3, seed=HELD_OUT_SEED), steps=8, resolution=64, device="cpu", calls=held)
+    ref = load_source(micro_transformer_dir, dtype=torch.float32)
+    with torch.inference_mode():
+        refs = [torch.cat([o.float().flatten() for o in ref(xs, t, caps, return_dict=False)[0]])
+                for xs, t, caps in held]
+    default = convert(micro_transformer_dir, "gguf:Q4_K_M", tmp_path / "default.gguf", progress=False)
+    on_outputs = convert(micro_transformer_dir, "gguf:Q4_K_M", tmp_path / "outputs.gguf",
+                         options={"calls": str(calls_file)}, progress=False)
+    meta = checkpoint.open(on_outputs).metadata
+    assert meta["zopt.sensitivity.calls.sha256"] == read_calls(calls_file).sha256
+    assert on_outputs.stat().st_size <= default.stat().st_size
+    e_default, e_outputs = _output_error(default, held, refs), _output_error(on_outputs, held, refs)
+    # measured 0.0182 -> 0.0093 with two other captions (docs/quality-per-bit.md)
+    assert e_outputs < 0.8 * e_default, (e_outputs, e_default)
+
+
+def test_calibrate_cli_writes_the_calls_beside_the_imatrix(tmp_path, micro_dir, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a large red circle at the top left on a blue background\n")
+    im, calls = tmp_path / "m.imatrix", tmp_path / "m.calls"
+    args = ["calibrate", str(micro_dir), "-o", str(im), "--save-calls", str(calls), "--prompts", str(prompts),
+            "--steps", "2", "--resolution", "64"]
+    assert main(args) == 0
+    assert "2 transformer calls" in capsys.readouterr().out
+    assert im.is_file() and len(read_calls(calls).items) == 2
+    im.unlink()
+    assert main(args) == 2  # the calls file is there: refused before anything is written
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "m.calls" in err[0] and not im.exists()

@@ -1,0 +1,244 @@
+"""Per-tensor sensitivity measured on the model's output (``--option calls=FILE``).
+
+The default measurement (:func:`.auto.measure`) predicts a tensor's cost by its own squared weight
+error, blind to how large its inputs are and to how an error in it grows on the way to the output.
+With a file of transformer calls (``zopt calibrate --save-calls``: the latents, timesteps and
+caption features the transformer received while the pipeline generated the calibration prompts),
+each quantized tensor is instead replaced, one at a time and one candidate type at a time, by its
+quantized-then-dequantized copy (quantized as the file will be: the same searches and importance),
+every call is run, and the squared difference from the unquantized model's outputs, summed over
+the calls, is that tensor's error for that type. :func:`.auto.choose` then spends the budget on
+these errors as it does on the default ones (it adds them up: a tensor's errors are measured with
+every other tensor exact).
+
+Cost: one transformer run per call, quantized tensor and candidate type (on the trained micro
+model, 30 tensors x 5-9 types x 16 calls: 17-32 s here), and the model in memory (float32 where it
+fits in half the available RAM, else bfloat16). At full size on a CPU this is hours: a GPU machine,
+or fewer calls, is the way there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ...errors import ZoptError
+
+CALLS_FORMAT = "zopt-transformer-calls/1"
+
+
+@dataclass
+class Calls:
+    """Transformer calls: per call, the latent list, the timestep tensor and the caption feature list."""
+
+    items: list[tuple[list[Any], Any, list[Any]]]
+    description: str
+    path: Path | None = None
+    sha256: str = ""
+
+
+def save_calls(items: list[tuple[list[Any], Any, list[Any]]], path: str | os.PathLike, description: str) -> Path:
+    """Write transformer calls (see :class:`Calls`) as safetensors: ``call.{i}.x.{j}``, ``call.{i}.t``,
+    ``call.{i}.cap.{j}``, float32 on the CPU, with the format, count and description in the metadata."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for i, (xs, t, caps) in enumerate(items):
+        for j, x in enumerate(xs):
+            tensors[f"call.{i}.x.{j}"] = x.detach().float().cpu().clone()
+        tensors[f"call.{i}.t"] = torch.as_tensor(t).detach().float().cpu().reshape(-1).clone()
+        for j, c in enumerate(caps):  # (calls of one prompt share its caption features: one copy each)
+            tensors[f"call.{i}.cap.{j}"] = c.detach().float().cpu().clone()
+    path = Path(path)
+    meta = {"format": CALLS_FORMAT, "calls": str(len(items)), "description": description}
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_calls(path: str | os.PathLike, config: dict[str, Any] | None = None) -> Calls:
+    """The calls of a :func:`save_calls` file, checked against the model's ``config`` (latent channels,
+    caption feature width); ZoptError naming the file for anything else."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise ZoptError("no such calls file (zopt calibrate --save-calls writes one)", p)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != CALLS_FORMAT:
+                raise ZoptError(f"not a transformer calls file (format {meta.get('format')!r}, expected {CALLS_FORMAT})", p)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except ZoptError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise ZoptError(f"cannot read calls file ({e.__class__.__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})",
+                        p) from None
+    try:
+        n = int(meta.get("calls", ""))
+    except ValueError:
+        raise ZoptError("calls file without a call count", p) from None
+    items = []
+    for i in range(n):
+        xs = _listed(tensors, f"call.{i}.x.")
+        caps = _listed(tensors, f"call.{i}.cap.")
+        t = tensors.get(f"call.{i}.t")
+        if not xs or not caps or t is None or t.numel() != len(xs) and t.numel() != 1:
+            raise ZoptError(f"call {i} is incomplete (latents, timestep and caption features are needed)", p)
+        if config is not None:
+            for x in xs:
+                if x.dim() != 4 or x.shape[0] != config.get("in_channels"):
+                    raise ZoptError(f"call {i}: latents of shape {tuple(x.shape)} do not fit this model "
+                                    f"({config.get('in_channels')} channels, (C, F, H, W))", p)
+            for c in caps:
+                if c.dim() != 2 or c.shape[1] != config.get("cap_feat_dim"):
+                    raise ZoptError(f"call {i}: caption features of shape {tuple(c.shape)} do not fit this model "
+                                    f"({config.get('cap_feat_dim')} features per token)", p)
+        items.append((xs, t, caps))
+    if not items:
+        raise ZoptError("calls file holds no calls", p)
+    h = hashlib.sha256()
+    with open(p, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return Calls(items, meta.get("description", ""), p, h.hexdigest())
+
+
+def _listed(tensors: dict[str, Any], prefix: str) -> list[Any]:
+    out = []
+    while f"{prefix}{len(out)}" in tensors:
+        out.append(tensors[f"{prefix}{len(out)}"])
+    return out
+
+
+def _model_dtype(params: int):
+    """float32 where the model takes at most half the available RAM, else bfloat16 (at most 70%)."""
+    import psutil
+    import torch
+
+    avail = psutil.virtual_memory().available
+    if params * 4 <= 0.5 * avail:
+        return torch.float32
+    if params * 2 <= 0.7 * avail:
+        return torch.bfloat16
+    raise ZoptError(f"measuring sensitivity on the output needs the model in memory: {params * 2 / 1e9:.1f} GB in "
+                    f"bfloat16, {avail / 1e9:.1f} GB available")
+
+
+class OutputProbe:
+    """A source's transformer in memory, the calls and its own outputs on them (the reference)."""
+
+    def __init__(self, model, calls: Calls):
+        import torch
+
+        self.model = model
+        self.calls = calls
+        self.dtype = next(model.parameters()).dtype
+        with torch.inference_mode():
+            self.refs = [self._run(c) for c in calls.items]
+
+    @classmethod
+    def from_source(cls, src, calls_path: str | os.PathLike) -> OutputProbe:
+        from ...families import zimage
+        from ..plain import load_source
+
+        src = getattr(src, "direct", None) or src
+        config = zimage.check_shapes(src)
+        calls = read_calls(calls_path, config)
+        params = sum(math.prod(src.info(n).shape) for n in src.names())
+        model = load_source(src, dtype=_model_dtype(params)).eval()
+        return cls(model, calls)
+
+    def _run(self, call):
+        import torch
+
+        xs, t, caps = call
+        out = self.model([x.to(self.dtype) for x in xs], t.to(self.dtype), [c.to(self.dtype) for c in caps],
+                         return_dict=False)[0]
+        return torch.cat([o.float().flatten() for o in out]) if isinstance(out, (list, tuple)) else out.float().flatten()
+
+    def _targets(self, name: str) -> list[str]:
+        """The model parameters an original-layout weight name stands for (the fused qkv: q, k, v)."""
+        from ...families import zimage
+
+        d = zimage.to_diffusers_name(name)
+        if name.endswith(".attention.qkv.weight"):
+            stem = d[: -len("qkv.weight")]
+            return [f"{stem}{part}.weight" for part in ("to_q", "to_k", "to_v")]
+        return [d]
+
+    def weight(self, name: str):
+        """The tensor ``name`` (original layout) as the model holds it."""
+        import torch
+
+        params = [self.model.get_parameter(t) for t in self._targets(name)]
+        return torch.cat([p.detach() for p in params]) if len(params) > 1 else params[0].detach()
+
+    def _put(self, name: str, w) -> None:
+        targets = self._targets(name)
+        parts = w.chunk(len(targets)) if len(targets) > 1 else [w]
+        for t, part in zip(targets, parts, strict=True):
+            p = self.model.get_parameter(t)
+            p.data.copy_(part.reshape(p.shape).to(p.dtype))
+
+    def error(self, name: str, w) -> float:
+        """Summed squared output difference over the calls with tensor ``name`` replaced by ``w``."""
+        import torch
+
+        original = self.weight(name).clone()
+        try:
+            self._put(name, w)
+            with torch.inference_mode():
+                return sum(float((self._run(c) - r).double().square().sum())
+                           for c, r in zip(self.calls.items, self.refs, strict=True))
+        finally:
+            self._put(name, original)
+
+    def sensitivities(self, plans, imatrix, types_for, unit: bool = True, progress: bool = False) -> dict:
+        """:class:`.auto.Sensitivity` of every plan on its candidate types ``types_for(plan)``, each
+        quantized as the file will be (the imatrix's searches, unit importance with ``unit``)."""
+        import torch
+
+        from ...progress import progress_bar
+        from . import quants
+        from .auto import Sensitivity
+        from .recipes import FLOAT_TYPES, tensor_nbytes
+
+        out = {}
+        with progress_bar(len(plans), f"measuring sensitivity on the output ({len(self.calls.items)} calls)",
+                          unit="tensors", enabled=progress) as bar:
+            for p in plans:
+                w = self.weight(p.name).float().reshape(p.shape)
+                x = w.reshape(-1, w.shape[-1])
+                imp = imatrix.importance(p.name, p.shape[-1]) if imatrix is not None else None
+                if imp is None and unit:
+                    imp = torch.ones(p.shape[-1])
+                errors, nbytes = {}, {}
+                for t in types_for(p):
+                    if t in FLOAT_TYPES:
+                        deq = x if t == "F32" else x.to(torch.bfloat16 if t == "BF16" else torch.float16).float()
+                    else:
+                        deq = quants.dequantize(quants.quantize(x, t, imp), t, tuple(x.shape))
+                    errors[t] = self.error(p.name, deq.reshape(p.shape))
+                    nbytes[t] = tensor_nbytes(p.shape, t)
+                out[p.name] = Sensitivity(p.name, errors, nbytes)
+                bar.advance(1)
+        return out
+
+    def header(self) -> dict[str, str]:
+        """What the GGUF header records of the calls."""
+        c = self.calls
+        return {"zopt.sensitivity.calls.file": c.path.name if c.path else "",
+                "zopt.sensitivity.calls.sha256": c.sha256,
+                "zopt.sensitivity.calls.description": json.dumps({"calls": len(c.items), "description": c.description})}
