@@ -372,17 +372,18 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     groups = {}
     for r in rows:
         kind = "auto" if r["spec"] == "gguf:auto" else ("sd.cpp" if r["spec"].startswith("sdcpp") else "type")
-        groups.setdefault((kind, r["imatrix"]), []).append(r)
+        groups.setdefault((kind, r["imatrix"], r["label"].endswith("+calls")), []).append(r)
     names = {"auto": "zopt gguf:auto", "type": "zopt named types", "sd.cpp": "stable-diffusion.cpp"}
-    for (kind, imat), rs in sorted(groups.items()):
+    for (kind, imat, calls), rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r["bpw"])
-        style = "-o" if kind == "auto" else ("s" if kind == "sd.cpp" else "x")
+        style = ("-o" if kind == "auto" else ("s" if kind == "sd.cpp" else "x")) if not calls else \
+            ("--^" if kind == "auto" else "+")
         ax.plot([r["bpw"] for r in rs], [r["rel_error"] for r in rs], style,
-                label=f"{names[kind]}{' + imatrix' if imat else ''}")
+                label=f"{names[kind]}{' + imatrix' if imat else ''}{', measured on the output (calls)' if calls else ''}")
         if kind == "sd.cpp":
             hull = frontier([(r["bpw"], r["rel_error"]) for r in rs])
             ax.plot([b for b, _ in hull], [e for _, e in hull], ":", color="grey", label="its frontier")
@@ -394,7 +395,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.set_ylabel("relative output error")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the points, not over them
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
