@@ -178,7 +178,11 @@ def _print_auto_types(path: Path, every: bool) -> None:
     counts = sorted(Counter(types.values()).items())
     if not every:  # the quantized tensors: what measurement chose among
         moved = ", ".join(f"{t}: {n}" for t, n in counts if t not in ("F32", "F16", "BF16"))
-        print(f"quantized types chosen by measured sensitivity within the recipe's bytes ({moved}); "
+        on = ""
+        if "zopt.sensitivity.calls.description" in meta:
+            n = json.loads(meta["zopt.sensitivity.calls.description"]).get("calls")
+            on = f" on the model's output over {n} calls ({meta.get('zopt.sensitivity.calls.file')})"
+        print(f"quantized types chosen by measured sensitivity{on} within the recipe's bytes ({moved}); "
               f"per tensor: the header's {AUTO_TYPES_KEY}")
         return
     print(f"{meta.get('zopt.bits_per_weight')} bits/weight; " + ", ".join(f"{t}: {n}" for t, n in counts))

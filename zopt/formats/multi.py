@@ -194,6 +194,10 @@ def convert_many(source: Any, targets: list[tuple[str, str | os.PathLike]], *, o
         raise ZoptError("two targets would write the same output", sorted(dupes)[0])
     shares = split_options(options, [c[1].name for c in checked])
     opts = [c[1].parse_options(shares[c[1].name]) for c in checked]
+    for (_spec, info, sub, _out), o in zip(checked, opts, strict=True):
+        check = getattr(info.load_module(check_needs=False), "check_target", None)
+        if check is not None:  # a format's own checks that need no data, before any target starts
+            check(sub, o)
     src = checkpoint.open(resolve_source(source), allow_pickle=allow_pickle)
     source_spec = checkpoint.pinned_hub_id(os.fspath(source), src.path)
     if loras:

@@ -184,6 +184,20 @@ def _types_json(plans: list[TensorPlan]) -> str:
     return json.dumps({p.name: p.qtype for p in plans}, sort_keys=True)
 
 
+def check_target(subtype: str | None, options: Options) -> None:
+    """The checks of these options against ``subtype`` that need no data: made before any work
+    (also by a multi-target conversion before its first target starts)."""
+    auto = (subtype or "").strip().lower() == AUTO
+    if not auto and (options.target_bpw is not None or options.target_size is not None):
+        raise ZoptError("--target-bpw / --target-size set the size of gguf:auto; use --to gguf:auto")
+    rec_name = AUTO if auto else gguf_recipes.recipe(subtype).name
+    if options.calls and not (auto or measured(rec_name, options)):
+        raise ZoptError(f"--option calls= measures each tensor's sensitivity on the model's output, for gguf:auto "
+                        f"and the re-tuned recipes (allocation=measured: "
+                        f"{', '.join(r.name for r in gguf_recipes.RECIPES.values() if r.measured)}); "
+                        f"{rec_name} {'is written by its rules' if gguf_recipes.recipe(rec_name).measured else 'has one rule'}")
+
+
 def measured(rec_name: str, options: Options) -> bool:
     """Whether recipe ``rec_name`` is re-tuned by measurement under ``options`` (``Recipe.measured``
     and ``allocation=measured``)."""
@@ -286,20 +300,14 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: GGUFOpti
 
     from . import compile as ggml_compile
 
+    check_target(subtype, options)
     auto = (subtype or "").strip().lower() == AUTO
-    if not auto and (options.target_bpw is not None or options.target_size is not None):
-        raise ZoptError("--target-bpw / --target-size set the size of gguf:auto; use --to gguf:auto")
     rec_name = AUTO if auto else gguf_recipes.recipe(subtype).name
     config = zimage.check_shapes(src)
     imatrix = read_imatrix(options)
     unit = options.search == "weighted"
     probe = None
     if options.calls:
-        if not (auto or measured(rec_name, options)):
-            raise ZoptError(f"--option calls= measures each tensor's sensitivity on the model's output, for gguf:auto "
-                            f"and the re-tuned recipes (allocation=measured: "
-                            f"{', '.join(r.name for r in gguf_recipes.RECIPES.values() if r.measured)}); "
-                            f"{rec_name} {'is written by its rules' if gguf_recipes.recipe(rec_name).measured else 'has one rule'}")
         from .outputs import OutputProbe
 
         probe = OutputProbe.from_source(src, options.calls)
@@ -323,6 +331,8 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: GGUFOpti
         if [p.qtype for p in retuned] != [p.qtype for p in plans]:  # else the rule's file, no map to enlarge it
             plans = retuned
             meta = metadata_for(src, rec_name, config, plans, sha_mark, options, imatrix, types_map=True, probe=probe)
+        elif probe is not None:  # the rule's file as it is: the calls chose nothing in it
+            meta = metadata_for(src, rec_name, config, plans, sha_mark, options, imatrix)
     importance = importance_for(imatrix, plans, unit)
     digest: dict[str, str] = {}
     hasher = None

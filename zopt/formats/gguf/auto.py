@@ -207,7 +207,7 @@ def _sensitivities(view, plans: list[TensorPlan], imatrix, types_for, unit: bool
     from ...progress import progress_bar
 
     if probe is not None:
-        return probe.sensitivities(plans, imatrix, types_for, unit, progress)
+        return probe.sensitivities(view, plans, imatrix, types_for, unit, progress)
 
     sens: dict[str, Sensitivity] = {}
     threads = torch.get_num_threads()

@@ -53,17 +53,20 @@ def save_calls(items: list[tuple[list[Any], Any, list[Any]]], path: str | os.Pat
         for j, x in enumerate(xs):
             tensors[f"call.{i}.x.{j}"] = x.detach().float().cpu().clone()
         tensors[f"call.{i}.t"] = torch.as_tensor(t).detach().float().cpu().reshape(-1).clone()
-        for j, c in enumerate(caps):  # (calls of one prompt share its caption features: one copy each)
+        for j, c in enumerate(caps):  # (calls of one prompt share its caption features: each call its copy)
             tensors[f"call.{i}.cap.{j}"] = c.detach().float().cpu().clone()
     path = Path(path)
     meta = {"format": CALLS_FORMAT, "calls": str(len(items)), "description": description}
     tmp = path.with_name(path.name + ".partial")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(tmp), metadata=meta)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # as other outputs are made (the writer makes its file private)
         os.replace(tmp, path)
+    except OSError as e:
+        raise ZoptError(f"cannot write the calls file ({e.strerror or e.__class__.__name__})", path) from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -75,8 +78,13 @@ def read_calls(path: str | os.PathLike, config: dict[str, Any] | None = None) ->
     from safetensors import safe_open
 
     p = Path(path)
+    if p.is_dir():
+        raise ZoptError("is a folder; name the calls file (zopt calibrate --save-calls writes one)", p)
     if not p.is_file():
         raise ZoptError("no such calls file (zopt calibrate --save-calls writes one)", p)
+    with open(p, "rb") as fh:
+        if fh.read(4) == b"GGUF":
+            raise ZoptError("a GGUF file, not a calls file (an importance matrix goes to --imatrix)", p)
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
@@ -97,17 +105,24 @@ def read_calls(path: str | os.PathLike, config: dict[str, Any] | None = None) ->
         xs = _listed(tensors, f"call.{i}.x.")
         caps = _listed(tensors, f"call.{i}.cap.")
         t = tensors.get(f"call.{i}.t")
-        if not xs or not caps or t is None or t.numel() != len(xs) and t.numel() != 1:
+        if not xs or not caps or t is None:
             raise ZoptError(f"call {i} is incomplete (latents, timestep and caption features are needed)", p)
+        if len(caps) != len(xs) or t.numel() not in (1, len(xs)):
+            raise ZoptError(f"call {i}: {len(xs)} latents, {len(caps)} captions and {t.numel()} timesteps "
+                            "(one of each per image)", p)
+        if not all(bool(v.isfinite().all()) for v in (*xs, t, *caps)):
+            raise ZoptError(f"call {i} holds values that are not finite numbers", p)
         if config is not None:
+            patch = int((config.get("all_patch_size") or [2])[0])
             for x in xs:
-                if x.dim() != 4 or x.shape[0] != config.get("in_channels"):
+                if x.dim() != 4 or x.shape[0] != config.get("in_channels") or x.shape[2] % patch or x.shape[3] % patch:
                     raise ZoptError(f"call {i}: latents of shape {tuple(x.shape)} do not fit this model "
-                                    f"({config.get('in_channels')} channels, (C, F, H, W))", p)
+                                    f"({config.get('in_channels')} channels, (C, F, H, W), H and W multiples of "
+                                    f"{patch})", p)
             for c in caps:
-                if c.dim() != 2 or c.shape[1] != config.get("cap_feat_dim"):
+                if c.dim() != 2 or c.shape[0] < 1 or c.shape[1] != config.get("cap_feat_dim"):
                     raise ZoptError(f"call {i}: caption features of shape {tuple(c.shape)} do not fit this model "
-                                    f"({config.get('cap_feat_dim')} features per token)", p)
+                                    f"(at least one token of {config.get('cap_feat_dim')} features)", p)
         items.append((xs, t, caps))
     if not items:
         raise ZoptError("calls file holds no calls", p)
@@ -150,6 +165,8 @@ class OutputProbe:
         self.dtype = next(model.parameters()).dtype
         with torch.inference_mode():
             self.refs = [self._run(c) for c in calls.items]
+        if not all(bool(r.isfinite().all()) for r in self.refs):
+            raise ZoptError("the model's outputs on these calls are not all finite numbers", calls.path)
 
     @classmethod
     def from_source(cls, src, calls_path: str | os.PathLike) -> OutputProbe:
@@ -203,14 +220,19 @@ class OutputProbe:
         try:
             self._put(name, w)
             with torch.inference_mode():
-                return sum(float((self._run(c) - r).double().square().sum())
-                           for c, r in zip(self.calls.items, self.refs, strict=True))
+                e = sum(float((self._run(c) - r).double().square().sum())
+                        for c, r in zip(self.calls.items, self.refs, strict=True))
         finally:
             self._put(name, original)
+        if not math.isfinite(e):
+            raise ZoptError(f"measuring {name} on the calls gave a non-finite output error", self.calls.path)
+        return e
 
-    def sensitivities(self, plans, imatrix, types_for, unit: bool = True, progress: bool = False) -> dict:
+    def sensitivities(self, view, plans, imatrix, types_for, unit: bool = True, progress: bool = False) -> dict:
         """:class:`.auto.Sensitivity` of every plan on its candidate types ``types_for(plan)``, each
-        quantized as the file will be (the imatrix's searches, unit importance with ``unit``)."""
+        read from ``view`` (the source, original layout) and quantized as the file will be (the
+        imatrix's searches, unit importance with ``unit``; one thread, as the default measurement:
+        the searches are many small operations), the outputs run with torch's threads."""
         import torch
 
         from ...progress import progress_bar
@@ -221,8 +243,10 @@ class OutputProbe:
         out = {}
         with progress_bar(len(plans), f"measuring sensitivity on the output ({len(self.calls.items)} calls)",
                           unit="tensors", enabled=progress) as bar:
+            threads = torch.get_num_threads()
             for p in plans:
-                w = self.weight(p.name).float().reshape(p.shape)
+                with torch.inference_mode():
+                    w = view.get(p.name).float().reshape(p.shape)
                 x = w.reshape(-1, w.shape[-1])
                 imp = imatrix.importance(p.name, p.shape[-1]) if imatrix is not None else None
                 if imp is None and unit:
@@ -232,7 +256,11 @@ class OutputProbe:
                     if t in FLOAT_TYPES:
                         deq = x if t == "F32" else x.to(torch.bfloat16 if t == "BF16" else torch.float16).float()
                     else:
-                        deq = quants.dequantize(quants.quantize(x, t, imp), t, tuple(x.shape))
+                        torch.set_num_threads(1)
+                        try:
+                            deq = quants.dequantize(quants.quantize(x, t, imp), t, tuple(x.shape))
+                        finally:
+                            torch.set_num_threads(threads)
                     errors[t] = self.error(p.name, deq.reshape(p.shape))
                     nbytes[t] = tensor_nbytes(p.shape, t)
                 out[p.name] = Sensitivity(p.name, errors, nbytes)
