@@ -13,7 +13,7 @@ every other tensor exact).
 
 Cost: one transformer run per call, quantized tensor and candidate type (on the trained micro
 model, 30 tensors x 5-9 types x 16 calls: 10-25 s here; on the medium synthetic model one cost with
-2 calls took 9 s, an hour a file), and the model in memory (float32 where it fits in half the
+2 calls took 4-9 s, 46 minutes a file), and the model in memory (float32 where it fits in half the
 available RAM, else bfloat16). At full size on a CPU this is a day or more.
 """
 
