@@ -69,14 +69,24 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * unit ** "_KMGT".index(m.group(2) or "_"))
 
 
+def roundtrip(x, qtype: str, importance=None):
+    """Float rows ``x`` as a file of type ``qtype`` holds them: quantized and dequantized (``importance``
+    per column for the weighted searches; None: ggml's reference quantizer), or cast for a float type."""
+    import torch
+
+    from . import quants
+
+    if qtype in FLOAT_TYPES:
+        return x if qtype == "F32" else x.to(torch.bfloat16 if qtype == "BF16" else torch.float16).float()
+    return quants.dequantize(quants.quantize(x, qtype, importance), qtype, tuple(x.shape))
+
+
 def measure(name: str, w, importance=None, types: tuple[str, ...] | None = None,
             weigh: bool = True) -> Sensitivity:
     """Sensitivity of tensor ``name`` (float tensor ``w``, rows x cols) to each candidate type, from
     up to :data:`SAMPLE_WEIGHTS` weights of evenly spaced rows; ``importance`` (cols,) per column
     drives the weighted searches and (``weigh``) weighs the errors."""
     import torch
-
-    from . import quants
 
     w2 = w.reshape(-1, w.shape[-1])
     rows, cols = w2.shape
@@ -87,11 +97,7 @@ def measure(name: str, w, importance=None, types: tuple[str, ...] | None = None,
     scale = rows / idx.numel()
     errors, nbytes = {}, {}
     for t in types or candidates(tuple(w.shape)):
-        if t in FLOAT_TYPES:
-            deq = x.to(torch.bfloat16).float() if t == "BF16" else x
-        else:
-            q = quants.quantize(x, t, None if importance is None else imp)
-            deq = quants.dequantize(q, t, tuple(x.shape))
+        deq = roundtrip(x, t, None if importance is None else imp)
         errors[t] = float(((x - deq).square() * (imp if weigh else 1.0)).sum()) * scale
         nbytes[t] = tensor_nbytes(tuple(w.shape), t)
     return Sensitivity(name, errors, nbytes)
@@ -206,21 +212,20 @@ def _sensitivities(view, plans: list[TensorPlan], imatrix, types_for, unit: bool
 
     from ...progress import progress_bar
 
-    if probe is not None:
-        return probe.sensitivities(view, plans, imatrix, types_for, unit, progress)
-
     sens: dict[str, Sensitivity] = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the searches are thousands of small ops: one thread is fastest (docs/ggml-quants.md)
+    label = "measuring sensitivity" + (f" on the output ({len(probe.calls.items)} calls)" if probe else "")
     try:
-        with progress_bar(len(plans), "measuring sensitivity", unit="tensors", enabled=progress) as bar:
+        with progress_bar(len(plans), label, unit="tensors", enabled=progress) as bar:
             for p in plans:
                 with torch.inference_mode():
                     w = view.get(p.name).reshape(p.shape)
                     imp = imatrix.importance(p.name, p.shape[-1]) if imatrix is not None else None
                     if imp is None and unit:
                         imp = torch.ones(p.shape[-1])
-                    sens[p.name] = measure(p.name, w, imp, types_for(p), weigh=False)
+                    sens[p.name] = (measure(p.name, w, imp, types_for(p), weigh=False) if probe is None
+                                    else probe.measure(p, w, imp, types_for(p), threads))
                     del w
                 bar.advance(1)
     finally:

@@ -228,44 +228,27 @@ class OutputProbe:
             raise ZoptError(f"measuring {name} on the calls gave a non-finite output error", self.calls.path)
         return e
 
-    def sensitivities(self, view, plans, imatrix, types_for, unit: bool = True, progress: bool = False) -> dict:
-        """:class:`.auto.Sensitivity` of every plan on its candidate types ``types_for(plan)``, each
-        read from ``view`` (the source, original layout) and quantized as the file will be (the
-        imatrix's searches, unit importance with ``unit``; one thread, as the default measurement:
-        the searches are many small operations), the outputs run with torch's threads."""
+    def measure(self, plan, w, importance, types, threads: int):
+        """:class:`.auto.Sensitivity` of ``plan``'s tensor ``w`` (read from the source) on ``types``,
+        each quantized as the file will be (:func:`.auto.roundtrip`, on the caller's thread count:
+        one, the searches being many small operations), the calls run on ``threads``."""
         import torch
 
-        from ...progress import progress_bar
-        from . import quants
-        from .auto import Sensitivity
-        from .recipes import FLOAT_TYPES, tensor_nbytes
+        from .auto import Sensitivity, roundtrip
+        from .recipes import tensor_nbytes
 
-        out = {}
-        with progress_bar(len(plans), f"measuring sensitivity on the output ({len(self.calls.items)} calls)",
-                          unit="tensors", enabled=progress) as bar:
-            threads = torch.get_num_threads()
-            for p in plans:
-                with torch.inference_mode():
-                    w = view.get(p.name).float().reshape(p.shape)
-                x = w.reshape(-1, w.shape[-1])
-                imp = imatrix.importance(p.name, p.shape[-1]) if imatrix is not None else None
-                if imp is None and unit:
-                    imp = torch.ones(p.shape[-1])
-                errors, nbytes = {}, {}
-                for t in types_for(p):
-                    if t in FLOAT_TYPES:
-                        deq = x if t == "F32" else x.to(torch.bfloat16 if t == "BF16" else torch.float16).float()
-                    else:
-                        torch.set_num_threads(1)
-                        try:
-                            deq = quants.dequantize(quants.quantize(x, t, imp), t, tuple(x.shape))
-                        finally:
-                            torch.set_num_threads(threads)
-                    errors[t] = self.error(p.name, deq.reshape(p.shape))
-                    nbytes[t] = tensor_nbytes(p.shape, t)
-                out[p.name] = Sensitivity(p.name, errors, nbytes)
-                bar.advance(1)
-        return out
+        x = w.float().reshape(-1, w.shape[-1])
+        errors, nbytes = {}, {}
+        for t in types:
+            deq = roundtrip(x, t, importance).reshape(plan.shape)
+            one = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                errors[t] = self.error(plan.name, deq)
+            finally:
+                torch.set_num_threads(one)
+            nbytes[t] = tensor_nbytes(plan.shape, t)
+        return Sensitivity(plan.name, errors, nbytes)
 
     def header(self) -> dict[str, str]:
         """What the GGUF header records of the calls."""
