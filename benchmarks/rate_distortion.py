@@ -376,14 +376,17 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     groups = {}
     for r in rows:
         kind = "auto" if r["spec"] == "gguf:auto" else ("sd.cpp" if r["spec"].startswith("sdcpp") else "type")
-        groups.setdefault((kind, r["imatrix"], r["label"].endswith("+calls")), []).append(r)
+        calls = "all" if r["label"].endswith("+calls-all") else "one" if r["label"].endswith("+calls") else ""
+        groups.setdefault((kind, r["imatrix"], calls), []).append(r)
     names = {"auto": "zopt gguf:auto", "type": "zopt named types", "sd.cpp": "stable-diffusion.cpp"}
     for (kind, imat, calls), rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r["bpw"])
         style = ("-o" if kind == "auto" else ("s" if kind == "sd.cpp" else "x")) if not calls else \
-            ("--^" if kind == "auto" else "+")
+            ("--^" if kind == "auto" else "+") if calls == "one" else ("--v" if kind == "auto" else "1")
+        measured = {"": "", "one": ", measured on the output (calls)",
+                    "all": ", measured on the output, every type run (calls_types=all)"}[calls]
         ax.plot([r["bpw"] for r in rs], [r["rel_error"] for r in rs], style,
-                label=f"{names[kind]}{' + imatrix' if imat else ''}{', measured on the output (calls)' if calls else ''}")
+                label=f"{names[kind]}{' + imatrix' if imat else ''}{measured}")
         if kind == "sd.cpp":
             hull = frontier([(r["bpw"], r["rel_error"]) for r in rs])
             ax.plot([b for b, _ in hull], [e for _, e in hull], ":", color="grey", label="its frontier")
@@ -410,6 +413,10 @@ def main() -> None:
                     help="also convert gguf:auto and the re-tuned recipes with --option calls=FILE (sensitivity "
                          "measured on the model's output over these transformer calls; zopt calibrate --save-calls), "
                          "labelled +calls")
+    ap.add_argument("--calls-types", default="one", choices=("one", "all"),
+                    help="with --calls: run the calls once per tensor and scale the other types by their weight "
+                         "errors (one), or once per candidate type (all); the +calls points are labelled +calls-all "
+                         "for all")
     ap.add_argument("--no-plain", action="store_true", help="only the imatrix / calls points")
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="gguf option for every point")
     ap.add_argument("--quantize", action="append", default=[], help="--quantize pattern for every point")
@@ -491,7 +498,8 @@ def main() -> None:
     if args.quantize:
         opts["quantize"] = args.quantize
     variants = (([] if args.no_plain else [("", {})]) + ([("+imat", {"imatrix": args.imatrix})] if args.imatrix else [])
-                + ([("+calls", {"calls": args.calls})] if args.calls else []))
+                + ([("+calls" if args.calls_types == "one" else "+calls-all",
+                     {"calls": args.calls, "calls_types": args.calls_types})] if args.calls else []))
     rows = []
     types = [t for t in args.types.split(",") if t]
     budgets = [float(b) for b in args.auto.split(",") if b]

@@ -21,8 +21,9 @@ def add_arguments(p) -> None:
     p.add_argument("--save-calls", default=None, metavar="FILE",
                    help="also write the transformer calls it ran (latents, timesteps, caption features; safetensors) "
                         "for 'zopt convert --to gguf:... --option calls=FILE', which then measures each tensor's "
-                        "sensitivity on the model's output (one run per call, tensor and candidate type: keep it "
-                        "to a few prompts; the 8 built-in prompts x 8 steps make 64 calls)")
+                        "sensitivity on the model's output (one run per call and tensor; per call, tensor and "
+                        "candidate type with calls_types=all: keep it to a few prompts; the 8 built-in prompts x 8 "
+                        "steps make 64 calls)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
 
 

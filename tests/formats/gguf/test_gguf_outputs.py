@@ -183,3 +183,52 @@ def test_a_rule_file_the_calls_do_not_change_is_the_rule_file(tmp_path, calls_fi
                          options={"calls": str(calls_file), "keep": ["."], "hash_source": False}, progress=False)
     assert with_calls.stat().st_size <= rule.stat().st_size
     assert "zopt.sensitivity.calls.sha256" not in checkpoint.open(with_calls).metadata
+
+
+def test_one_measured_type_scales_the_others_by_their_weight_errors(calls_file, micro_transformer_dir):
+    """calls_types=one runs the calls once per tensor, at its cheapest type, and scales the other
+    types' errors by their weight errors; on the trained micro model the scaled errors are within
+    a factor of the ones every type's own run measures (the median of their ratios within 1.5x)."""
+    import dataclasses
+    import statistics
+
+    from zopt.families import zimage
+    from zopt.formats.gguf import auto
+    from zopt.formats.gguf.outputs import OutputProbe
+    from zopt.formats.gguf.recipes import TensorPlan
+
+    src = checkpoint.open(micro_transformer_dir)
+    probe = OutputProbe.from_source(src, calls_file, "one")
+    probe.calls = dataclasses.replace(probe.calls, items=probe.calls.items[::4])  # 4 calls, 4 steps apart
+    probe.refs = probe.refs[::4]
+    view = zimage.as_original(src)
+    ratios = []
+    for name in ("layers.1.attention.qkv.weight", "layers.1.attention.out.weight", "layers.1.feed_forward.w1.weight",
+                 "layers.1.feed_forward.w2.weight", "layers.1.adaLN_modulation.0.weight"):
+        shape = tuple(view.info(name).shape)
+        types = auto.candidates(shape)
+        w = view.get(name).float().reshape(shape)
+        plan, unit = TensorPlan(name, shape, types[0], ""), torch.ones(shape[-1])
+        probe.types, before = "one", probe.runs
+        one = probe.measure(plan, w, unit, types, 1)
+        assert probe.runs == before + 1  # one pass over the calls for the tensor
+        probe.types, before = "all", probe.runs
+        every = probe.measure(plan, w, unit, types, 1)
+        assert probe.runs == before + len(types)
+        cheapest = min(types, key=lambda t: one.nbytes[t])
+        assert one.errors[cheapest] == every.errors[cheapest] > 0
+        exact = [t for t in types if every.errors[t] == 0]  # BF16: the stored weights themselves
+        assert exact == ["BF16"] and one.errors["BF16"] == 0
+        ratios += [one.errors[t] / every.errors[t] for t in types if t not in (cheapest, *exact)]
+        # the scaled errors keep the weight errors' order: a more precise type never predicts more error here
+        assert sorted(types, key=lambda t: (one.errors[t], -one.nbytes[t])) == \
+            sorted(types, key=lambda t: one.nbytes[t], reverse=True)
+    assert 1 / 1.5 < statistics.median(ratios) < 1.5, sorted(ratios)
+
+
+def test_calls_types_without_calls_is_refused(tmp_path, micro_transformer_dir, capsys):
+    out = tmp_path / "x.gguf"
+    assert main(["convert", str(micro_transformer_dir), "--to", "gguf:Q4_K_M", "--option", "calls_types=all",
+                 "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "calls_types" in err[0] and not out.exists()

@@ -78,6 +78,9 @@ class GGUFOptions(Options):
     # which each tensor's sensitivity is measured as the model's output error instead of its own
     # weight error (zopt/formats/gguf/outputs.py; the file's sha256 is recorded in the header)
     calls: str | None = field(default=None, metadata={"record": False})
+    # with calls: "one" runs the calls once per tensor (its cheapest candidate type) and scales the
+    # other types' errors by their weight errors; "all" runs them for every candidate type (5-9x the time)
+    calls_types: str = field(default="one", metadata={"choices": ("one", "all")})
 
 
 def quantize_rows(x, qtype: str, importance=None):
@@ -191,6 +194,8 @@ def check_target(subtype: str | None, options: Options) -> None:
     if not auto and (options.target_bpw is not None or options.target_size is not None):
         raise ZoptError("--target-bpw / --target-size set the size of gguf:auto; use --to gguf:auto")
     rec_name = AUTO if auto else gguf_recipes.recipe(subtype).name
+    if options.calls_types != "one" and not options.calls:
+        raise ZoptError("--option calls_types= says how --option calls=FILE measures; give the calls file too")
     if options.calls and not (auto or measured(rec_name, options)):
         raise ZoptError(f"--option calls= measures each tensor's sensitivity on the model's output, for gguf:auto "
                         f"and the re-tuned recipes (allocation=measured: "
@@ -310,7 +315,7 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: GGUFOpti
     if options.calls:
         from .outputs import OutputProbe
 
-        probe = OutputProbe.from_source(src, options.calls)
+        probe = OutputProbe.from_source(src, options.calls, options.calls_types)
     # gguf:auto: every Linear weight not kept by --keep is a candidate (the family's sensitive ones
     # and small ones too: measurement decides whether their bits pay, within the family's floors,
     # auto.candidates); norms, biases and pad tokens stay as every recipe stores them

@@ -4,17 +4,24 @@ The default measurement (:func:`.auto.measure`) predicts a tensor's cost by its 
 error, blind to how large its inputs are and to how an error in it grows on the way to the output.
 With a file of transformer calls (``zopt calibrate --save-calls``: the latents, timesteps and
 caption features the transformer received while the pipeline generated the calibration prompts),
-each quantized tensor is instead replaced, one at a time and one candidate type at a time, by its
-quantized-then-dequantized copy (quantized as the file will be: the same searches and importance),
-every call is run, and the squared difference from the unquantized model's outputs, summed over
-the calls, is that tensor's error for that type. :func:`.auto.choose` then spends the budget on
-these errors as it does on the default ones (it adds them up: a tensor's errors are measured with
-every other tensor exact).
+each quantized tensor is instead replaced by its quantized-then-dequantized copy (quantized as the
+file will be: the same searches and importance), every call is run, and the squared difference
+from the unquantized model's outputs, summed over the calls, is that tensor's error.
+:func:`.auto.choose` then spends the budget on these errors as it does on the default ones (it
+adds them up: a tensor's errors are measured with every other tensor exact).
 
-Cost: one transformer run per call, quantized tensor and candidate type (on the trained micro
-model, 30 tensors x 5-9 types x 16 calls: 10-25 s here; on the medium synthetic model one cost with
-2 calls took 4-9 s, 46 minutes a file), and the model in memory (float32 where it fits in half the
-available RAM, else bfloat16). At full size on a CPU this is a day or more.
+Two ways (``--option calls_types=``):
+
+* ``one`` (default): the calls run once per tensor, with the tensor at its cheapest candidate type;
+  the tensor's *gain* (output error per unit of squared weight error) scales the weight errors of
+  its other types. This assumes a tensor's output error grows in proportion to its weight error
+  (small, noise-like perturbations), which the measurement of every type checks
+  (benchmarks/rate_distortion.py, docs/quality-per-bit.md).
+* ``all``: the calls run for every candidate type of every tensor (5-9 times the runs).
+
+Cost: one transformer run per call and quantized tensor (``one``), or per call, tensor and type
+(``all``; on the medium synthetic model one cost with 2 calls took 4-9 s, 46 minutes a file), and
+the model in memory (float32 where it fits in half the available RAM, else bfloat16).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from typing import Any
 from ...errors import ZoptError
 
 CALLS_FORMAT = "zopt-transformer-calls/1"
+MEASURED_TYPES = ("one", "all")  # --option calls_types=
 
 
 @dataclass
@@ -157,11 +165,15 @@ def _model_dtype(params: int):
 class OutputProbe:
     """A source's transformer in memory, the calls and its own outputs on them (the reference)."""
 
-    def __init__(self, model, calls: Calls):
+    def __init__(self, model, calls: Calls, types: str = "one"):
         import torch
 
+        if types not in MEASURED_TYPES:
+            raise ZoptError(f"calls_types={types!r}: expected one of {', '.join(MEASURED_TYPES)}")
         self.model = model
         self.calls = calls
+        self.types = types
+        self.runs = 0  # passes over the calls made by error()
         self.dtype = next(model.parameters()).dtype
         with torch.inference_mode():
             self.refs = [self._run(c) for c in calls.items]
@@ -169,7 +181,7 @@ class OutputProbe:
             raise ZoptError("the model's outputs on these calls are not all finite numbers", calls.path)
 
     @classmethod
-    def from_source(cls, src, calls_path: str | os.PathLike) -> OutputProbe:
+    def from_source(cls, src, calls_path: str | os.PathLike, types: str = "one") -> OutputProbe:
         from ...families import zimage
         from ..plain import load_source
 
@@ -178,7 +190,7 @@ class OutputProbe:
         calls = read_calls(calls_path, config)
         params = sum(math.prod(src.info(n).shape) for n in src.names())
         model = load_source(src, dtype=_model_dtype(params)).eval()
-        return cls(model, calls)
+        return cls(model, calls, types)
 
     def _run(self, call):
         import torch
@@ -222,6 +234,7 @@ class OutputProbe:
             with torch.inference_mode():
                 e = sum(float((self._run(c) - r).double().square().sum())
                         for c, r in zip(self.calls.items, self.refs, strict=True))
+            self.runs += 1
         finally:
             self._put(name, original)
         if not math.isfinite(e):
@@ -231,23 +244,32 @@ class OutputProbe:
     def measure(self, plan, w, importance, types, threads: int):
         """:class:`.auto.Sensitivity` of ``plan``'s tensor ``w`` (read from the source) on ``types``,
         each quantized as the file will be (:func:`.auto.roundtrip`, on the caller's thread count:
-        one, the searches being many small operations), the calls run on ``threads``."""
+        one, the searches being many small operations), the calls run on ``threads``: for every
+        type (``all``), or for the cheapest, the others scaled by their weight errors (``one``)."""
         import torch
 
         from .auto import Sensitivity, roundtrip
         from .recipes import tensor_nbytes
 
         x = w.float().reshape(-1, w.shape[-1])
-        errors, nbytes = {}, {}
+        nbytes = {t: tensor_nbytes(plan.shape, t) for t in types}
+        measured = list(types) if self.types == "all" else [min(types, key=lambda t: (nbytes[t], types.index(t)))]
+        errors, weight_errors = {}, {}
         for t in types:
-            deq = roundtrip(x, t, importance).reshape(plan.shape)
-            one = torch.get_num_threads()
-            torch.set_num_threads(threads)
-            try:
-                errors[t] = self.error(plan.name, deq)
-            finally:
-                torch.set_num_threads(one)
-            nbytes[t] = tensor_nbytes(plan.shape, t)
+            deq = roundtrip(x, t, importance)
+            weight_errors[t] = float((x - deq).double().square().sum())
+            if t in measured:
+                one = torch.get_num_threads()
+                torch.set_num_threads(threads)
+                try:
+                    errors[t] = self.error(plan.name, deq.reshape(plan.shape))
+                finally:
+                    torch.set_num_threads(one)
+            del deq
+        if self.types == "one":
+            (m,) = measured
+            gain = errors[m] / weight_errors[m] if weight_errors[m] > 0 else 0.0
+            errors = {t: errors[m] if t == m else gain * weight_errors[t] for t in types}
         return Sensitivity(plan.name, errors, nbytes)
 
     def header(self) -> dict[str, str]:
@@ -255,4 +277,5 @@ class OutputProbe:
         c = self.calls
         return {"zopt.sensitivity.calls.file": c.path.name if c.path else "",
                 "zopt.sensitivity.calls.sha256": c.sha256,
-                "zopt.sensitivity.calls.description": json.dumps({"calls": len(c.items), "description": c.description})}
+                "zopt.sensitivity.calls.description": json.dumps({"calls": len(c.items), "description": c.description,
+                                                                 "measured_types": self.types})}
