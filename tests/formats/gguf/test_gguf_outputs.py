@@ -122,7 +122,11 @@ def test_output_measurement_beats_the_weight_proxy_on_held_out_prompts(tmp_path,
                          options={"calls": str(calls_file)}, progress=False)
     meta = checkpoint.open(on_outputs).metadata
     assert meta["zopt.sensitivity.calls.sha256"] == read_calls(calls_file).sha256
-    assert on_outputs.stat().st_size <= default.stat().st_size
+    rule = convert(micro_transformer_dir, "gguf:Q4_K_M", tmp_path / "rule.gguf", options={"allocation": "rule"},
+                   progress=False)
+    # both spend the rule's bytes: no larger than its file, the same size within 0.1%
+    assert on_outputs.stat().st_size <= rule.stat().st_size and default.stat().st_size <= rule.stat().st_size
+    assert abs(on_outputs.stat().st_size / default.stat().st_size - 1) < 0.001
     e_default, e_outputs = _output_error(default, held, refs), _output_error(on_outputs, held, refs)
     # the benchmark's run: 0.0182 -> 0.0096 on 4 held-out captions (docs/quality-per-bit.md)
     assert e_outputs < 0.8 * e_default, (e_outputs, e_default)
