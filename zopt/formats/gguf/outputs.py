@@ -13,15 +13,15 @@ adds them up: a tensor's errors are measured with every other tensor exact).
 Two ways (``--option calls_types=``):
 
 * ``one`` (default): the calls run once per tensor, with the tensor at its cheapest candidate type;
-  the tensor's *gain* (output error per unit of squared weight error) scales the weight errors of
-  its other types. This assumes a tensor's output error grows in proportion to its weight error
-  (small, noise-like perturbations), which the measurement of every type checks
-  (benchmarks/rate_distortion.py, docs/quality-per-bit.md).
+  that run's output error per unit of squared weight error (the tensor's *gain*) scales the weight
+  errors of its other types (measured as the default measurement measures them, on a sample of
+  rows). This assumes a tensor's output error grows in proportion to its weight error (small,
+  noise-like perturbations); benchmarks/calls_gain.py compares it with ``all``.
 * ``all``: the calls run for every candidate type of every tensor (5-9 times the runs).
 
-Cost: one transformer run per call and quantized tensor (``one``), or per call, tensor and type
-(``all``; on the medium synthetic model one cost with 2 calls took 4-9 s, 46 minutes a file), and
-the model in memory (float32 where it fits in half the available RAM, else bfloat16).
+Cost: one pass over the calls per quantized tensor (``one``; on the medium synthetic model with 2
+calls, minutes a file) or per tensor and type (``all``; there 46 minutes a file), and the model in
+memory (float32 where it fits in half the available RAM, else bfloat16).
 """
 
 from __future__ import annotations
@@ -245,32 +245,33 @@ class OutputProbe:
         """:class:`.auto.Sensitivity` of ``plan``'s tensor ``w`` (read from the source) on ``types``,
         each quantized as the file will be (:func:`.auto.roundtrip`, on the caller's thread count:
         one, the searches being many small operations), the calls run on ``threads``: for every
-        type (``all``), or for the cheapest, the others scaled by their weight errors (``one``)."""
-        import torch
+        type (``all``), or for the cheapest only (``one``), the others' errors being its output
+        error times their weight errors over its own (:func:`.auto.measure`'s, on the same sample
+        of rows as the default measurement)."""
 
-        from .auto import Sensitivity, roundtrip
+        from .auto import Sensitivity, measure, roundtrip
         from .recipes import tensor_nbytes
 
         x = w.float().reshape(-1, w.shape[-1])
         nbytes = {t: tensor_nbytes(plan.shape, t) for t in types}
-        measured = list(types) if self.types == "all" else [min(types, key=lambda t: (nbytes[t], types.index(t)))]
-        errors, weight_errors = {}, {}
-        for t in types:
-            deq = roundtrip(x, t, importance)
-            weight_errors[t] = float((x - deq).double().square().sum())
-            if t in measured:
-                one = torch.get_num_threads()
-                torch.set_num_threads(threads)
-                try:
-                    errors[t] = self.error(plan.name, deq.reshape(plan.shape))
-                finally:
-                    torch.set_num_threads(one)
-            del deq
-        if self.types == "one":
-            (m,) = measured
-            gain = errors[m] / weight_errors[m] if weight_errors[m] > 0 else 0.0
-            errors = {t: errors[m] if t == m else gain * weight_errors[t] for t in types}
-        return Sensitivity(plan.name, errors, nbytes)
+        if self.types == "all":
+            errors = {t: self._output_error(plan, roundtrip(x, t, importance), threads) for t in types}
+            return Sensitivity(plan.name, errors, nbytes)
+        m = min(types, key=lambda t: (nbytes[t], types.index(t)))
+        weight = measure(plan.name, x, importance, types, weigh=False).errors
+        out = self._output_error(plan, roundtrip(x, m, importance), threads)
+        gain = out / weight[m] if weight[m] > 0 else 0.0
+        return Sensitivity(plan.name, {t: out if t == m else gain * weight[t] for t in types}, nbytes)
+
+    def _output_error(self, plan, deq, threads: int) -> float:
+        import torch
+
+        one = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return self.error(plan.name, deq.reshape(plan.shape))
+        finally:
+            torch.set_num_threads(one)
 
     def header(self) -> dict[str, str]:
         """What the GGUF header records of the calls."""
