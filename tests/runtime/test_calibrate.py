@@ -76,3 +76,32 @@ def test_cli_bad_input_exit_2_one_line(tmp_path, tiny_dir, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in err[0]
     assert not out.exists()
+
+
+def test_random_inputs_load_the_model_in_bfloat16_where_float32_does_not_fit(tmp_path, tiny_dir, monkeypatch, capsys):
+    """The transformer of a random-input calibration is loaded whole: float32 where it takes at most
+    half the free memory, bfloat16 where that fits, else a one-line refusal before any loading."""
+    import math
+
+    import psutil
+
+    from zopt import checkpoint
+    from zopt.runtime import pipeline
+
+    src = checkpoint.open(tiny_dir / "transformer")
+    params = sum(math.prod(src.info(n).shape) for n in src.names())
+    seen = []
+    memory = psutil.virtual_memory()
+
+    load = pipeline.load_transformer
+    monkeypatch.setattr(pipeline, "load_transformer", lambda *a, **k: seen.append(k["dtype"]) or load(*a, **k))
+    for free, dtype in ((10 * params * 4, torch.float32), (params * 4, torch.bfloat16)):
+        monkeypatch.setattr(psutil, "virtual_memory", lambda free=free: memory._replace(available=free))
+        im = calibrate(tiny_dir / "transformer", ["x"], steps=1, resolution=64, device="cpu", inputs="random")
+        assert seen[-1] == dtype and "layers.0.feed_forward.w2.weight" in im.entries
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory._replace(available=params))
+    out = tmp_path / "x.imatrix"
+    assert main(["calibrate", str(tiny_dir / "transformer"), "-o", str(out), "--inputs", "random", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bfloat16" in err[0] and "--inputs pipeline" in err[0] and not out.exists()
+    assert len(seen) == 2  # refused before loading

@@ -162,6 +162,38 @@ def calibrate(source: str | os.PathLike, prompts: list[str] | None = None, *, st
                       len(prompts) * steps, 1)
 
 
+def _random_dtype(path, dev):
+    """The transformer's dtype for calibration on random inputs, where it is loaded whole on ``dev``:
+    float32 where it takes at most half the free memory, else bfloat16 where that takes at most
+    70% (the full model on a 24 GB machine), else ZoptError (a full pipeline offloads instead)."""
+    import math
+
+    import psutil
+    import torch
+
+    from ..checkpoint import open as open_checkpoint
+
+    try:
+        src = open_checkpoint(path)
+        params = sum(math.prod(src.info(n).shape) for n in src.names())
+    except Exception:  # the loader reports what it cannot read
+        return torch.float32
+    kind = str(dev).split(":")[0]
+    if kind == "cuda":
+        free = torch.cuda.mem_get_info(torch.device(dev))[0]
+    elif kind == "cpu":
+        free = psutil.virtual_memory().available
+    else:
+        return torch.float32
+    if params * 4 <= 0.5 * free:
+        return torch.float32
+    if params * 2 <= 0.7 * free:
+        return torch.bfloat16
+    raise ZoptError(f"calibrating on random inputs loads the transformer whole: {params * 2 / 1e9:.1f} GB in "
+                    f"bfloat16, {free / 1e9:.1f} GB free on {dev}; calibrate through its pipeline "
+                    f"(--inputs pipeline, which offloads) or on a machine with more memory", path)
+
+
 def _calibrate_random(source, n: int, steps: int, resolution: int, seed: int, device: str,
                       calls: list | None = None) -> Imatrix:
     """Transformer-only calibration on seeded N(0, 1) latents and caption features, timesteps
@@ -172,7 +204,9 @@ def _calibrate_random(source, n: int, steps: int, resolution: int, seed: int, de
     from .pipeline import load_transformer, runtime_hardware
 
     dev = runtime_hardware(device).torch_device
-    model = load_transformer(resolve_source(source), dev, dtype=torch.float32)
+    path = resolve_source(source)
+    dtype = _random_dtype(path, dev)
+    model = load_transformer(path, dev, dtype=dtype)
     cfg = dict(model.config)
     col = Collector(model)
     handle = _record_calls(model, calls) if calls is not None else None
@@ -181,10 +215,10 @@ def _calibrate_random(source, n: int, steps: int, resolution: int, seed: int, de
     try:
         with torch.inference_mode():
             for _ in range(n):
-                x = [torch.randn(cfg["in_channels"], 1, side, side, generator=g).to(dev)]
-                cap = [torch.randn(32, cfg["cap_feat_dim"], generator=g).to(dev)]
+                x = [torch.randn(cfg["in_channels"], 1, side, side, generator=g).to(dev, dtype)]
+                cap = [torch.randn(32, cfg["cap_feat_dim"], generator=g).to(dev, dtype)]
                 for s in range(steps):
-                    t = torch.tensor([(s + 0.5) / steps], device=dev)
+                    t = torch.tensor([(s + 0.5) / steps], device=dev, dtype=dtype)
                     model(x, t, cap, return_dict=False)
     finally:
         col.close()
