@@ -80,7 +80,7 @@ class GGUFOptions(Options):
     calls: str | None = field(default=None, metadata={"record": False})
     # with calls: "one" runs the calls once per tensor (its cheapest candidate type) and scales the
     # other types' errors by their weight errors; "all" runs them for every candidate type (5-9x the time)
-    calls_types: str = field(default="one", metadata={"choices": ("one", "all")})
+    calls_types: str = field(default="one", metadata={"record": False, "choices": ("one", "all")})
 
 
 def quantize_rows(x, qtype: str, importance=None):
