@@ -35,6 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads for the model runs (default: torch's)")
     ap.add_argument("--json", default=None, help="write every tensor's measured and predicted errors here")
     args = ap.parse_args(argv)
+    try:
+        pattern = re.compile(args.tensors)
+    except re.error as e:
+        print(f"calls_gain: --tensors {args.tensors!r}: not a regular expression ({e})", file=sys.stderr)
+        return 2
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        print(f"calls_gain: {args.json}: its folder does not exist", file=sys.stderr)
+        return 2
 
     import torch
 
@@ -54,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     threads = args.threads or torch.get_num_threads()
     view = zimage.as_original(src)
-    pattern = re.compile(args.tensors)
     rows, ratios, ordered = [], [], 0
-    print(f"{'tensor':52} {'types':>5}  predicted / measured per type (cheapest first)")
+    print(f"{'tensor':52} {'types':>5}  predicted / measured, each type but the cheapest (the run itself) "
+          "and those exact in the source")
     for name in view.names():
         shape = tuple(view.info(name).shape)
         if len(shape) != 2 or shape[-1] % 32 or not name.endswith(".weight") or not pattern.search(name):

@@ -413,7 +413,7 @@ def main() -> None:
                     help="also convert gguf:auto and the re-tuned recipes with --option calls=FILE (sensitivity "
                          "measured on the model's output over these transformer calls; zopt calibrate --save-calls), "
                          "labelled +calls")
-    ap.add_argument("--calls-types", default="one", choices=("one", "all"),
+    ap.add_argument("--calls-types", default=None, choices=("one", "all"),
                     help="with --calls: run the calls once per tensor and scale the other types by their weight "
                          "errors (one), or once per candidate type (all); the +calls points are labelled +calls-all "
                          "for all")
@@ -448,6 +448,8 @@ def main() -> None:
         ap.error(f"--inputs {args.inputs!r}: random, pipeline or pipeline:N")
     if any(":" not in m for m in args.peer_mix):
         ap.error("--peer-mix takes TYPE:RULES, e.g. Q4_K:feed_forward\\.w[13]=q3_K")
+    if args.calls_types is not None and not args.calls:
+        ap.error("--calls-types says how the --calls points are measured; give --calls FILE too")
     if args.peer_mix and not (args.peer or args.peer_from):
         ap.error("--peer-mix needs --peer or --peer-from")
     if args.peer and args.peer_from:
@@ -498,8 +500,8 @@ def main() -> None:
     if args.quantize:
         opts["quantize"] = args.quantize
     variants = (([] if args.no_plain else [("", {})]) + ([("+imat", {"imatrix": args.imatrix})] if args.imatrix else [])
-                + ([("+calls" if args.calls_types == "one" else "+calls-all",
-                     {"calls": args.calls, "calls_types": args.calls_types})] if args.calls else []))
+                + ([("+calls-all" if args.calls_types == "all" else "+calls",
+                     {"calls": args.calls, "calls_types": args.calls_types or "one"})] if args.calls else []))
     rows = []
     types = [t for t in args.types.split(",") if t]
     budgets = [float(b) for b in args.auto.split(",") if b]

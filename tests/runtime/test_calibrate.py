@@ -99,6 +99,7 @@ def test_random_inputs_load_the_model_in_bfloat16_where_float32_does_not_fit(tmp
         monkeypatch.setattr(psutil, "virtual_memory", lambda free=free: memory._replace(available=free))
         im = calibrate(tiny_dir / "transformer", ["x"], steps=1, resolution=64, device="cpu", inputs="random")
         assert seen[-1] == dtype and "layers.0.feed_forward.w2.weight" in im.entries
+        assert im.datasets[0].endswith("bfloat16") == (dtype == torch.bfloat16)  # the file says so
     monkeypatch.setattr(psutil, "virtual_memory", lambda: memory._replace(available=params))
     out = tmp_path / "x.imatrix"
     assert main(["calibrate", str(tiny_dir / "transformer"), "-o", str(out), "--inputs", "random", "--device", "cpu"]) == 2

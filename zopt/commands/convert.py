@@ -176,15 +176,20 @@ def _print_auto_types(path: Path, every: bool) -> None:
         return
     types = json.loads(meta[AUTO_TYPES_KEY])
     counts = sorted(Counter(types.values()).items())
+    on = ""
+    if "zopt.sensitivity.calls.description" in meta:
+        d = json.loads(meta["zopt.sensitivity.calls.description"])
+        way = {"one": "one run per tensor", "all": "one run per tensor and type"}.get(d.get("measured_types"), "")
+        on = (f" on the model's output over {d.get('calls')} calls ({meta.get('zopt.sensitivity.calls.file')}"
+              f"{', ' + way if way else ''})")
     if not every:  # the quantized tensors: what measurement chose among
         moved = ", ".join(f"{t}: {n}" for t, n in counts if t not in ("F32", "F16", "BF16"))
-        on = ""
-        if "zopt.sensitivity.calls.description" in meta:
-            n = json.loads(meta["zopt.sensitivity.calls.description"]).get("calls")
-            on = f" on the model's output over {n} calls ({meta.get('zopt.sensitivity.calls.file')})"
         print(f"quantized types chosen by measured sensitivity{on} within the recipe's bytes ({moved}); "
               f"per tensor: the header's {AUTO_TYPES_KEY}")
         return
-    print(f"{meta.get('zopt.bits_per_weight')} bits/weight; " + ", ".join(f"{t}: {n}" for t, n in counts))
+    bpw = meta.get("zopt.bits_per_weight")
+    bpw = f"{float(bpw):.3f}" if isinstance(bpw, (int, float)) or str(bpw).replace(".", "", 1).isdigit() else bpw
+    print(f"{bpw} bits/weight; types chosen by measured sensitivity{on}; " +
+          ", ".join(f"{t}: {n}" for t, n in counts))
     for name, t in types.items():
         print(f"  {t:5} {name}")

@@ -189,8 +189,8 @@ def _random_dtype(path, dev):
         return torch.float32
     if params * 2 <= 0.7 * free:
         return torch.bfloat16
-    raise ZoptError(f"calibrating on random inputs loads the transformer whole: {params * 2 / 1e9:.1f} GB in "
-                    f"bfloat16, {free / 1e9:.1f} GB free on {dev}; calibrate through its pipeline "
+    raise ZoptError(f"calibrating on random inputs loads the transformer whole: {params * 2 / 1e6:,.0f} MB in "
+                    f"bfloat16, {free / 1e6:,.0f} MB free on {dev}; calibrate through its pipeline "
                     f"(--inputs pipeline, which offloads) or on a machine with more memory", path)
 
 
@@ -224,4 +224,6 @@ def _calibrate_random(source, n: int, steps: int, resolution: int, seed: int, de
         col.close()
         if handle is not None:
             handle.remove()
-    return col.result([f"random: {n} inputs, {steps} timesteps, {side}x{side} latents, seed {seed}"], n * steps, 1)
+    precision = "" if dtype == torch.float32 else f", transformer in {str(dtype).removeprefix('torch.')}"
+    return col.result([f"random: {n} inputs, {steps} timesteps, {side}x{side} latents, seed {seed}{precision}"],
+                      n * steps, 1)

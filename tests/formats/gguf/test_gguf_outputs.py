@@ -232,7 +232,36 @@ def test_one_measured_type_scales_the_others_by_their_weight_errors(calls_file, 
 
 def test_calls_types_without_calls_is_refused(tmp_path, micro_transformer_dir, capsys):
     out = tmp_path / "x.gguf"
-    assert main(["convert", str(micro_transformer_dir), "--to", "gguf:Q4_K_M", "--option", "calls_types=all",
-                 "-o", str(out)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "calls_types" in err[0] and not out.exists()
+    for way in ("all", "one"):
+        assert main(["convert", str(micro_transformer_dir), "--to", "gguf:Q4_K_M", "--option", f"calls_types={way}",
+                     "-o", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "calls_types" in err[0] and not out.exists()
+
+
+def test_a_multi_target_pass_shares_one_probe_and_writes_the_single_target_files(tmp_path, calls_file,
+                                                                                  micro_transformer_dir):
+    """Two re-tuned targets measured on the calls in one pass: one model in memory for both (their
+    threads loaded it at once and failed before), and each file the bytes of its own conversion."""
+    from zopt.formats.gguf import outputs
+
+    made = []
+    real = outputs.OutputProbe.__init__
+
+    def counting(self, *a, **k):
+        made.append(1)
+        real(self, *a, **k)
+
+    opts = {"calls": str(calls_file), "hash_source": False}
+    singles = {t: convert(micro_transformer_dir, f"gguf:{t}", tmp_path / f"{t}.gguf", options=opts, progress=False)
+               for t in ("Q4_K_M", "Q5_K_M")}
+    import unittest.mock
+
+    from zopt.formats.multi import convert_many
+
+    targets = [(f"gguf:{t}", tmp_path / f"multi-{t}.gguf") for t in singles]
+    with unittest.mock.patch.object(outputs.OutputProbe, "__init__", counting):
+        convert_many(micro_transformer_dir, targets, options=opts, progress=False)
+    assert len(made) == 1
+    for (spec, path), t in zip(targets, singles, strict=True):
+        assert path.read_bytes() == singles[t].read_bytes(), spec

@@ -51,7 +51,8 @@ class GGUFOptions(Options):
     """How a GGUF conversion runs and what it writes (``workers`` and ``compile`` do not change the
     bytes; the rest do, and are recorded where they apply)."""
 
-    # quantizing threads (default: torch's thread count, at most the CPU count)
+    # quantizing threads (default: torch's thread count, at most the CPU count); also the threads of
+    # the model runs that measure on the output (calls=): workers=1 on a machine busy with other work
     workers: int | None = field(default=None, metadata={"record": False})
     # compiled GGML kernels: "auto" (when the plan quantizes >= COMPILE_MIN_WEIGHTS weights), true, false
     compile: bool | str = field(default="auto", metadata={"record": False, "choices": (True, False, "auto")})
@@ -78,9 +79,10 @@ class GGUFOptions(Options):
     # which each tensor's sensitivity is measured as the model's output error instead of its own
     # weight error (zopt/formats/gguf/outputs.py; the file's sha256 is recorded in the header)
     calls: str | None = field(default=None, metadata={"record": False})
-    # with calls: "one" runs the calls once per tensor (its cheapest candidate type) and scales the
-    # other types' errors by their weight errors; "all" runs them for every candidate type (5-9x the time)
-    calls_types: str = field(default="one", metadata={"record": False, "choices": ("one", "all")})
+    # with calls: "one" (the default) runs the calls once per tensor (its cheapest candidate type) and
+    # scales the other types' errors by their weight errors; "all" runs them for every candidate type
+    # (5-9x the time); the header's zopt.sensitivity.calls.description records which
+    calls_types: str | None = field(default=None, metadata={"record": False, "choices": ("one", "all")})
 
 
 def quantize_rows(x, qtype: str, importance=None):
@@ -194,7 +196,7 @@ def check_target(subtype: str | None, options: Options) -> None:
     if not auto and (options.target_bpw is not None or options.target_size is not None):
         raise ZoptError("--target-bpw / --target-size set the size of gguf:auto; use --to gguf:auto")
     rec_name = AUTO if auto else gguf_recipes.recipe(subtype).name
-    if options.calls_types != "one" and not options.calls:
+    if options.calls_types is not None and not options.calls:
         raise ZoptError("--option calls_types= says how --option calls=FILE measures; give the calls file too")
     if options.calls and not (auto or measured(rec_name, options)):
         raise ZoptError(f"--option calls= measures each tensor's sensitivity on the model's output, for gguf:auto "
@@ -288,6 +290,27 @@ def _warm_up(qtypes: set[str]) -> float:
     return time.perf_counter() - t0
 
 
+def _measured_plans(src, view, plans, meta, auto: bool, rec_name: str, config, sha_mark, options, imatrix,
+                    unit: bool, progress: bool, probe):
+    """``gguf:auto``'s plans, or a re-tuned recipe's, and the header that goes with them (the rule's
+    plans and header where nothing is measured)."""
+    if auto:
+        from .auto import plan_auto
+
+        plans, _ = plan_auto(_measuring_view(src, view), plans, target_bpw=options.target_bpw,
+                             target_size=options.target_size, imatrix=imatrix, metadata_bytes=sum(len(k) + len(str(v)) + 16 for k, v in meta.items()),
+                             unit=unit, progress=progress, probe=probe)
+        meta = metadata_for(src, rec_name, config, plans, sha_mark, options, imatrix, probe=probe)
+    elif measured(rec_name, options):
+        retuned = retune_plans(_measuring_view(src, view), plans, rec_name, imatrix, unit, progress, probe)
+        if [p.qtype for p in retuned] != [p.qtype for p in plans]:  # else the rule's file, no map to enlarge it
+            plans = retuned
+            meta = metadata_for(src, rec_name, config, plans, sha_mark, options, imatrix, types_map=True, probe=probe)
+        elif probe is not None:  # the rule's file as it is: the calls chose nothing in it
+            meta = metadata_for(src, rec_name, config, plans, sha_mark, options, imatrix)
+    return plans, meta
+
+
 def convert(src: TensorSource, out: Path, subtype: str | None, options: GGUFOptions, progress: bool, *,
             format: str = "gguf") -> Path:
     """Write ``src`` as a GGUF file at ``out`` with per-tensor types from recipe ``subtype``.
@@ -315,7 +338,7 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: GGUFOpti
     if options.calls:
         from .outputs import OutputProbe
 
-        probe = OutputProbe.from_source(src, options.calls, options.calls_types)
+        probe = OutputProbe.from_source(src, options.calls, options.calls_types or "one")
     # gguf:auto: every Linear weight not kept by --keep is a candidate (the family's sensitive ones
     # and small ones too: measurement decides whether their bits pay, within the family's floors,
     # auto.candidates); norms, biases and pad tokens stay as every recipe stores them
@@ -324,20 +347,14 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: GGUFOpti
     hash_source = options.hash_source
     sha_mark = "0" * 64 if hash_source else None
     meta = metadata_for(src, rec_name, config, plans, sha_mark, options, imatrix, probe=probe)
-    if auto:
-        from .auto import plan_auto
-
-        plans, _ = plan_auto(_measuring_view(src, view), plans, target_bpw=options.target_bpw,
-                             target_size=options.target_size, imatrix=imatrix, metadata_bytes=sum(len(k) + len(str(v)) + 16 for k, v in meta.items()),
-                             unit=unit, progress=progress, probe=probe)
-        meta = metadata_for(src, rec_name, config, plans, sha_mark, options, imatrix, probe=probe)
-    elif measured(rec_name, options):
-        retuned = retune_plans(_measuring_view(src, view), plans, rec_name, imatrix, unit, progress, probe)
-        if [p.qtype for p in retuned] != [p.qtype for p in plans]:  # else the rule's file, no map to enlarge it
-            plans = retuned
-            meta = metadata_for(src, rec_name, config, plans, sha_mark, options, imatrix, types_map=True, probe=probe)
-        elif probe is not None:  # the rule's file as it is: the calls chose nothing in it
-            meta = metadata_for(src, rec_name, config, plans, sha_mark, options, imatrix)
+    threads = torch.get_num_threads()
+    if options.workers:  # the measurement's model runs (the calls) take the same thread count
+        torch.set_num_threads(max(1, options.workers))
+    try:
+        plans, meta = _measured_plans(src, view, plans, meta, auto, rec_name, config, sha_mark, options, imatrix, unit,
+                                      progress, probe)
+    finally:
+        torch.set_num_threads(threads)
     importance = importance_for(imatrix, plans, unit)
     digest: dict[str, str] = {}
     hasher = None

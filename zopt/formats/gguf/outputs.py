@@ -30,6 +30,8 @@ import hashlib
 import json
 import math
 import os
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,10 @@ from ...errors import ZoptError
 
 CALLS_FORMAT = "zopt-transformer-calls/1"
 MEASURED_TYPES = ("one", "all")  # --option calls_types=
+# the probes of the sources being converted: the targets of a multi-target pass share one model in
+# memory (and the threads load it once: a concurrent first import of diffusers' model class fails)
+_PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PROBES_LOCK = threading.Lock()
 
 
 @dataclass
@@ -174,6 +180,7 @@ class OutputProbe:
         self.calls = calls
         self.types = types
         self.runs = 0  # passes over the calls made by error()
+        self._lock = threading.Lock()  # error() swaps a tensor in and out: one measurement at a time
         self.dtype = next(model.parameters()).dtype
         with torch.inference_mode():
             self.refs = [self._run(c) for c in calls.items]
@@ -182,15 +189,30 @@ class OutputProbe:
 
     @classmethod
     def from_source(cls, src, calls_path: str | os.PathLike, types: str = "one") -> OutputProbe:
+        """The probe of ``src`` (the source itself where ``src`` is one target's share of a
+        multi-target pass: its targets share the probe) on the calls of ``calls_path``."""
         from ...families import zimage
         from ..plain import load_source
 
         src = getattr(src, "direct", None) or src
-        config = zimage.check_shapes(src)
-        calls = read_calls(calls_path, config)
-        params = sum(math.prod(src.info(n).shape) for n in src.names())
-        model = load_source(src, dtype=_model_dtype(params)).eval()
-        return cls(model, calls, types)
+        key = (str(Path(calls_path).resolve()), types)
+        with _PROBES_LOCK:
+            try:
+                probe = _PROBES.get(src, {}).get(key)
+            except TypeError:  # a source that cannot be weakly referenced: not shared
+                probe = None
+            if probe is not None:
+                return probe
+            config = zimage.check_shapes(src)
+            calls = read_calls(calls_path, config)
+            params = sum(math.prod(src.info(n).shape) for n in src.names())
+            model = load_source(src, dtype=_model_dtype(params)).eval()
+            probe = cls(model, calls, types)
+            try:
+                _PROBES.setdefault(src, {})[key] = probe
+            except TypeError:
+                pass
+            return probe
 
     def _run(self, call):
         import torch
@@ -228,15 +250,16 @@ class OutputProbe:
         """Summed squared output difference over the calls with tensor ``name`` replaced by ``w``."""
         import torch
 
-        original = self.weight(name).clone()
-        try:
-            self._put(name, w)
-            with torch.inference_mode():
-                e = sum(float((self._run(c) - r).double().square().sum())
-                        for c, r in zip(self.calls.items, self.refs, strict=True))
-            self.runs += 1
-        finally:
-            self._put(name, original)
+        with self._lock:
+            original = self.weight(name).clone()
+            try:
+                self._put(name, w)
+                with torch.inference_mode():
+                    e = sum(float((self._run(c) - r).double().square().sum())
+                            for c, r in zip(self.calls.items, self.refs, strict=True))
+                self.runs += 1
+            finally:
+                self._put(name, original)
         if not math.isfinite(e):
             raise ZoptError(f"measuring {name} on the calls gave a non-finite output error", self.calls.path)
         return e
