@@ -188,7 +188,10 @@ def _print_auto_types(path: Path, every: bool) -> None:
               f"per tensor: the header's {AUTO_TYPES_KEY}")
         return
     bpw = meta.get("zopt.bits_per_weight")
-    bpw = f"{float(bpw):.3f}" if isinstance(bpw, (int, float)) or str(bpw).replace(".", "", 1).isdigit() else bpw
+    try:
+        bpw = f"{float(bpw):.3f}"
+    except (TypeError, ValueError):  # a file without the key (or another zopt's spelling of it)
+        pass
     print(f"{bpw} bits/weight; types chosen by measured sensitivity{on}; " +
           ", ".join(f"{t}: {n}" for t, n in counts))
     for name, t in types.items():

@@ -163,35 +163,27 @@ def calibrate(source: str | os.PathLike, prompts: list[str] | None = None, *, st
 
 
 def _random_dtype(path, dev):
-    """The transformer's dtype for calibration on random inputs, where it is loaded whole on ``dev``:
-    float32 where it takes at most half the free memory, else bfloat16 where that takes at most
-    70% (the full model on a 24 GB machine), else ZoptError (a full pipeline offloads instead)."""
+    """The transformer's dtype for calibration on random inputs, where it is loaded whole on ``dev``
+    (:func:`.memory.whole_model_dtype`: bfloat16 for the full model on a 24 GB machine); ZoptError
+    where neither fits (a full pipeline offloads instead)."""
     import math
 
-    import psutil
     import torch
 
     from ..checkpoint import open as open_checkpoint
+    from .memory import whole_model_dtype
 
     try:
         src = open_checkpoint(path)
         params = sum(math.prod(src.info(n).shape) for n in src.names())
     except Exception:  # the loader reports what it cannot read
         return torch.float32
-    kind = str(dev).split(":")[0]
-    if kind == "cuda":
-        free = torch.cuda.mem_get_info(torch.device(dev))[0]
-    elif kind == "cpu":
-        free = psutil.virtual_memory().available
-    else:
-        return torch.float32
-    if params * 4 <= 0.5 * free:
-        return torch.float32
-    if params * 2 <= 0.7 * free:
-        return torch.bfloat16
-    raise ZoptError(f"calibrating on random inputs loads the transformer whole: {params * 2 / 1e6:,.0f} MB in "
-                    f"bfloat16, {free / 1e6:,.0f} MB free on {dev}; calibrate through its pipeline "
-                    f"(--inputs pipeline, which offloads) or on a machine with more memory", path)
+    dtype, free = whole_model_dtype(params, dev)
+    if dtype is None:
+        raise ZoptError(f"calibrating on random inputs loads the transformer whole: {params * 2 / 1e6:,.0f} MB in "
+                        f"bfloat16, {free / 1e6:,.0f} MB free on {dev}; calibrate through its pipeline "
+                        f"(--inputs pipeline, which offloads) or on a machine with more memory", path)
+    return dtype
 
 
 def _calibrate_random(source, n: int, steps: int, resolution: int, seed: int, device: str,

@@ -156,16 +156,13 @@ def _listed(tensors: dict[str, Any], prefix: str) -> list[Any]:
 
 def _model_dtype(params: int):
     """float32 where the model takes at most half the available RAM, else bfloat16 (at most 70%)."""
-    import psutil
-    import torch
+    from ...runtime.memory import whole_model_dtype
 
-    avail = psutil.virtual_memory().available
-    if params * 4 <= 0.5 * avail:
-        return torch.float32
-    if params * 2 <= 0.7 * avail:
-        return torch.bfloat16
-    raise ZoptError(f"measuring sensitivity on the output needs the model in memory: {params * 2 / 1e9:.1f} GB in "
-                    f"bfloat16, {avail / 1e9:.1f} GB available")
+    dtype, avail = whole_model_dtype(params)
+    if dtype is None:
+        raise ZoptError(f"measuring sensitivity on the output needs the model in memory: {params * 2 / 1e9:.1f} GB "
+                        f"in bfloat16, {avail / 1e9:.1f} GB available")
+    return dtype
 
 
 class OutputProbe:
