@@ -164,14 +164,14 @@ def calibrate(source: str | os.PathLike, prompts: list[str] | None = None, *, st
 
 def _random_dtype(path, dev):
     """The transformer's dtype for calibration on random inputs, where it is loaded whole on ``dev``
-    (:func:`.memory.whole_model_dtype`: bfloat16 for the full model on a 24 GB machine); ZoptError
+    (:func:`zopt.platform.hardware.whole_model_dtype`: bfloat16 for the full model on a 24 GB machine); ZoptError
     where neither fits (a full pipeline offloads instead)."""
     import math
 
     import torch
 
     from ..checkpoint import open as open_checkpoint
-    from .memory import whole_model_dtype
+    from ..platform.hardware import whole_model_dtype
 
     try:
         src = open_checkpoint(path)

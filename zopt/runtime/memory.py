@@ -141,24 +141,3 @@ def footprint(config: dict[str, Any], cand: Candidate, shape: Shape, width: int,
         largest_leaf=int(largest * 2 * ratio) + transient,
     )
 
-
-def whole_model_dtype(params: int, device: str = "cpu"):
-    """``(dtype, free bytes)`` for a model of ``params`` parameters held whole on ``device`` (for
-    measurement, not inference: no offload): float32 where it takes at most half the free memory,
-    bfloat16 where that takes at most 70%, else None; float32 on a device whose free memory is not
-    known (MPS)."""
-    import psutil
-    import torch
-
-    kind = str(device).split(":")[0]
-    if kind == "cuda":
-        free = torch.cuda.mem_get_info(torch.device(device))[0]
-    elif kind == "cpu":
-        free = psutil.virtual_memory().available
-    else:
-        return torch.float32, 0
-    if params * 4 <= 0.5 * free:
-        return torch.float32, free
-    if params * 2 <= 0.7 * free:
-        return torch.bfloat16, free
-    return None, free

@@ -156,7 +156,7 @@ def _listed(tensors: dict[str, Any], prefix: str) -> list[Any]:
 
 def _model_dtype(params: int):
     """float32 where the model takes at most half the available RAM, else bfloat16 (at most 70%)."""
-    from ...runtime.memory import whole_model_dtype
+    from ...platform.hardware import whole_model_dtype
 
     dtype, avail = whole_model_dtype(params)
     if dtype is None:
