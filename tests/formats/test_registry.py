@@ -91,3 +91,20 @@ def test_a_subtype_for_a_format_without_subtypes_is_refused_before_any_work(spec
     with pytest.raises(UnsupportedFormat, match="has no subtypes"):
         convert(tiny_transformer_dir, spec, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_loading_a_fused_qkv_checkpoint_keeps_one_copy_of_each_weight(tmp_path):
+    """to_q/to_k/to_v of an original-layout file are parts of one fused qkv tensor: each is stored on its
+    own, so the loaded model holds its weights once (views would keep the whole fused tensor three times)."""
+    from zopt.cli import main
+    from zopt.formats.plain import load_source
+
+    src = tmp_path / "orig.safetensors"
+    assert main(["synth", "--size", "tiny", "-o", str(src), "--no-progress"]) == 0
+    model = load_source(src, dtype=torch.bfloat16)
+    storages = {}
+    for _, p in model.named_parameters():
+        storages[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert any(n.endswith("attention.to_q.weight") for n, _ in model.named_parameters())
+    assert sum(storages.values()) == params

@@ -90,7 +90,12 @@ def load_source(path: str | os.PathLike | TensorSource, device: str = "cpu", dty
         t = d.get(n)
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
-        set_tensor(model, n, t.to(device))
+        t = t.to(device)
+        if t.untyped_storage().nbytes() > t.numel() * t.element_size():
+            # a view of a larger tensor (to_q/to_k/to_v of a fused qkv, each read whole): its own copy,
+            # else every part would keep the whole fused tensor alive (1.5x the model's memory)
+            t = t.clone()
+        set_tensor(model, n, t)
     check_no_meta(model, src.path)
     return model
 
