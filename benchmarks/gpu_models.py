@@ -173,19 +173,37 @@ class _SeededOriginal:
         return tensor(name, self.shapes[name], self.seed, self.device)
 
 
+def _gradient_probe(config: dict[str, Any], seed: int, device: str):
+    """The gradient gains ``zopt convert`` weighs its measurement by (``sensitivity=gradient``), from
+    the seeded model on ``device`` (in the dtype convert would hold it in there), which is then freed."""
+    import math
+
+    from zopt.families import zimage
+    from zopt.formats.gguf.outputs import OutputProbe, random_calls
+    from zopt.platform.hardware import whole_model_dtype
+
+    params = sum(math.prod(s) for s in zimage.expected_shapes(config).values())
+    dtype = whole_model_dtype(params, device)[0] or torch.bfloat16
+    model = build_plain(config, seed, device, dtype)
+    try:
+        return OutputProbe(model, random_calls(config), "gradient")
+    finally:
+        del model
+
+
 def gguf_types(config: dict[str, Any], subtype: str, seed: int | None = None, device: str = "cpu") -> dict[str, str]:
     """Diffusers Linear weight name -> GGML type that GGUF recipe ``subtype`` gives it (q/k/v share
     the fused ``qkv`` tensor's type, as in the file). A measured recipe (Q4_K_M, Q4_0, ...) is re-tuned by
-    measurement as ``zopt convert`` does, on the seeded weights of ``seed`` drawn on ``device`` (on a
-    GPU other values than on the CPU, and near-ties may resolve differently)."""
+    measurement as ``zopt convert`` does (with the gradient gains), on the seeded weights of ``seed``
+    drawn on ``device`` (on a GPU other values than on the CPU, and near-ties may resolve differently)."""
     from zopt.families import zimage
     from zopt.formats.gguf import recipes, retune_plans
     from zopt.models import synthetic_layout
 
     rec = recipes.recipe(subtype)
     rule = recipes.plan(dict(synthetic_layout(config)), subtype)
-    if seed is not None and rec.measured:  # as a default conversion: allocation=measured
-        rule = retune_plans(_SeededOriginal(config, seed, device), rule, rec.name)
+    if seed is not None and rec.measured:  # as a default conversion: allocation=measured, gradient gains
+        rule = retune_plans(_SeededOriginal(config, seed, device), rule, rec.name, probe=_gradient_probe(config, seed, device))
     plans = {p.name: p.qtype for p in rule}
     out = {}
     for name in zimage.expected_shapes(config):

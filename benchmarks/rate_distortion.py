@@ -3,7 +3,8 @@
 On one source and one set of inputs, converts the source to every requested ``gguf:TYPE`` (uniform
 types and recipes), to ``gguf:auto`` at each ``--auto`` budget (bits per parameter, whole file),
 each with and without ``--imatrix`` (and, with ``--calls``, the measured ones with their
-sensitivity measured on the model's output); loads each file with zopt's exact ``torch-dequant`` backend in
+sensitivity measured on the model's output; with ``--weights``, with each tensor's weight errors
+alone instead of the default gradient gains); loads each file with zopt's exact ``torch-dequant`` backend in
 float32 and measures the relative output error ``||out - ref|| / ||ref||`` of the transformer
 against the source in float32, summed over fixed inputs at two timesteps. With ``--adherence N``
 (the micro model) it also generates N held-out shapes prompts through the pipeline and scores
@@ -376,14 +377,16 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     groups = {}
     for r in rows:
         kind = "auto" if r["spec"] == "gguf:auto" else ("sd.cpp" if r["spec"].startswith("sdcpp") else "type")
-        calls = "all" if r["label"].endswith("+calls-all") else "one" if r["label"].endswith("+calls") else ""
+        calls = "all" if r["label"].endswith("+calls-all") else "one" if r["label"].endswith("+calls") else \
+            "weights" if r["label"].endswith("+weights") else ""
         groups.setdefault((kind, r["imatrix"], calls), []).append(r)
     names = {"auto": "zopt gguf:auto", "type": "zopt named types", "sd.cpp": "stable-diffusion.cpp"}
     for (kind, imat, calls), rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r["bpw"])
         style = ("-o" if kind == "auto" else ("s" if kind == "sd.cpp" else "x")) if not calls else \
-            ("--^" if kind == "auto" else "+") if calls == "one" else ("--v" if kind == "auto" else "1")
-        measured = {"": "", "one": ", measured on the output (calls)",
+            ("--^" if kind == "auto" else "+") if calls == "one" else \
+            (":D" if kind == "auto" else "d") if calls == "weights" else ("--v" if kind == "auto" else "1")
+        measured = {"": "", "one": ", measured on the output (calls)", "weights": ", weight errors alone (sensitivity=weights)",
                     "all": ", measured on the output, every type run (calls_types=all)"}[calls]
         ax.plot([r["bpw"] for r in rs], [r["rel_error"] for r in rs], style,
                 label=f"{names[kind]}{' + imatrix' if imat else ''}{measured}")
@@ -417,7 +420,10 @@ def main() -> None:
                     help="with --calls: run the calls once per tensor and scale the other types by their weight "
                          "errors (one), or once per candidate type (all); the +calls points are labelled +calls-all "
                          "for all")
-    ap.add_argument("--no-plain", action="store_true", help="only the imatrix / calls points")
+    ap.add_argument("--weights", action="store_true",
+                    help="also convert gguf:auto and the re-tuned recipes with --option sensitivity=weights (each "
+                         "tensor's weight errors alone, no gradient gains), labelled +weights")
+    ap.add_argument("--no-plain", action="store_true", help="only the imatrix / calls / weights points")
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="gguf option for every point")
     ap.add_argument("--quantize", action="append", default=[], help="--quantize pattern for every point")
     ap.add_argument("--adherence", type=int, default=0, help="held-out prompts to score (micro model)")
@@ -501,7 +507,8 @@ def main() -> None:
         opts["quantize"] = args.quantize
     variants = (([] if args.no_plain else [("", {})]) + ([("+imat", {"imatrix": args.imatrix})] if args.imatrix else [])
                 + ([("+calls-all" if args.calls_types == "all" else "+calls",
-                     {"calls": args.calls, "calls_types": args.calls_types or "one"})] if args.calls else []))
+                     {"calls": args.calls, "calls_types": args.calls_types or "one"})] if args.calls else [])
+                + ([("+weights", {"sensitivity": "weights"})] if args.weights else []))
     rows = []
     types = [t for t in args.types.split(",") if t]
     budgets = [float(b) for b in args.auto.split(",") if b]
@@ -509,7 +516,7 @@ def main() -> None:
 
     for tag, extra in variants:
         for t in types:
-            if "calls" in extra and not recipe(t).measured:
+            if ("calls" in extra or "sensitivity" in extra) and not recipe(t).measured:
                 continue  # one rule: nothing to measure
             rows.append(measure(source, f"gguf:{t}", {**opts, **extra}, work / f"{t}{tag}.gguf", refs, inputs,
                                 params, args.adherence, f"{t}{tag}"))

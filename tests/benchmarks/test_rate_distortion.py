@@ -79,3 +79,36 @@ def test_legacy_points_also_compared_with_the_peers_32_block_files(capsys):
     assert out["Q4_0"]["verdict"] == "above"  # against every file: the K types set the line
     assert math.isclose(out["Q4_0"]["peer_block32_error"], math.sqrt(0.26 * 0.14))
     assert "peer_block32_error" not in out["Q4_K_M"]
+
+
+def test_the_plot_draws_each_kind_of_point_in_its_own_series(tmp_path):
+    """--weights and --calls points are series of their own beside the default's and the peer's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from rate_distortion import plot
+
+    def row(label, spec, bpw, err):
+        return {"label": label, "spec": spec, "imatrix": False, "bpw": bpw, "rel_error": err}
+
+    rows = [row("Q4_K_M", "gguf:Q4_K_M", 5.4, 0.10), row("Q4_K_M+weights", "gguf:Q4_K_M", 5.4, 0.12),
+            row("Q4_K_M+calls", "gguf:Q4_K_M", 5.4, 0.09), row("auto 4.0", "gguf:auto", 4.0, 0.25),
+            row("auto 4.0+weights", "gguf:auto", 4.0, 0.31), row("sd.cpp Q4_K", "sdcpp:Q4_K", 4.5, 0.22),
+            row("sd.cpp Q5_K", "sdcpp:Q5_K", 5.5, 0.11)]
+    seen = []
+    real = plt.Axes.plot
+
+    def spy(self, *a, label=None, **k):
+        seen.append(label)
+        return real(self, *a, label=label, **k)
+
+    plt.Axes.plot = spy
+    try:
+        plot(rows, tmp_path / "rd.png", "t")
+    finally:
+        plt.Axes.plot = real
+    assert (tmp_path / "rd.png").stat().st_size > 0
+    assert "zopt named types, weight errors alone (sensitivity=weights)" in seen
+    assert "zopt gguf:auto, weight errors alone (sensitivity=weights)" in seen
+    assert "zopt named types" in seen and "zopt named types, measured on the output (calls)" in seen

@@ -176,12 +176,16 @@ def _print_auto_types(path: Path, every: bool) -> None:
         return
     types = json.loads(meta[AUTO_TYPES_KEY])
     counts = sorted(Counter(types.values()).items())
-    on = ""
+    on = " (weight errors alone)"
     if "zopt.sensitivity.calls.description" in meta:
         d = json.loads(meta["zopt.sensitivity.calls.description"])
-        way = {"one": "one run per tensor", "all": "one run per tensor and type"}.get(d.get("measured_types"), "")
-        on = (f" on the model's output over {d.get('calls')} calls ({meta.get('zopt.sensitivity.calls.file')}"
-              f"{', ' + way if way else ''})")
+        way = d.get("measured_types")
+        file = meta.get("zopt.sensitivity.calls.file") or d.get("description", "")
+        if way == "gradient":  # weight errors times each tensor's gain from the model's gradient
+            on = f" (weight error x output gain from the model's gradient on {d.get('calls')} calls: {file})"
+        else:
+            way = {"one": "one run per tensor", "all": "one run per tensor and type"}.get(way, "")
+            on = f" on the model's output over {d.get('calls')} calls ({file}{', ' + way if way else ''})"
     if not every:  # the quantized tensors: what measurement chose among
         moved = ", ".join(f"{t}: {n}" for t, n in counts if t not in ("F32", "F16", "BF16"))
         print(f"quantized types chosen by measured sensitivity{on} within the recipe's bytes ({moved}); "

@@ -44,6 +44,7 @@ CHUNK_ELEMENTS = 1 << 22  # rows are quantized in pieces of ~4M weights: bounded
 # compiling costs seconds to a minute per type once (then inductor's disk cache), which pays off
 # only on real checkpoints, not on small test models.
 COMPILE_MIN_WEIGHTS = 100_000_000
+SENSITIVITY = ("gradient", "weights")  # --option sensitivity= (without calls); the first is the default
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,11 @@ class GGUFOptions(Options):
     # with calls: "one" (the default) runs the calls once per tensor (its cheapest candidate type) and
     # scales the other types' errors by their weight errors; "all" runs them for every candidate type
     # (5-9x the time); the header's zopt.sensitivity.calls.description records which
-    calls_types: str | None = field(default=None, metadata={"record": False, "choices": ("one", "all")})
+    calls_types: str | None = field(default=None, metadata={"record": False, "choices": ("one", "all", "gradient")})
+    # gguf:auto and the re-tuned recipes without calls: "gradient" weighs each tensor's weight error
+    # by its gain (the output error per unit of it) from the model's Jacobian on seeded random inputs;
+    # "weights" by nothing (no model run); the header's zopt.sensitivity.calls.description records it
+    sensitivity: str | None = field(default=None, metadata={"record": False, "choices": SENSITIVITY})
 
 
 def quantize_rows(x, qtype: str, importance=None):
@@ -198,6 +203,12 @@ def check_target(subtype: str | None, options: Options) -> None:
     rec_name = AUTO if auto else gguf_recipes.recipe(subtype).name
     if options.calls_types is not None and not options.calls:
         raise ZoptError("--option calls_types= says how --option calls=FILE measures; give the calls file too")
+    if options.sensitivity is not None and options.calls:
+        raise ZoptError("--option sensitivity= says how a conversion without calls measures; with --option calls=FILE "
+                        "give --option calls_types= instead")
+    if options.sensitivity is not None and not (auto or measured(rec_name, options)):
+        raise ZoptError(f"--option sensitivity= is how gguf:auto and the re-tuned recipes measure; {rec_name} "
+                        f"{'is written by its rules' if gguf_recipes.recipe(rec_name).measured else 'has one rule'}")
     if options.calls and not (auto or measured(rec_name, options)):
         raise ZoptError(f"--option calls= measures each tensor's sensitivity on the model's output, for gguf:auto "
                         f"and the re-tuned recipes (allocation=measured: "
@@ -338,7 +349,17 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: GGUFOpti
     if options.calls:
         from .outputs import OutputProbe
 
-        probe = OutputProbe.from_source(src, options.calls, options.calls_types or "one")
+        probe = OutputProbe.from_source(src, options.calls, options.calls_types or "one", progress)
+    elif (options.sensitivity or SENSITIVITY[0]) == "gradient" and (auto or measured(rec_name, options)):
+        from .outputs import OutputProbe, fits_in_memory
+
+        if options.sensitivity is None and not fits_in_memory(src):  # the default: the weight errors alone
+            from ...progress import note
+
+            note("the model does not fit in memory for its gradient gains: sensitivity from the weight errors alone "
+                 "(--option sensitivity=weights)")
+        else:
+            probe = OutputProbe.from_source(src, None, "gradient", progress)
     # gguf:auto: every Linear weight not kept by --keep is a candidate (the family's sensitive ones
     # and small ones too: measurement decides whether their bits pay, within the family's floors,
     # auto.candidates); norms, biases and pad tokens stay as every recipe stores them

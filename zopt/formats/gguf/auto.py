@@ -215,7 +215,8 @@ def _sensitivities(view, plans: list[TensorPlan], imatrix, types_for, unit: bool
     sens: dict[str, Sensitivity] = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the searches are thousands of small ops: one thread is fastest (docs/ggml-quants.md)
-    label = "measuring sensitivity" + (f" on the output ({len(probe.calls.items)} calls)" if probe else "")
+    label = "measuring sensitivity" + ("" if probe is None else " x gradient gains" if probe.types == "gradient"
+                                       else f" on the output ({len(probe.calls.items)} calls)")
     try:
         with progress_bar(len(plans), label, unit="tensors", enabled=progress) as bar:
             for p in plans:

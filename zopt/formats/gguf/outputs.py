@@ -1,27 +1,38 @@
-"""Per-tensor sensitivity measured on the model's output (``--option calls=FILE``).
+"""Per-tensor sensitivity from the model's output: its gradient (``--option sensitivity=gradient``,
+the default) or a file of transformer calls (``--option calls=FILE``).
 
-The default measurement (:func:`.auto.measure`) predicts a tensor's cost by its own squared weight
-error, blind to how large its inputs are and to how an error in it grows on the way to the output.
+The weight-error measurement (:func:`.auto.measure`, ``sensitivity=weights``) predicts a tensor's
+cost by its own squared weight error, blind to how large its inputs are and to how an error in it
+grows on the way to the output. Here each tensor's cost is its output error instead.
+
+Without a calls file (``gradient``): per call of :func:`random_calls` (seeded random latents,
+caption features and timesteps: no calibration run), one forward pass and :data:`GRADIENT_PROBES`
+backward passes with random sign vectors on the output estimate every Linear weight's squared
+Jacobian norm (Hutchinson's estimator). Over the weight's size that is its *gain*: the output
+error an i.i.d. perturbation of its weights adds per unit of their squared size, which scales
+every candidate type's weight error.
+
 With a file of transformer calls (``zopt calibrate --save-calls``: the latents, timesteps and
 caption features the transformer received while the pipeline generated the calibration prompts),
-each quantized tensor is instead replaced by its quantized-then-dequantized copy (quantized as the
-file will be: the same searches and importance), every call is run, and the squared difference
-from the unquantized model's outputs, summed over the calls, is that tensor's error.
-:func:`.auto.choose` then spends the budget on these errors as it does on the default ones (it
-adds them up: a tensor's errors are measured with every other tensor exact).
+``--option calls_types=`` says how:
 
-Two ways (``--option calls_types=``):
-
-* ``one`` (default): the calls run once per tensor, with the tensor at its cheapest candidate type;
-  that run's output error per unit of squared weight error (the tensor's *gain*) scales the weight
-  errors of its other types (measured as the default measurement measures them, on a sample of
-  rows). This assumes a tensor's output error grows in proportion to its weight error (small,
-  noise-like perturbations); benchmarks/calls_gain.py compares it with ``all``.
+* ``one`` (default): each quantized tensor is replaced by its quantized-then-dequantized copy at its
+  cheapest candidate type (quantized as the file will be: the same searches and importance), every
+  call is run, and the squared difference from the unquantized model's outputs, summed over the
+  calls, is that type's error; that run's output error per unit of squared weight error (the
+  tensor's gain) scales the weight errors of its other types (on a sample of rows). This assumes a
+  tensor's output error grows in proportion to its weight error (small, noise-like perturbations);
+  benchmarks/calls_gain.py compares it with ``all``.
 * ``all``: the calls run for every candidate type of every tensor (5-9 times the runs).
+* ``gradient``: the gains from the gradient, as above, on these calls.
+
+:func:`.auto.choose` then spends the budget on these errors as it does on weight errors (it adds
+them up: a tensor's errors are measured with every other tensor exact).
 
 Cost: one pass over the calls per quantized tensor (``one``; on the medium synthetic model with 2
-calls, minutes a file) or per tensor and type (``all``; there 46 minutes a file), and the model in
-memory (float32 where it fits in half the available RAM, else bfloat16).
+calls, minutes a file), per tensor and type (``all``; there 46 minutes a file) or
+``1 + GRADIENT_PROBES`` per call (``gradient``), and the model in memory (float32 where it fits in
+half the available RAM, else bfloat16).
 """
 
 from __future__ import annotations
@@ -39,7 +50,12 @@ from typing import Any
 from ...errors import ZoptError
 
 CALLS_FORMAT = "zopt-transformer-calls/1"
-MEASURED_TYPES = ("one", "all")  # --option calls_types=
+MEASURED_TYPES = ("one", "all", "gradient")  # --option calls_types=
+GRADIENT_PROBES = 4  # random output directions per call whose backward passes estimate the gains
+GRADIENT_SEED = 0x6A1
+# seeded random inputs of the gradient measurement without calls (sensitivity=gradient): latents of
+# RANDOM_SIDE x RANDOM_SIDE (256 image tokens), RANDOM_CAPTION caption tokens, RANDOM_TIMESTEPS timesteps
+RANDOM_INPUTS, RANDOM_TIMESTEPS, RANDOM_SIDE, RANDOM_CAPTION, RANDOM_SEED = 2, 2, 32, 32, 0
 # the probes of the sources being converted: the targets of a multi-target pass share one model in
 # memory (and the threads load it once: a concurrent first import of diffusers' model class fails)
 _PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -147,11 +163,37 @@ def read_calls(path: str | os.PathLike, config: dict[str, Any] | None = None) ->
     return Calls(items, meta.get("description", ""), p, h.hexdigest())
 
 
+def random_calls(config: dict[str, Any]) -> Calls:
+    """Seeded random transformer calls for ``config`` (the gradient measurement without a calls file):
+    :data:`RANDOM_INPUTS` N(0, 1) latents and caption features, each at :data:`RANDOM_TIMESTEPS`
+    timesteps spread over (0, 1), as ``zopt calibrate --inputs random`` makes them."""
+    import torch
+
+    g = torch.Generator().manual_seed(RANDOM_SEED)
+    items = []
+    for _ in range(RANDOM_INPUTS):
+        x = [torch.randn(config["in_channels"], 1, RANDOM_SIDE, RANDOM_SIDE, generator=g)]
+        cap = [torch.randn(RANDOM_CAPTION, config["cap_feat_dim"], generator=g)]
+        for s in range(RANDOM_TIMESTEPS):
+            items.append((x, torch.tensor([(s + 0.5) / RANDOM_TIMESTEPS]), cap))
+    side = RANDOM_SIDE
+    return Calls(items, f"random: {RANDOM_INPUTS} inputs, {RANDOM_TIMESTEPS} timesteps, {side}x{side} latents, "
+                        f"{RANDOM_CAPTION} caption tokens, seed {RANDOM_SEED}")
+
+
 def _listed(tensors: dict[str, Any], prefix: str) -> list[Any]:
     out = []
     while f"{prefix}{len(out)}" in tensors:
         out.append(tensors[f"{prefix}{len(out)}"])
     return out
+
+
+def fits_in_memory(src) -> bool:
+    """Whether source ``src``'s model can be held whole in memory for a measurement (:func:`_model_dtype`)."""
+    from ...platform.hardware import whole_model_dtype
+
+    src = getattr(src, "direct", None) or src
+    return whole_model_dtype(sum(math.prod(src.info(n).shape) for n in src.names()))[0] is not None
 
 
 def _model_dtype(params: int):
@@ -165,10 +207,21 @@ def _model_dtype(params: int):
     return dtype
 
 
+def _outer_norm2(g, x) -> float:
+    """``||g^T x||_F^2`` for ``g`` (tokens, out) and ``x`` (tokens, in), in float32: through the tokens'
+    Gram matrices, ``sum((g g^T) * (x x^T))``, where there are fewer tokens than ``out * in / (out + in)``
+    (then the cheaper product), else through ``g^T x``."""
+    g, x = g.float(), x.float()
+    n, o, i = g.shape[0], g.shape[1], x.shape[1]
+    if n * (o + i) < o * i:
+        return float(((g @ g.T) * (x @ x.T)).double().sum())
+    return float((g.T @ x).double().square().sum())
+
+
 class OutputProbe:
     """A source's transformer in memory, the calls and its own outputs on them (the reference)."""
 
-    def __init__(self, model, calls: Calls, types: str = "one"):
+    def __init__(self, model, calls: Calls, types: str = "one", progress: bool = False):
         import torch
 
         if types not in MEASURED_TYPES:
@@ -179,20 +232,91 @@ class OutputProbe:
         self.runs = 0  # passes over the calls made by error()
         self._lock = threading.Lock()  # error() swaps a tensor in and out: one measurement at a time
         self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+        self.jacobian: dict[str, float] = {}
+        if types == "gradient":
+            self.jacobian = self._jacobian(progress)
+            self.model = None  # the gains are all it needs: the model's memory goes back before the conversion
+            return
         with torch.inference_mode():
             self.refs = [self._run(c) for c in calls.items]
         if not all(bool(r.isfinite().all()) for r in self.refs):
             raise ZoptError("the model's outputs on these calls are not all finite numbers", calls.path)
 
+    def _jacobian(self, progress: bool = False) -> dict[str, float]:
+        """Per Linear weight (model name), the squared Frobenius norm of the Jacobian of the outputs on
+        the calls with respect to it, summed over the calls: ``E_v ||d(v . y)/dW||^2`` over
+        :data:`GRADIENT_PROBES` seeded random sign vectors ``v``, each one backward pass. For a Linear
+        ``d(v . y)/dW = g^T x`` (``g`` the gradient at its output, ``x`` its input, over the tokens),
+        formed in a hook and reduced at once: no weight gradient is kept."""
+        import torch
+
+        from ...progress import progress_bar
+
+        sums: dict[str, float] = {}
+        handles = []
+
+        def hook(module, inputs, output):
+            if not output.requires_grad:
+                return
+            x = inputs[0].detach()
+
+            def on_grad(g, x=x, name=module._zopt_name):
+                sums[name] = sums.get(name, 0.0) + _outer_norm2(g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]))
+
+            output.register_hook(on_grad)
+
+        for n, m in self.model.named_modules():
+            if isinstance(m, torch.nn.Linear):
+                m._zopt_name = n + ".weight"
+                handles.append(m.register_forward_hook(hook))
+        grads = [p.requires_grad for p in self.model.parameters()]
+        g = torch.Generator().manual_seed(GRADIENT_SEED)
+        try:
+            self.model.requires_grad_(False)
+            with torch.enable_grad(), progress_bar(len(self.calls.items), "output gains from the model's gradient",
+                                                   unit="calls", enabled=progress) as bar:
+                for xs, t, caps in self.calls.items:
+                    leaves = [v.to(self.device, self.dtype).requires_grad_(True) for v in (*xs, t, *caps)]
+                    y = self._run((leaves[: len(xs)], leaves[len(xs)], leaves[len(xs) + 1:]))
+                    if not bool(y.isfinite().all()):
+                        raise ZoptError("the model's outputs on these calls are not all finite numbers", self.calls.path)
+                    for k in range(GRADIENT_PROBES):
+                        v = torch.randint(0, 2, y.shape, generator=g).float().mul_(2).sub_(1).to(y.device)
+                        torch.autograd.grad(y, leaves, v, retain_graph=k < GRADIENT_PROBES - 1, allow_unused=True)
+                    del y, leaves
+                    bar.advance(1)
+        finally:
+            for h in handles:
+                h.remove()
+            for p, r in zip(self.model.parameters(), grads, strict=True):
+                p.requires_grad_(r)
+        out = {k: v / GRADIENT_PROBES for k, v in sums.items()}
+        if not all(math.isfinite(v) for v in out.values()):
+            raise ZoptError("the model's gradients on these calls are not all finite numbers", self.calls.path)
+        return out
+
+    def gain(self, name: str, numel: int) -> float:
+        """Tensor ``name``'s (original layout) output error per unit of squared weight error, from the
+        Jacobian (``gradient``): its squared norm over the tensor's weights, i.e. the output error an
+        i.i.d. perturbation of each weight adds, per unit of its variance."""
+        targets = self._targets(name)
+        missing = [t for t in targets if t not in self.jacobian]
+        if missing:
+            raise ZoptError(f"{name}: the model's outputs on the calls do not depend on it", self.calls.path)
+        return sum(self.jacobian[t] for t in targets) / numel
+
     @classmethod
-    def from_source(cls, src, calls_path: str | os.PathLike, types: str = "one") -> OutputProbe:
+    def from_source(cls, src, calls_path: str | os.PathLike | None, types: str = "one",
+                    progress: bool = False) -> OutputProbe:
         """The probe of ``src`` (the source itself where ``src`` is one target's share of a
-        multi-target pass: its targets share the probe) on the calls of ``calls_path``."""
+        multi-target pass: its targets share the probe) on the calls of ``calls_path`` (None:
+        :func:`random_calls`, for ``gradient``)."""
         from ...families import zimage
         from ..plain import load_source
 
         src = getattr(src, "direct", None) or src
-        key = (str(Path(calls_path).resolve()), types)
+        key = (str(Path(calls_path).resolve()) if calls_path is not None else None, types)
         with _PROBES_LOCK:
             try:
                 probe = _PROBES.get(src, {}).get(key)
@@ -201,10 +325,10 @@ class OutputProbe:
             if probe is not None:
                 return probe
             config = zimage.check_shapes(src)
-            calls = read_calls(calls_path, config)
+            calls = read_calls(calls_path, config) if calls_path is not None else random_calls(config)
             params = sum(math.prod(src.info(n).shape) for n in src.names())
             model = load_source(src, dtype=_model_dtype(params)).eval()
-            probe = cls(model, calls, types)
+            probe = cls(model, calls, types, progress)
             try:
                 _PROBES.setdefault(src, {})[key] = probe
             except TypeError:
@@ -215,8 +339,8 @@ class OutputProbe:
         import torch
 
         xs, t, caps = call
-        out = self.model([x.to(self.dtype) for x in xs], t.to(self.dtype), [c.to(self.dtype) for c in caps],
-                         return_dict=False)[0]
+        d, dt = self.device, self.dtype
+        out = self.model([x.to(d, dt) for x in xs], t.to(d, dt), [c.to(d, dt) for c in caps], return_dict=False)[0]
         return torch.cat([o.float().flatten() for o in out]) if isinstance(out, (list, tuple)) else out.float().flatten()
 
     def _targets(self, name: str) -> list[str]:
@@ -274,6 +398,10 @@ class OutputProbe:
 
         x = w.float().reshape(-1, w.shape[-1])
         nbytes = {t: tensor_nbytes(plan.shape, t) for t in types}
+        if self.types == "gradient":
+            g = self.gain(plan.name, x.numel())
+            weight = measure(plan.name, x, importance, types, weigh=False).errors
+            return Sensitivity(plan.name, {t: g * weight[t] for t in types}, nbytes)
         if self.types == "all":
             errors = {t: self._output_error(plan, roundtrip(x, t, importance), threads) for t in types}
             return Sensitivity(plan.name, errors, nbytes)
@@ -296,7 +424,8 @@ class OutputProbe:
     def header(self) -> dict[str, str]:
         """What the GGUF header records of the calls."""
         c = self.calls
-        return {"zopt.sensitivity.calls.file": c.path.name if c.path else "",
-                "zopt.sensitivity.calls.sha256": c.sha256,
-                "zopt.sensitivity.calls.description": json.dumps({"calls": len(c.items), "description": c.description,
-                                                                 "measured_types": self.types})}
+        described = {"zopt.sensitivity.calls.description": json.dumps(
+            {"calls": len(c.items), "description": c.description, "measured_types": self.types})}
+        if c.path is None:  # the seeded random calls: the description says what they were
+            return described
+        return {"zopt.sensitivity.calls.file": c.path.name, "zopt.sensitivity.calls.sha256": c.sha256, **described}
