@@ -173,22 +173,35 @@ class _SeededOriginal:
         return tensor(name, self.shapes[name], self.seed, self.device)
 
 
+_GAINS: dict = {}  # (config, seed, device) -> the gradient probe: one pass per seeded model and device
+
+
 def _gradient_probe(config: dict[str, Any], seed: int, device: str):
     """The gradient gains ``zopt convert`` weighs its measurement by (``sensitivity=gradient``), from
-    the seeded model on ``device`` (in the dtype convert would hold it in there), which is then freed."""
+    the seeded model on ``device`` (float32 where it fits in half the device's free memory, else
+    bfloat16; None where neither fits, as convert then measures the weight errors alone)."""
+    import json
     import math
 
     from zopt.families import zimage
     from zopt.formats.gguf.outputs import OutputProbe, random_calls
     from zopt.platform.hardware import whole_model_dtype
 
-    params = sum(math.prod(s) for s in zimage.expected_shapes(config).values())
-    dtype = whole_model_dtype(params, device)[0] or torch.bfloat16
-    model = build_plain(config, seed, device, dtype)
-    try:
-        return OutputProbe(model, random_calls(config), "gradient")
-    finally:
-        del model
+    key = (json.dumps(config, sort_keys=True, default=str), seed, device)
+    if key not in _GAINS:
+        params = sum(math.prod(s) for s in zimage.expected_shapes(config).values())
+        dtype = whole_model_dtype(params, device)[0]
+        probe = None
+        if dtype is not None:
+            model = build_plain(config, seed, device, dtype)
+            try:
+                probe = OutputProbe(model, random_calls(config), "gradient")
+            finally:
+                del model
+                if str(device).startswith("cuda"):
+                    torch.cuda.empty_cache()
+        _GAINS[key] = probe
+    return _GAINS[key]
 
 
 def gguf_types(config: dict[str, Any], subtype: str, seed: int | None = None, device: str = "cpu") -> dict[str, str]:

@@ -356,8 +356,33 @@ def test_without_memory_for_the_gradient_the_default_falls_back_and_an_explicit_
     default = convert(micro_transformer_dir, "gguf:Q4_K_M", tmp_path / "default.gguf",
                       options={"hash_source": False}, progress=False)
     assert default.read_bytes() == weights.read_bytes()
+    err = capsys.readouterr().err.strip().splitlines()  # said on stderr, terminal or not
+    assert len(err) == 1 and "does not fit in memory" in err[0] and "sensitivity=weights" in err[0], err
     out = tmp_path / "x.gguf"
     assert main(["convert", str(micro_transformer_dir), "--to", "gguf:Q4_K_M", "--option", "sensitivity=gradient",
                  "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "in memory" in err[0] and not out.exists(), err
+    assert len(err) == 1 and "in memory" in err[0] and "sensitivity=weights" in err[0] and not out.exists(), err
+
+
+def test_linears_the_calls_do_not_reach_take_the_median_gain(tmp_path, micro_transformer_dir):
+    """A Z-Image-Omni checkpoint's siglip Linears see no input in text-to-image calls: the default
+    conversion gives them the median gain of the others (recorded as unreached) instead of failing."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from zopt.families import zimage
+
+    src = checkpoint.open(micro_transformer_dir)
+    tensors = {n: src.get(n).contiguous().clone() for n in src.names()}
+    config = {**dict(zimage.check_shapes(src)), "siglip_feat_dim": 64}
+    g = torch.Generator().manual_seed(1)
+    for n, shape in zimage.expected_shapes(config).items():
+        if n not in tensors:
+            tensors[n] = (torch.randn(*shape, generator=g) * 0.05 if len(shape) > 1 else torch.ones(*shape)).bfloat16()
+    omni = tmp_path / "omni.safetensors"
+    save_file(tensors, str(omni))
+    out = convert(omni, "gguf:Q4_K_M", tmp_path / "omni.gguf", options={"hash_source": False}, progress=False)
+    d = json.loads(checkpoint.open(out).metadata["zopt.sensitivity.calls.description"])
+    assert d["measured_types"] == "gradient" and d["unreached"] > 0 and d["dtype"] == "float32"

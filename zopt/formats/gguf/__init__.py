@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -85,8 +86,8 @@ class GGUFOptions(Options):
     # (5-9x the time); the header's zopt.sensitivity.calls.description records which
     calls_types: str | None = field(default=None, metadata={"record": False, "choices": ("one", "all", "gradient")})
     # gguf:auto and the re-tuned recipes without calls: "gradient" weighs each tensor's weight error
-    # by its gain (the output error per unit of it) from the model's Jacobian on seeded random inputs;
-    # "weights" by nothing (no model run); the header's zopt.sensitivity.calls.description records it
+    # by its gain (the output error per unit of it) from the model's Jacobian on seeded random inputs
+    # (recorded in the header's zopt.sensitivity.calls.description); "weights" by nothing (no model run)
     sensitivity: str | None = field(default=None, metadata={"record": False, "choices": SENSITIVITY})
 
 
@@ -204,8 +205,8 @@ def check_target(subtype: str | None, options: Options) -> None:
     if options.calls_types is not None and not options.calls:
         raise ZoptError("--option calls_types= says how --option calls=FILE measures; give the calls file too")
     if options.sensitivity is not None and options.calls:
-        raise ZoptError("--option sensitivity= says how a conversion without calls measures; with --option calls=FILE "
-                        "give --option calls_types= instead")
+        raise ZoptError("--option sensitivity= says how a conversion without calls measures; --option calls=FILE "
+                        "measures on those calls (--option calls_types= says how): give one of the two")
     if options.sensitivity is not None and not (auto or measured(rec_name, options)):
         raise ZoptError(f"--option sensitivity= is how gguf:auto and the re-tuned recipes measure; {rec_name} "
                         f"{'is written by its rules' if gguf_recipes.recipe(rec_name).measured else 'has one rule'}")
@@ -351,15 +352,12 @@ def convert(src: TensorSource, out: Path, subtype: str | None, options: GGUFOpti
 
         probe = OutputProbe.from_source(src, options.calls, options.calls_types or "one", progress)
     elif (options.sensitivity or SENSITIVITY[0]) == "gradient" and (auto or measured(rec_name, options)):
-        from .outputs import OutputProbe, fits_in_memory
+        from .outputs import OutputProbe
 
-        if options.sensitivity is None and not fits_in_memory(src):  # the default: the weight errors alone
-            from ...progress import note
-
-            note("the model does not fit in memory for its gradient gains: sensitivity from the weight errors alone "
-                 "(--option sensitivity=weights)")
-        else:
-            probe = OutputProbe.from_source(src, None, "gradient", progress)
+        probe = OutputProbe.from_source(src, None, "gradient", progress, optional=options.sensitivity is None)
+        if probe is None:  # the default, where the model does not fit in memory: the weight errors alone
+            print("zopt: the model does not fit in memory for its gradient gains: the types are chosen by the weight "
+                  "errors alone (as --option sensitivity=weights)", file=sys.stderr, flush=True)
     # gguf:auto: every Linear weight not kept by --keep is a candidate (the family's sensitive ones
     # and small ones too: measurement decides whether their bits pay, within the family's floors,
     # auto.candidates); norms, biases and pad tokens stay as every recipe stores them

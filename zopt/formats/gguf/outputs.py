@@ -59,6 +59,7 @@ RANDOM_INPUTS, RANDOM_TIMESTEPS, RANDOM_SIDE, RANDOM_CAPTION, RANDOM_SEED = 2, 2
 # the probes of the sources being converted: the targets of a multi-target pass share one model in
 # memory (and the threads load it once: a concurrent first import of diffusers' model class fails)
 _PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_UNFIT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # (calls, types) whose model did not fit
 _PROBES_LOCK = threading.Lock()
 
 
@@ -188,22 +189,16 @@ def _listed(tensors: dict[str, Any], prefix: str) -> list[Any]:
     return out
 
 
-def fits_in_memory(src) -> bool:
-    """Whether source ``src``'s model can be held whole in memory for a measurement (:func:`_model_dtype`)."""
-    from ...platform.hardware import whole_model_dtype
-
-    src = getattr(src, "direct", None) or src
-    return whole_model_dtype(sum(math.prod(src.info(n).shape) for n in src.names()))[0] is not None
-
-
-def _model_dtype(params: int):
-    """float32 where the model takes at most half the available RAM, else bfloat16 (at most 70%)."""
+def _model_dtype(params: int, types: str, optional: bool = False):
+    """float32 where the model takes at most half the available RAM, else bfloat16 (at most 70%);
+    where neither fits, None (``optional``) or ZoptError."""
     from ...platform.hardware import whole_model_dtype
 
     dtype, avail = whole_model_dtype(params)
-    if dtype is None:
-        raise ZoptError(f"measuring sensitivity on the output needs the model in memory: {params * 2 / 1e9:.1f} GB "
-                        f"in bfloat16, {avail / 1e9:.1f} GB available")
+    if dtype is None and not optional:
+        what = "the gradient gains (sensitivity=gradient)" if types == "gradient" else "measuring sensitivity on the output"
+        raise ZoptError(f"{what} need the model in memory: {params * 2 / 1e9:.1f} GB in bfloat16, "
+                        f"{avail / 1e9:.1f} GB available; --option sensitivity=weights measures without it")
     return dtype
 
 
@@ -234,6 +229,8 @@ class OutputProbe:
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         self.jacobian: dict[str, float] = {}
+        self.unreached: list[str] = []
+        self.median_gain = 1.0
         if types == "gradient":
             self.jacobian = self._jacobian(progress)
             self.model = None  # the gains are all it needs: the model's memory goes back before the conversion
@@ -277,7 +274,7 @@ class OutputProbe:
             with torch.enable_grad(), progress_bar(len(self.calls.items), "output gains from the model's gradient",
                                                    unit="calls", enabled=progress) as bar:
                 for xs, t, caps in self.calls.items:
-                    leaves = [v.to(self.device, self.dtype).requires_grad_(True) for v in (*xs, t, *caps)]
+                    leaves = [v.detach().to(self.device, self.dtype).requires_grad_(True) for v in (*xs, t, *caps)]
                     y = self._run((leaves[: len(xs)], leaves[len(xs)], leaves[len(xs) + 1:]))
                     if not bool(y.isfinite().all()):
                         raise ZoptError("the model's outputs on these calls are not all finite numbers", self.calls.path)
@@ -294,6 +291,12 @@ class OutputProbe:
         out = {k: v / GRADIENT_PROBES for k, v in sums.items()}
         if not all(math.isfinite(v) for v in out.values()):
             raise ZoptError("the model's gradients on these calls are not all finite numbers", self.calls.path)
+        # Linears the calls do not reach (Z-Image-Omni's siglip path without image features) take the
+        # median gain of those they do: neither free nor favoured
+        numel = {n + ".weight": m.weight.numel() for n, m in self.model.named_modules() if isinstance(m, torch.nn.Linear)}
+        self.unreached = sorted(n for n in numel if n not in out)
+        per_weight = sorted(v / numel[k] for k, v in out.items() if k in numel)
+        self.median_gain = per_weight[len(per_weight) // 2] if per_weight else 1.0
         return out
 
     def gain(self, name: str, numel: int) -> float:
@@ -301,17 +304,17 @@ class OutputProbe:
         Jacobian (``gradient``): its squared norm over the tensor's weights, i.e. the output error an
         i.i.d. perturbation of each weight adds, per unit of its variance."""
         targets = self._targets(name)
-        missing = [t for t in targets if t not in self.jacobian]
-        if missing:
-            raise ZoptError(f"{name}: the model's outputs on the calls do not depend on it", self.calls.path)
+        if any(t not in self.jacobian for t in targets):  # not on the calls' path: the median gain
+            return self.median_gain
         return sum(self.jacobian[t] for t in targets) / numel
 
     @classmethod
     def from_source(cls, src, calls_path: str | os.PathLike | None, types: str = "one",
-                    progress: bool = False) -> OutputProbe:
+                    progress: bool = False, optional: bool = False) -> OutputProbe | None:
         """The probe of ``src`` (the source itself where ``src`` is one target's share of a
         multi-target pass: its targets share the probe) on the calls of ``calls_path`` (None:
-        :func:`random_calls`, for ``gradient``)."""
+        :func:`random_calls`, for ``gradient``). Where the model does not fit in memory: None
+        (``optional``; decided once per source and calls, so the targets of a pass agree) or ZoptError."""
         from ...families import zimage
         from ..plain import load_source
 
@@ -322,12 +325,19 @@ class OutputProbe:
                 probe = _PROBES.get(src, {}).get(key)
             except TypeError:  # a source that cannot be weakly referenced: not shared
                 probe = None
-            if probe is not None:
+            if probe is not None or key in _UNFIT.get(src, set()):
                 return probe
             config = zimage.check_shapes(src)
             calls = read_calls(calls_path, config) if calls_path is not None else random_calls(config)
             params = sum(math.prod(src.info(n).shape) for n in src.names())
-            model = load_source(src, dtype=_model_dtype(params)).eval()
+            dtype = _model_dtype(params, types, optional)
+            if dtype is None:
+                try:
+                    _UNFIT.setdefault(src, set()).add(key)
+                except TypeError:
+                    pass
+                return None
+            model = load_source(src, dtype=dtype).eval()
             probe = cls(model, calls, types, progress)
             try:
                 _PROBES.setdefault(src, {})[key] = probe
@@ -424,8 +434,10 @@ class OutputProbe:
     def header(self) -> dict[str, str]:
         """What the GGUF header records of the calls."""
         c = self.calls
-        described = {"zopt.sensitivity.calls.description": json.dumps(
-            {"calls": len(c.items), "description": c.description, "measured_types": self.types})}
+        d = {"calls": len(c.items), "description": c.description, "measured_types": self.types}
+        if self.types == "gradient":  # the model's dtype in the pass, and the Linears the calls did not reach
+            d.update(dtype=str(self.dtype).removeprefix("torch."), unreached=len(self.unreached))
+        described = {"zopt.sensitivity.calls.description": json.dumps(d)}
         if c.path is None:  # the seeded random calls: the description says what they were
             return described
         return {"zopt.sensitivity.calls.file": c.path.name, "zopt.sensitivity.calls.sha256": c.sha256, **described}
