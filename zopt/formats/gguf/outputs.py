@@ -198,7 +198,8 @@ def _model_dtype(params: int, types: str, optional: bool = False):
     if dtype is None and not optional:
         what = "the gradient gains (sensitivity=gradient)" if types == "gradient" else "measuring sensitivity on the output"
         raise ZoptError(f"{what} need the model in memory: {params * 2 / 1e9:.1f} GB in bfloat16, "
-                        f"{avail / 1e9:.1f} GB available; --option sensitivity=weights measures without it")
+                        f"{avail / 1e9:.1f} GB available; --option sensitivity=weights (without --option calls=) "
+                        "measures without the model")
     return dtype
 
 
