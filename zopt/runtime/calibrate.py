@@ -193,6 +193,7 @@ def _calibrate_random(source, n: int, steps: int, resolution: int, seed: int, de
     import torch
 
     from ..families import resolve_source
+    from ..formats.gguf.outputs import random_calls
     from .pipeline import load_transformer, runtime_hardware
 
     dev = runtime_hardware(device).torch_device
@@ -202,16 +203,12 @@ def _calibrate_random(source, n: int, steps: int, resolution: int, seed: int, de
     cfg = dict(model.config)
     col = Collector(model)
     handle = _record_calls(model, calls) if calls is not None else None
-    g = torch.Generator().manual_seed(seed)
     side = max(2, resolution // 8)  # latent side of an 8x-downsampling VAE
     try:
         with torch.inference_mode():
-            for _ in range(n):
-                x = [torch.randn(cfg["in_channels"], 1, side, side, generator=g).to(dev, dtype)]
-                cap = [torch.randn(32, cfg["cap_feat_dim"], generator=g).to(dev, dtype)]
-                for s in range(steps):
-                    t = torch.tensor([(s + 0.5) / steps], device=dev, dtype=dtype)
-                    model(x, t, cap, return_dict=False)
+            for xs, t, caps in random_calls(cfg, n, steps, side, seed).items:
+                model([x.to(dev, dtype) for x in xs], t.to(dev, dtype), [c.to(dev, dtype) for c in caps],
+                      return_dict=False)
     finally:
         col.close()
         if handle is not None:

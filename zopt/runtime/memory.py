@@ -140,4 +140,3 @@ def footprint(config: dict[str, Any], cand: Candidate, shape: Shape, width: int,
         non_block=nonblock * elem_bytes,
         largest_leaf=int(largest * 2 * ratio) + transient,
     )
-

@@ -59,7 +59,6 @@ RANDOM_INPUTS, RANDOM_TIMESTEPS, RANDOM_SIDE, RANDOM_CAPTION, RANDOM_SEED = 2, 2
 # the probes of the sources being converted: the targets of a multi-target pass share one model in
 # memory (and the threads load it once: a concurrent first import of diffusers' model class fails)
 _PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_UNFIT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # (calls, types) whose model did not fit
 _PROBES_LOCK = threading.Lock()
 
 
@@ -164,22 +163,23 @@ def read_calls(path: str | os.PathLike, config: dict[str, Any] | None = None) ->
     return Calls(items, meta.get("description", ""), p, h.hexdigest())
 
 
-def random_calls(config: dict[str, Any]) -> Calls:
-    """Seeded random transformer calls for ``config`` (the gradient measurement without a calls file):
-    :data:`RANDOM_INPUTS` N(0, 1) latents and caption features, each at :data:`RANDOM_TIMESTEPS`
-    timesteps spread over (0, 1), as ``zopt calibrate --inputs random`` makes them."""
+def random_calls(config: dict[str, Any], inputs: int = RANDOM_INPUTS, timesteps: int = RANDOM_TIMESTEPS,
+                 side: int = RANDOM_SIDE, seed: int = RANDOM_SEED) -> Calls:
+    """Seeded random transformer calls for ``config``: ``inputs`` N(0, 1) latents (``side`` x ``side``)
+    with :data:`RANDOM_CAPTION` tokens of N(0, 1) caption features, each at ``timesteps`` timesteps
+    spread over (0, 1). The gradient measurement without a calls file runs them with the defaults;
+    ``zopt calibrate --inputs random`` with its own counts, size and seed."""
     import torch
 
-    g = torch.Generator().manual_seed(RANDOM_SEED)
+    g = torch.Generator().manual_seed(seed)
     items = []
-    for _ in range(RANDOM_INPUTS):
-        x = [torch.randn(config["in_channels"], 1, RANDOM_SIDE, RANDOM_SIDE, generator=g)]
+    for _ in range(inputs):
+        x = [torch.randn(config["in_channels"], 1, side, side, generator=g)]
         cap = [torch.randn(RANDOM_CAPTION, config["cap_feat_dim"], generator=g)]
-        for s in range(RANDOM_TIMESTEPS):
-            items.append((x, torch.tensor([(s + 0.5) / RANDOM_TIMESTEPS]), cap))
-    side = RANDOM_SIDE
-    return Calls(items, f"random: {RANDOM_INPUTS} inputs, {RANDOM_TIMESTEPS} timesteps, {side}x{side} latents, "
-                        f"{RANDOM_CAPTION} caption tokens, seed {RANDOM_SEED}")
+        for s in range(timesteps):
+            items.append((x, torch.tensor([(s + 0.5) / timesteps]), cap))
+    return Calls(items, f"random: {inputs} inputs, {timesteps} timesteps, {side}x{side} latents, "
+                        f"{RANDOM_CAPTION} caption tokens, seed {seed}")
 
 
 def _listed(tensors: dict[str, Any], prefix: str) -> list[Any]:
@@ -254,20 +254,22 @@ class OutputProbe:
         sums: dict[str, float] = {}
         handles = []
 
-        def hook(module, inputs, output):
-            if not output.requires_grad:
-                return
-            x = inputs[0].detach()
+        def hook_for(name: str):
+            def hook(module, inputs, output):
+                if not output.requires_grad:
+                    return
+                x = inputs[0].detach()
 
-            def on_grad(g, x=x, name=module._zopt_name):
-                sums[name] = sums.get(name, 0.0) + _outer_norm2(g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]))
+                def on_grad(g):
+                    sums[name] = sums.get(name, 0.0) + _outer_norm2(g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]))
 
-            output.register_hook(on_grad)
+                output.register_hook(on_grad)
+
+            return hook
 
         for n, m in self.model.named_modules():
             if isinstance(m, torch.nn.Linear):
-                m._zopt_name = n + ".weight"
-                handles.append(m.register_forward_hook(hook))
+                handles.append(m.register_forward_hook(hook_for(n + ".weight")))
         grads = [p.requires_grad for p in self.model.parameters()]
         g = torch.Generator().manual_seed(GRADIENT_SEED)
         try:
@@ -323,28 +325,17 @@ class OutputProbe:
         key = (str(Path(calls_path).resolve()) if calls_path is not None else None, types)
         with _PROBES_LOCK:
             try:
-                probe = _PROBES.get(src, {}).get(key)
+                shared = _PROBES.setdefault(src, {})
             except TypeError:  # a source that cannot be weakly referenced: not shared
-                probe = None
-            if probe is not None or key in _UNFIT.get(src, set()):
-                return probe
+                shared = {}
+            if key in shared:  # None: the model did not fit (optional)
+                return shared[key]
             config = zimage.check_shapes(src)
             calls = read_calls(calls_path, config) if calls_path is not None else random_calls(config)
             params = sum(math.prod(src.info(n).shape) for n in src.names())
             dtype = _model_dtype(params, types, optional)
-            if dtype is None:
-                try:
-                    _UNFIT.setdefault(src, set()).add(key)
-                except TypeError:
-                    pass
-                return None
-            model = load_source(src, dtype=dtype).eval()
-            probe = cls(model, calls, types, progress)
-            try:
-                _PROBES.setdefault(src, {})[key] = probe
-            except TypeError:
-                pass
-            return probe
+            shared[key] = None if dtype is None else cls(load_source(src, dtype=dtype).eval(), calls, types, progress)
+            return shared[key]
 
     def _run(self, call):
         import torch
