@@ -182,7 +182,8 @@ def _print_auto_types(path: Path, every: bool) -> None:
         way = d.get("measured_types")
         file = meta.get("zopt.sensitivity.calls.file") or d.get("description", "")
         if way == "gradient":  # weight errors times each tensor's gain from the model's gradient
-            on = f" (weight error x output gain from the model's gradient on {d.get('calls')} calls: {file})"
+            over = f"calls ({file})" if meta.get("zopt.sensitivity.calls.file") else "seeded random calls"
+            on = f" (weight error x output gain from the model's gradient on {d.get('calls')} {over})"
         else:
             way = {"one": "one run per tensor", "all": "one run per tensor and type"}.get(way, "")
             on = f" on the model's output over {d.get('calls')} calls ({file}{', ' + way if way else ''})"
